@@ -1,0 +1,16 @@
+//! The pure core of streamledger: the data model and its Avro codec, identities and signatures,
+//! endorsement policies, the block cutter, the validator and the contracts.
+//!
+//! Nothing here does I/O, reads a clock or draws randomness: time and keys are passed in, so every
+//! function is deterministic and can be unit- and property-tested. The stages (endorser, gateway,
+//! orderer, validator) wrap these functions with the log and state ports.
+
+pub mod codec;
+pub mod contract;
+pub mod contracts;
+pub mod crypto;
+pub mod cutter;
+pub mod model;
+pub mod policy;
+pub mod simulation;
+pub mod state;
