@@ -41,7 +41,7 @@ fn build_block_per_tx(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("build_block");
     g.throughput(Throughput::Elements(BLOCK_RECORDS as u64));
-    g.bench_function("500x300B", |b| b.iter(|| build_block(&GENESIS_PREVIOUS_HASH, &marker, black_box(&slices), &config)));
+    g.bench_function("500x300B", |b| b.iter(|| build_block(&GENESIS_PREVIOUS_HASH, &marker, 7, black_box(&slices), &config)));
     g.finish();
 }
 

@@ -90,9 +90,10 @@ record!(CutMarker, "cut-markers");
 record!(Block, "blocks");
 record!(ValidatedBlock, "validated-blocks");
 record!(DeadLetter, "dead-letters");
+record!(Rejection, "rejections");
 
 /// Every topic's schema, for tools that walk them all (drift tests, registration, docs).
-pub fn all_schemas() -> [&'static RecordSchema; 7] {
+pub fn all_schemas() -> [&'static RecordSchema; 8] {
     [
         Proposal::schema(),
         EndorsementResult::schema(),
@@ -101,6 +102,7 @@ pub fn all_schemas() -> [&'static RecordSchema; 7] {
         Block::schema(),
         ValidatedBlock::schema(),
         DeadLetter::schema(),
+        Rejection::schema(),
     ]
 }
 

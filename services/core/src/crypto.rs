@@ -133,10 +133,14 @@ pub fn block_header_hash(header: &BlockHeader) -> Hash {
     pre.hash()
 }
 
-/// What an orderer signs: the header hash and the ordered-tx offsets the block covers.
-pub fn block_signing_bytes(header: &BlockHeader, first_offset: i64, last_offset: i64, orderer: &str) -> Vec<u8> {
+/// What an orderer signs: the header hash, the offsets the block was built from, and its own id.
+pub fn block_signing_bytes(header: &BlockHeader, metadata: &BlockMetadata, orderer: &str) -> Vec<u8> {
     let mut pre = Preimage::new("streamledger/block-signature/v1");
-    pre.bytes(&block_header_hash(header)).i64(first_offset).i64(last_offset).str(orderer);
+    pre.bytes(&block_header_hash(header))
+        .i64(metadata.first_offset)
+        .i64(metadata.last_offset)
+        .i64(metadata.cut_marker_offset)
+        .str(orderer);
     pre.into_bytes()
 }
 

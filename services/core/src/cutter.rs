@@ -402,7 +402,7 @@ impl Cutter {
 /// Builds the block an accepted marker names. `records` are the `ordered-tx` record bytes for
 /// `first..=last`, in order; they are copied verbatim, never re-encoded, so every replica's block
 /// has the same bytes. Orderer and signature are left empty for [`sign_block`].
-pub fn build_block(tip_previous_hash: &[u8], marker: &CutMarker, records: &[&[u8]], config: &BatchConfig) -> Block {
+pub fn build_block(tip_previous_hash: &[u8], marker: &CutMarker, marker_offset: i64, records: &[&[u8]], config: &BatchConfig) -> Block {
     // A record over AbsoluteMaxBytes got past the gateway's check. Every replica must still build
     // the same block, so it cannot be refused here; it keeps its position (tx index i stays offset
     // first + i) but not its bytes, which keeps a block within MaxMessageCount x AbsoluteMaxBytes.
@@ -419,6 +419,7 @@ pub fn build_block(tip_previous_hash: &[u8], marker: &CutMarker, records: &[&[u8
         metadata: BlockMetadata {
             first_offset: marker.first_offset,
             last_offset: marker.last_offset,
+            cut_marker_offset: marker_offset,
             orderer: String::new(),
             signature: Vec::new(),
         },
@@ -428,7 +429,7 @@ pub fn build_block(tip_previous_hash: &[u8], marker: &CutMarker, records: &[&[u8
 /// Signs this replica's copy: header and data are identical on every replica, only the metadata's
 /// orderer and signature differ.
 pub fn sign_block(block: &mut Block, signer: &Signer, orderer_id: &str) {
-    let bytes = block_signing_bytes(&block.header, block.metadata.first_offset, block.metadata.last_offset, orderer_id);
+    let bytes = block_signing_bytes(&block.header, &block.metadata, orderer_id);
     block.metadata.orderer = orderer_id.to_string();
     block.metadata.signature = signer.sign(&bytes);
 }
@@ -680,16 +681,16 @@ mod tests {
         let r = [bytes(5, 1), bytes(7, 2), bytes(201, 3)];
         let recs: Vec<&[u8]> = r.iter().map(Vec::as_slice).collect();
 
-        let mut b0 = build_block(&GENESIS_PREVIOUS_HASH, &marker(0, 0, 1), &recs[..2], &config);
+        let mut b0 = build_block(&GENESIS_PREVIOUS_HASH, &marker(0, 0, 1), 0, &recs[..2], &config);
         assert_eq!(b0.transactions[1].as_slice(), r[1].as_slice(), "records are copied verbatim");
         assert_eq!((b0.metadata.first_offset, b0.metadata.last_offset), (0, 1));
         sign_block(&mut b0, &signer, "orderer0");
         assert_eq!(b0.metadata.orderer, "orderer0");
-        let msg = block_signing_bytes(&b0.header, 0, 1, "orderer0");
+        let msg = block_signing_bytes(&b0.header, &b0.metadata, "orderer0");
         assert!(verify(&SigCheck { public_key: &signer.identity().public_key, message: &msg, signature: &b0.metadata.signature }));
         assert_eq!(verify_block_link(None, &b0), Ok(()));
 
-        let b1 = build_block(&block_header_hash(&b0.header), &marker(1, 2, 2), &recs[2..], &config);
+        let b1 = build_block(&block_header_hash(&b0.header), &marker(1, 2, 2), 1, &recs[2..], &config);
         assert!(b1.transactions[0].is_empty(), "a record over AbsoluteMaxBytes keeps its slot, not its bytes");
         assert_eq!(verify_block_link(Some(&b0.header), &b1), Ok(()));
         assert_eq!(ChainTip::after(&b1), ChainTip { next_block: 2, next_offset: 3, previous_hash: block_header_hash(&b1.header).to_vec() });
@@ -710,17 +711,17 @@ mod tests {
     fn block_built_advances_the_hash_chain_in_order_only() {
         let config = small();
         let mut c = cutter("a");
-        let early = build_block(c.previous_hash(), &marker(0, 0, 0), &[b"t"], &config);
+        let early = build_block(c.previous_hash(), &marker(0, 0, 0), 0, &[b"t"], &config);
         assert_eq!(c.block_built(&early.header), Err(ChainError::NotAccepted { number: 0, next: 0 }));
         assert_eq!(c.on_marker(&marker(0, 0, 0)), MarkerVerdict::Accepted);
         assert_eq!(c.on_marker(&marker(1, 1, 1)), MarkerVerdict::Accepted);
-        let b1 = build_block(c.previous_hash(), &marker(1, 1, 1), &[b"u"], &config);
+        let b1 = build_block(c.previous_hash(), &marker(1, 1, 1), 1, &[b"u"], &config);
         assert_eq!(c.block_built(&b1.header), Err(ChainError::Gap { number: 1, expected: 0 }));
-        let forked = build_block(&[7; 32], &marker(0, 0, 0), &[b"t"], &config);
+        let forked = build_block(&[7; 32], &marker(0, 0, 0), 0, &[b"t"], &config);
         assert!(matches!(c.block_built(&forked.header), Err(ChainError::Fork { number: 0, .. })));
         assert_eq!(c.block_built(&early.header), Ok(()));
         assert_eq!(c.previous_hash(), block_header_hash(&early.header).as_slice());
-        let b1 = build_block(c.previous_hash(), &marker(1, 1, 1), &[b"u"], &config);
+        let b1 = build_block(c.previous_hash(), &marker(1, 1, 1), 1, &[b"u"], &config);
         assert_eq!(c.block_built(&b1.header), Ok(()));
         assert_eq!(verify_block_link(Some(&early.header), &b1), Ok(()));
     }
@@ -798,13 +799,15 @@ mod tests {
         }
 
         fn consume(&mut self, marker: &CutMarker, records: &[Vec<u8>]) {
+            // Markers are consumed in log order, one each, so the count so far is this one's offset.
+            let marker_offset = self.verdicts.len() as i64;
             let verdict = self.cutter.on_marker(marker);
             if verdict == MarkerVerdict::Accepted {
                 let recs: Vec<&[u8]> = records[marker.first_offset as usize..=marker.last_offset as usize]
                     .iter()
                     .map(Vec::as_slice)
                     .collect();
-                let block = build_block(self.cutter.previous_hash(), marker, &recs, self.cutter.config());
+                let block = build_block(self.cutter.previous_hash(), marker, marker_offset, &recs, self.cutter.config());
                 self.cutter.block_built(&block.header).expect("blocks are built in order");
                 self.blocks.push(crate::codec::encode(&block).expect("a block encodes"));
                 self.accepted.push(marker.clone());

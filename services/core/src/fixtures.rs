@@ -94,12 +94,11 @@ impl Fixture {
             data_hash: crypto::block_data_hash(&raw).to_vec(),
         };
         let (first, last) = (number * 1000, number * 1000 + raw.len() as i64 - 1);
-        let signature = self.orderer.sign(&crypto::block_signing_bytes(&header, first, last, "orderer0"));
-        Block {
-            header,
-            transactions: raw.into_iter().map(serde_bytes::ByteBuf::from).collect(),
-            metadata: BlockMetadata { first_offset: first, last_offset: last, orderer: "orderer0".into(), signature },
-        }
+        let mut metadata =
+            BlockMetadata { first_offset: first, last_offset: last, cut_marker_offset: number, orderer: String::new(), signature: Vec::new() };
+        metadata.signature = self.orderer.sign(&crypto::block_signing_bytes(&header, &metadata, "orderer0"));
+        metadata.orderer = "orderer0".into();
+        Block { header, transactions: raw.into_iter().map(serde_bytes::ByteBuf::from).collect(), metadata }
     }
 }
 

@@ -178,6 +178,10 @@ pub struct BlockHeader {
 pub struct BlockMetadata {
     pub first_offset: i64,
     pub last_offset: i64,
+    /// Offset in `cut-markers` of the marker this block was built from. An orderer restarting from
+    /// this block resumes the marker log right after it (Fabric's `LastOffsetPersisted`), so it
+    /// re-judges no marker the other replicas already judged.
+    pub cut_marker_offset: i64,
     /// The id of the orderer that signed this copy of the block.
     pub orderer: String,
     #[serde(with = "serde_bytes")]
@@ -227,4 +231,16 @@ pub struct DeadLetter {
     pub payload: Vec<u8>,
     pub stage: String,
     pub reason: String,
+}
+
+/// A proposal refused before ordering (topic `rejections`), so that the client and any auditor
+/// can account for every proposal: it either reaches the chain or is rejected here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub tx_id: String,
+    /// The stage that refused it: `gateway`, `endorser` or `api`.
+    pub stage: String,
+    pub reason: String,
+    /// Offset of the proposal in its `proposals` partition, -1 if unknown.
+    pub source_offset: i64,
 }

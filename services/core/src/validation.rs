@@ -400,3 +400,29 @@ pub fn next_state_hash(previous: &[u8], block: &Block, codes: &[TxValidationCode
 
 /// The state hash before block 0.
 pub const GENESIS_STATE_HASH: Hash = [0; 32];
+
+/// Why a validator refuses a whole block (rather than flagging its transactions).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockRejection {
+    #[error(transparent)]
+    Chain(#[from] crate::cutter::ChainError),
+    #[error("block {number}: signed by {orderer:?}, which is not an orderer of this network")]
+    UnknownOrderer { number: i64, orderer: String },
+    #[error("block {number}: the signature of orderer {orderer} does not verify")]
+    BadSignature { number: i64, orderer: String },
+}
+
+/// Checks that `block` follows `previous` (`None`: it must be block 0), that its data hash covers
+/// its transactions, and that a known orderer signed it.
+pub fn check_block(network: &Network, previous: Option<&BlockHeader>, block: &Block) -> Result<(), BlockRejection> {
+    crate::cutter::verify_block_link(previous, block)?;
+    let number = block.header.number;
+    let orderer = block.metadata.orderer.clone();
+    let key = network.orderer_key(&orderer).ok_or_else(|| BlockRejection::UnknownOrderer { number, orderer: orderer.clone() })?;
+    let message = crypto::block_signing_bytes(&block.header, &block.metadata, &orderer);
+    if crypto::verify(&SigCheck { public_key: key, message: &message, signature: &block.metadata.signature }) {
+        Ok(())
+    } else {
+        Err(BlockRejection::BadSignature { number, orderer })
+    }
+}

@@ -77,7 +77,7 @@ fn samples() -> Vec<(&'static str, Value, Vec<u8>)> {
         entry(Block {
             header: BlockHeader { number: 4, previous_hash: vec![3; 32], data_hash: vec![4; 32] },
             transactions: vec![serde_bytes::ByteBuf::from(codec::encode(&ordered_tx()).unwrap())],
-            metadata: BlockMetadata { first_offset: 10, last_offset: 10, orderer: "orderer0".into(), signature: vec![6; 64] },
+            metadata: BlockMetadata { first_offset: 10, last_offset: 10, cut_marker_offset: 4, orderer: "orderer0".into(), signature: vec![6; 64] },
         }),
         entry(ValidatedBlock {
             block_number: 4,
@@ -95,6 +95,7 @@ fn samples() -> Vec<(&'static str, Value, Vec<u8>)> {
             stage: "endorser".into(),
             reason: "bad".into(),
         }),
+        entry(Rejection { tx_id: "t".into(), stage: "gateway".into(), reason: "timeout".into(), source_offset: 3 }),
     ]
 }
 
@@ -223,7 +224,7 @@ fn single_object_header_names_the_schema_fingerprint() {
         assert_eq!(&bytes[2..10], &rs.fingerprint(), "{topic}");
     }
     let fingerprints: std::collections::BTreeSet<_> = all_schemas().iter().map(|s| s.fingerprint()).collect();
-    assert_eq!(fingerprints.len(), 7, "two schemas share a fingerprint");
+    assert_eq!(fingerprints.len(), 8, "two schemas share a fingerprint");
 }
 
 fn decode_error(bytes: &[u8]) -> (String, usize, String) {

@@ -422,3 +422,35 @@ proptest! {
         }
     }
 }
+
+// ---- Whole blocks: chain, data hash, orderer signature ----
+
+#[test]
+fn blocks_must_chain_carry_their_data_and_be_signed_by_an_orderer() {
+    use streamledger_core::cutter::GENESIS_PREVIOUS_HASH;
+    use streamledger_core::validation::{check_block, BlockRejection};
+    let f = Fixture::new();
+    let b0 = f.block(0, &GENESIS_PREVIOUS_HASH, &[f.tx(Rw::new().write("k", "v").build())]);
+    assert_eq!(check_block(&f.network, None, &b0), Ok(()));
+    let b1 = f.block(1, &crypto::block_header_hash(&b0.header), &[f.tx(Rw::new().write("k", "w").build())]);
+    assert_eq!(check_block(&f.network, Some(&b0.header), &b1), Ok(()));
+
+    let wrong_previous = f.block(1, &[9; 32], &[]);
+    assert!(matches!(check_block(&f.network, Some(&b0.header), &wrong_previous), Err(BlockRejection::Chain(_))));
+    let mut reordered = f.block(1, &crypto::block_header_hash(&b0.header), &[f.tx(Rw::new().build()), f.tx(Rw::new().write("a", "1").build())]);
+    reordered.transactions.swap(0, 1);
+    let err = check_block(&f.network, Some(&b0.header), &reordered).unwrap_err();
+    assert!(err.to_string().contains("block 1"), "{err}");
+    let mut bad_signature = b1.clone();
+    bad_signature.metadata.signature[0] ^= 1;
+    assert_eq!(
+        check_block(&f.network, Some(&b0.header), &bad_signature),
+        Err(BlockRejection::BadSignature { number: 1, orderer: "orderer0".into() })
+    );
+    let mut moved_offsets = b1.clone();
+    moved_offsets.metadata.cut_marker_offset += 1;
+    assert!(matches!(check_block(&f.network, Some(&b0.header), &moved_offsets), Err(BlockRejection::BadSignature { .. })));
+    let mut stranger = b1;
+    stranger.metadata.orderer = "orderer9".into();
+    assert!(matches!(check_block(&f.network, Some(&b0.header), &stranger), Err(BlockRejection::UnknownOrderer { .. })));
+}

@@ -1,0 +1,45 @@
+//! The peer-store port: what a validator commits to and what an endorser simulates against.
+//!
+//! One block's state writes, tx-id index entries, block and savepoint are committed together.
+//! The embedded store does that in one transaction; a store without multi-document atomicity
+//! (CouchDB) writes the savepoint last and re-applies the blocks after it on start, which is
+//! harmless because every write carries its version.
+
+use streamledger_core::state::{CommittedState, StateResult, WriteBatch};
+
+/// Where a peer is: the last block committed and where it was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Savepoint {
+    pub block: i64,
+    pub block_hash: Vec<u8>,
+    /// The running state hash after `block`.
+    pub state_hash: Vec<u8>,
+    /// The offset of `block` in the blocks topic: the validator resumes after it.
+    pub blocks_offset: i64,
+}
+
+/// A block as committed: its bytes as read from the blocks topic, and the peer's codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlock {
+    pub number: i64,
+    pub bytes: Vec<u8>,
+    pub codes: Vec<i32>,
+}
+
+/// Everything one block commits.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockCommit<'a> {
+    pub block: &'a StoredBlock,
+    pub batch: &'a WriteBatch,
+    pub savepoint: &'a Savepoint,
+}
+
+pub trait PeerStore: CommittedState + Send + Sync {
+    /// `None` before the first block.
+    fn savepoint(&self) -> StateResult<Option<Savepoint>>;
+
+    /// Commits one block atomically (see the module docs for stores that cannot).
+    fn commit(&self, commit: BlockCommit<'_>) -> StateResult<()>;
+
+    fn block(&self, number: i64) -> StateResult<Option<StoredBlock>>;
+}
