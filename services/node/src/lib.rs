@@ -1,0 +1,6 @@
+//! The node: the HTTP API for clients that do not speak Kafka, transaction status tracking, the
+//! HTTP client the CLI uses, and the wiring that runs every stage in one process (`up`).
+
+pub mod api;
+pub mod client;
+pub mod status;
