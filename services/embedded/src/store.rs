@@ -1,1 +1,645 @@
-//! (in progress)
+//! [`EmbeddedStore`]: a peer's persistent store in one redb file: versioned world state, the
+//! tx-id index, the committed blocks and the savepoint.
+//!
+//! A block's commit is ONE redb write transaction, and every read runs in one redb read
+//! transaction, a snapshot of the last committed write transaction. A reader therefore sees the
+//! state after block N or after block N+1, never half of block N+1, and a crash mid-commit leaves
+//! the file as of block N (redb's copy-on-write B-trees and commit protocol give both).
+//!
+//! The store refuses a commit whose block does not follow the savepoint, which makes a duplicate
+//! delivery harmless and a double application impossible (DESIGN.md, invariant 4).
+
+use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
+
+use redb::{
+    CommitError, Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition, TableError,
+    TransactionError,
+};
+use streamledger_core::model::Version;
+use streamledger_core::state::{
+    in_range, CommittedState, StateError, StateResult, TxLocation, VersionedValue,
+};
+use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
+use tracing::{debug, info, warn};
+
+/// World state: (namespace, key) → (version block, version tx, value). A tuple key keeps
+/// namespaces apart whatever their keys hold (`\0` included, one namespace a prefix of another),
+/// and orders by namespace then by key bytes, so one namespace's keys are contiguous and in the
+/// byte order `range` promises.
+const STATE: TableDefinition<(&str, &str), (i64, i32, &[u8])> = TableDefinition::new("state");
+/// The tx-id index: tx id → (block, position, code).
+const TX_INDEX: TableDefinition<&str, (i64, i32, i32)> = TableDefinition::new("tx_index");
+/// Committed blocks: number → (bytes as read from the blocks topic, the peer's codes).
+const BLOCKS: TableDefinition<i64, (&[u8], Vec<i32>)> = TableDefinition::new("blocks");
+/// One row, [`SAVEPOINT`].
+const META: TableDefinition<&str, SavepointRow> = TableDefinition::new("meta");
+/// (block, block hash, state hash, blocks-topic offset).
+type SavepointRow = (i64, &'static [u8], &'static [u8], i64);
+const SAVEPOINT: &str = "savepoint";
+
+/// A peer store on redb. `Send + Sync`: the validator commits from one thread while endorsers
+/// read from others; redb runs readers concurrently with the single writer.
+pub struct EmbeddedStore {
+    path: PathBuf,
+    /// `None` after an I/O error. redb latches a failed write: every later call on that handle
+    /// fails (`PreviousIo`) until the file is reopened. So the store closes it and the next call
+    /// reopens it (redb repairs the file to its last commit), which makes an I/O error such as a
+    /// full disk retryable in fact, not only in name.
+    db: RwLock<Option<Database>>,
+}
+
+/// Why an operation failed, before the file and the operation are named.
+enum Failure {
+    Redb(redb::Error),
+    /// The store refused to do it (a commit out of sequence): never retryable.
+    Refused(String),
+}
+
+macro_rules! failure_from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Failure {
+            fn from(e: $t) -> Self {
+                Failure::Redb(e.into())
+            }
+        }
+    )*};
+}
+failure_from_redb!(redb::Error, DatabaseError, TransactionError, TableError, StorageError, CommitError);
+
+impl Failure {
+    /// An I/O error that reopening the file may cure.
+    fn needs_reopen(&self) -> bool {
+        matches!(self, Failure::Redb(redb::Error::Io(_) | redb::Error::PreviousIo))
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            // A handle closed under a reader (see `db`) is reopened by the next call.
+            Failure::Redb(redb::Error::Io(e)) => transient(e),
+            Failure::Redb(redb::Error::PreviousIo | redb::Error::DatabaseClosed) => true,
+            // Corruption, a type mismatch (not a store file), the file held by another process,
+            // a refusal: retrying changes nothing.
+            _ => false,
+        }
+    }
+}
+
+/// A full disk or a flaky device may cure itself; denied access, a bad path and bad data (redb
+/// reports a file that is not a redb database as InvalidData) do not.
+fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{AlreadyExists, InvalidData, InvalidInput, NotADirectory, PermissionDenied, ReadOnlyFilesystem};
+    !matches!(e.kind(), PermissionDenied | ReadOnlyFilesystem | NotADirectory | AlreadyExists | InvalidData | InvalidInput)
+}
+
+impl EmbeddedStore {
+    /// Opens the store in the redb file at `path`, creating the file and its parent directories
+    /// if missing.
+    pub fn open(path: &Path) -> Result<EmbeddedStore, StateError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StateError {
+                message: format!("{}: creating directory {}: {e}", path.display(), dir.display()),
+                retryable: transient(&e),
+            })?;
+        }
+        let store = EmbeddedStore { path: path.to_path_buf(), db: RwLock::new(None) };
+        store.reopen().map_err(|f| store.error("opening the store", f))?;
+        let savepoint = store.savepoint()?;
+        info!(path = %path.display(), block = savepoint.map(|s| s.block), "peer store open");
+        Ok(store)
+    }
+
+    /// Opens the file and creates any missing table, so that read transactions always find them.
+    fn reopen(&self) -> Result<(), Failure> {
+        // The common case, open, takes the shared lock only: readers must not queue behind
+        // each other here.
+        if self.db.read().unwrap_or_else(PoisonError::into_inner).is_some() {
+            return Ok(());
+        }
+        let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if guard.is_none() {
+            let db = Database::create(&self.path)?;
+            let txn = db.begin_write()?;
+            txn.open_table(STATE)?;
+            txn.open_table(TX_INDEX)?;
+            txn.open_table(BLOCKS)?;
+            txn.open_table(META)?;
+            txn.commit()?;
+            *guard = Some(db);
+        }
+        Ok(())
+    }
+
+    /// Drops the handle after an I/O error; the next call reopens the file.
+    fn close_after_io_error(&self) {
+        let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(db) = guard.take() {
+            warn!(path = %self.path.display(), "closing the peer store after an I/O error; the next call reopens it");
+            if let Err(e) = db.close() {
+                warn!(path = %self.path.display(), error = %e, "closing the peer store");
+            }
+        }
+    }
+
+    fn error(&self, what: &str, failure: Failure) -> StateError {
+        let retryable = failure.retryable();
+        let cause = match failure {
+            Failure::Redb(e) => e.to_string(),
+            Failure::Refused(reason) => reason,
+        };
+        StateError { message: format!("{}: {what}: {cause}", self.path.display()), retryable }
+    }
+
+    /// Runs `op` on the open database (reopening it first if an I/O error closed it) and names the
+    /// file and `what` in any error.
+    fn with_db<T>(&self, what: impl FnOnce() -> String, op: impl FnOnce(&Database) -> Result<T, Failure>) -> StateResult<T> {
+        let result = self.reopen().and_then(|()| {
+            // The lock is only ever held for writing to reopen or close the handle; redb does the
+            // real concurrency control, so readers and the committer share it.
+            let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+            match guard.as_ref() {
+                Some(db) => op(db),
+                // Closed by another thread's I/O error between `reopen` and here.
+                None => Err(Failure::Redb(redb::Error::DatabaseClosed)),
+            }
+        });
+        result.map_err(|failure| {
+            if failure.needs_reopen() {
+                self.close_after_io_error();
+            }
+            self.error(&what(), failure)
+        })
+    }
+}
+
+fn versioned((block, tx, value): (i64, i32, &[u8])) -> VersionedValue {
+    VersionedValue { value: value.to_vec(), version: Version::new(block, tx) }
+}
+
+impl CommittedState for EmbeddedStore {
+    fn get(&self, namespace: &str, key: &str) -> StateResult<Option<VersionedValue>> {
+        self.with_db(
+            || format!("reading key {key:?} of namespace {namespace:?}"),
+            |db| {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(STATE)?;
+                Ok(table.get((namespace, key))?.map(|v| versioned(v.value())))
+            },
+        )
+    }
+
+    fn range(&self, namespace: &str, start: &str, end: &str, limit: Option<usize>) -> StateResult<Vec<(String, VersionedValue)>> {
+        self.with_db(
+            || format!("reading range [{start:?}, {end:?}) of namespace {namespace:?}"),
+            |db| {
+                let limit = limit.unwrap_or(usize::MAX);
+                let mut found = Vec::new();
+                if limit == 0 {
+                    return Ok(found);
+                }
+                let txn = db.begin_read()?;
+                let table = txn.open_table(STATE)?;
+                // Open-ended scan from (namespace, start), stopping at the first key outside the
+                // range or the namespace: simpler than building an upper bound for "unbounded".
+                for entry in table.range((namespace, start)..)? {
+                    let (k, v) = entry?;
+                    let (ns, key) = k.value();
+                    if ns != namespace || !in_range(key, start, end) {
+                        break;
+                    }
+                    found.push((key.to_string(), versioned(v.value())));
+                    if found.len() == limit {
+                        break;
+                    }
+                }
+                Ok(found)
+            },
+        )
+    }
+
+    /// All keys from one read transaction: one snapshot, and no transaction per key.
+    fn versions(&self, keys: &[(&str, &str)]) -> StateResult<Vec<Option<Version>>> {
+        self.with_db(
+            || format!("reading the versions of {} keys", keys.len()),
+            |db| {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(STATE)?;
+                keys.iter()
+                    .map(|&(ns, key)| {
+                        Ok(table.get((ns, key))?.map(|v| {
+                            let (block, tx, _) = v.value();
+                            Version::new(block, tx)
+                        }))
+                    })
+                    .collect()
+            },
+        )
+    }
+
+    fn tx_location(&self, tx_id: &str) -> StateResult<Option<TxLocation>> {
+        self.with_db(
+            || format!("reading tx id {tx_id:?} in the tx-id index"),
+            |db| {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(TX_INDEX)?;
+                Ok(table.get(tx_id)?.map(|v| {
+                    let (block, position, code) = v.value();
+                    TxLocation { block, position, code }
+                }))
+            },
+        )
+    }
+}
+
+impl PeerStore for EmbeddedStore {
+    fn savepoint(&self) -> StateResult<Option<Savepoint>> {
+        self.with_db(
+            || "reading the savepoint".to_string(),
+            |db| {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(META)?;
+                Ok(table.get(SAVEPOINT)?.map(|v| {
+                    let (block, block_hash, state_hash, blocks_offset) = v.value();
+                    Savepoint { block, block_hash: block_hash.to_vec(), state_hash: state_hash.to_vec(), blocks_offset }
+                }))
+            },
+        )
+    }
+
+    fn commit(&self, commit: BlockCommit<'_>) -> StateResult<()> {
+        let BlockCommit { block, batch, savepoint } = commit;
+        let number = block.number;
+        self.with_db(
+            || format!("committing block {number}"),
+            |db| {
+                if batch.block != number || savepoint.block != number {
+                    return Err(Failure::Refused(format!(
+                        "inconsistent commit: block {number}, write batch of block {}, savepoint at block {}",
+                        batch.block, savepoint.block
+                    )));
+                }
+                let txn = db.begin_write()?;
+                {
+                    let mut meta = txn.open_table(META)?;
+                    // Checked inside the write transaction: redb runs one writer at a time, so no
+                    // other commit can slip in between this check and ours.
+                    let last = meta.get(SAVEPOINT)?.map(|v| v.value().0);
+                    let expected = last.map_or(0, |b| b + 1);
+                    if number != expected {
+                        // Returning drops `txn` uncommitted: redb aborts it, nothing changes.
+                        let reason = match last {
+                            Some(last) if number <= last => {
+                                format!("block {number} is already committed (savepoint at block {last})")
+                            }
+                            Some(last) => format!("block {number} does not follow the savepoint at block {last}: expected block {expected}"),
+                            None => format!("block {number} cannot be the first block: expected block 0 (no savepoint)"),
+                        };
+                        return Err(Failure::Refused(reason));
+                    }
+                    meta.insert(
+                        SAVEPOINT,
+                        (savepoint.block, savepoint.block_hash.as_slice(), savepoint.state_hash.as_slice(), savepoint.blocks_offset),
+                    )?;
+
+                    let mut state = txn.open_table(STATE)?;
+                    for ((ns, key), (value, version)) in &batch.writes {
+                        match value {
+                            Some(value) => {
+                                state.insert((ns.as_str(), key.as_str()), (version.block, version.tx, value.as_slice()))?;
+                            }
+                            None => {
+                                state.remove((ns.as_str(), key.as_str()))?;
+                            }
+                        }
+                    }
+
+                    // The first occurrence of a tx id wins, in the ledger and within the batch
+                    // (this transaction sees its own inserts): a later duplicate is DUPLICATE_TXID
+                    // and must not repoint the index.
+                    let mut index = txn.open_table(TX_INDEX)?;
+                    for (tx_id, loc) in &batch.tx_index {
+                        if index.get(tx_id.as_str())?.is_none() {
+                            index.insert(tx_id.as_str(), (loc.block, loc.position, loc.code))?;
+                        }
+                    }
+
+                    txn.open_table(BLOCKS)?.insert(number, (block.bytes.as_slice(), block.codes.clone()))?;
+                }
+                txn.commit()?;
+                debug!(block = number, writes = batch.writes.len(), txs = batch.tx_index.len(), "block committed");
+                Ok(())
+            },
+        )
+        .inspect_err(|e| warn!(block = number, error = %e, "block not committed"))
+    }
+
+    fn block(&self, number: i64) -> StateResult<Option<StoredBlock>> {
+        self.with_db(
+            || format!("reading block {number}"),
+            |db| {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(BLOCKS)?;
+                Ok(table.get(number)?.map(|v| {
+                    let (bytes, codes) = v.value();
+                    StoredBlock { number, bytes: bytes.to_vec(), codes }
+                }))
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use streamledger_core::state::{MemState, WriteBatch};
+
+    use super::*;
+
+    fn savepoint(block: i64) -> Savepoint {
+        Savepoint { block, block_hash: vec![1, block as u8], state_hash: vec![2, block as u8], blocks_offset: 100 + block }
+    }
+
+    fn stored(number: i64) -> StoredBlock {
+        StoredBlock { number, bytes: format!("block {number}").into_bytes(), codes: vec![0, 11, number as i32] }
+    }
+
+    fn commit(store: &EmbeddedStore, batch: &WriteBatch) -> StateResult<()> {
+        let block = stored(batch.block);
+        let sp = savepoint(batch.block);
+        store.commit(BlockCommit { block: &block, batch, savepoint: &sp })
+    }
+
+    fn batch(block: i64, writes: &[(&str, &str, Option<&str>)], txs: &[(&str, i32)]) -> WriteBatch {
+        let mut b = WriteBatch { block, ..Default::default() };
+        for (i, (ns, key, value)) in writes.iter().enumerate() {
+            b.writes.insert(
+                (ns.to_string(), key.to_string()),
+                (value.map(|v| v.as_bytes().to_vec()), Version::new(block, i as i32)),
+            );
+        }
+        for (id, position) in txs {
+            b.tx_index.push((id.to_string(), TxLocation { block, position: *position, code: 0 }));
+        }
+        b
+    }
+
+    fn keys(found: Vec<(String, VersionedValue)>) -> Vec<String> {
+        found.into_iter().map(|(k, _)| k).collect()
+    }
+
+    #[test]
+    fn namespaces_do_not_bleed_and_keys_may_hold_nul() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap();
+        let b = batch(
+            0,
+            &[("a", "k", Some("1")), ("a", "k\0x", Some("2")), ("ab", "", Some("3")), ("a\0", "k", Some("4")), ("b", "a", Some("5"))],
+            &[],
+        );
+        commit(&store, &b).unwrap();
+        assert_eq!(keys(store.range("a", "", "", None).unwrap()), ["k", "k\0x"]);
+        assert_eq!(keys(store.range("ab", "", "", None).unwrap()), [""]);
+        assert_eq!(keys(store.range("a\0", "", "", None).unwrap()), ["k"]);
+        assert_eq!(keys(store.range("a", "k\0", "", None).unwrap()), ["k\0x"]);
+        assert_eq!(store.get("a\0", "k").unwrap().unwrap().value, b"4");
+        assert_eq!(store.get("a", "\0k").unwrap(), None);
+        assert_eq!(store.get("", "a").unwrap(), None);
+    }
+
+    #[test]
+    fn state_index_blocks_and_savepoint_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        // A missing parent directory is created.
+        let path = dir.path().join("peers/org1/peer.redb");
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            assert_eq!(store.savepoint().unwrap(), None);
+            commit(&store, &batch(0, &[("ns", "k", Some("v0")), ("ns", "gone", Some("x"))], &[("t0", 0)])).unwrap();
+            commit(&store, &batch(1, &[("ns", "k", Some("v1")), ("ns", "gone", None)], &[("t1", 3)])).unwrap();
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.savepoint().unwrap(), Some(savepoint(1)));
+        assert_eq!(store.get("ns", "k").unwrap(), Some(VersionedValue { value: b"v1".to_vec(), version: Version::new(1, 0) }));
+        assert_eq!(store.get("ns", "gone").unwrap(), None);
+        assert_eq!(store.tx_location("t1").unwrap(), Some(TxLocation { block: 1, position: 3, code: 0 }));
+        assert_eq!(store.tx_location("t0").unwrap().map(|l| l.block), Some(0));
+        assert_eq!(store.block(0).unwrap(), Some(stored(0)));
+        assert_eq!(store.block(1).unwrap(), Some(stored(1)));
+        assert_eq!(store.block(2).unwrap(), None);
+        // And it goes on from where it was.
+        commit(&store, &batch(2, &[], &[])).unwrap();
+        assert_eq!(store.savepoint().unwrap().map(|s| s.block), Some(2));
+    }
+
+    #[test]
+    fn duplicate_gap_and_inconsistent_commits_are_refused_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap();
+
+        let err = commit(&store, &batch(1, &[("ns", "k", Some("early"))], &[])).unwrap_err();
+        assert!(!err.retryable);
+        assert!(err.message.contains("block 1") && err.message.contains("block 0"), "{err}");
+        assert_eq!(store.savepoint().unwrap(), None);
+
+        commit(&store, &batch(0, &[("ns", "k", Some("v0"))], &[("t0", 0)])).unwrap();
+        commit(&store, &batch(1, &[("ns", "k", Some("v1"))], &[("t1", 0)])).unwrap();
+
+        // Block 1 delivered again, with different content: refused, nothing changes.
+        let mut again = batch(1, &[("ns", "k", Some("twice")), ("ns", "new", Some("n"))], &[("t9", 0)]);
+        again.tx_index.push(("t1".into(), TxLocation { block: 1, position: 7, code: 9 }));
+        let err = commit(&store, &again).unwrap_err();
+        assert!(!err.retryable);
+        assert!(err.message.contains("block 1 is already committed") && err.message.contains("peer.redb"), "{err}");
+
+        // A gap: block 3 after block 1.
+        let err = commit(&store, &batch(3, &[("ns", "k", Some("gap"))], &[("t3", 0)])).unwrap_err();
+        assert!(!err.retryable);
+        assert!(err.message.contains("block 3") && err.message.contains("block 1") && err.message.contains("expected block 2"), "{err}");
+
+        // Block, batch and savepoint disagreeing on the number.
+        let (block, b, sp) = (stored(2), batch(2, &[("ns", "k", Some("odd"))], &[]), savepoint(3));
+        let err = store.commit(BlockCommit { block: &block, batch: &b, savepoint: &sp }).unwrap_err();
+        assert!(!err.retryable && err.message.contains("inconsistent"), "{err}");
+
+        assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"v1");
+        assert_eq!(store.get("ns", "new").unwrap(), None);
+        assert_eq!(store.tx_location("t9").unwrap(), None);
+        assert_eq!(store.tx_location("t3").unwrap(), None);
+        assert_eq!(store.tx_location("t1").unwrap(), Some(TxLocation { block: 1, position: 0, code: 0 }));
+        assert_eq!(store.savepoint().unwrap(), Some(savepoint(1)));
+        assert_eq!(store.block(1).unwrap(), Some(stored(1)));
+        assert_eq!(store.block(3).unwrap(), None);
+        // The refusals did not wedge the store.
+        commit(&store, &batch(2, &[], &[])).unwrap();
+    }
+
+    #[test]
+    fn tx_index_keeps_the_first_occurrence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap();
+        let mut b0 = batch(0, &[], &[("dup", 0), ("dup", 1)]);
+        b0.tx_index[1].1.code = 9;
+        commit(&store, &b0).unwrap();
+        assert_eq!(store.tx_location("dup").unwrap(), Some(TxLocation { block: 0, position: 0, code: 0 }));
+        let mut b1 = batch(1, &[], &[("dup", 4)]);
+        b1.tx_index[0].1.code = 9;
+        commit(&store, &b1).unwrap();
+        assert_eq!(store.tx_location("dup").unwrap(), Some(TxLocation { block: 0, position: 0, code: 0 }));
+    }
+
+    #[test]
+    fn readers_never_see_half_a_block() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<EmbeddedStore>();
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap());
+        let done = Arc::new(AtomicBool::new(false));
+        // Every block writes the same value to x and y: a reader seeing them differ saw half a
+        // block.
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (store, done) = (store.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut reads = 0;
+                    let mut last_block = -1;
+                    while !done.load(Ordering::Relaxed) {
+                        let both = store.range("ns", "x", "", None).unwrap();
+                        if let [(_, x), (_, y)] = both.as_slice() {
+                            assert_eq!(x, y);
+                        } else {
+                            assert!(both.is_empty(), "{both:?}");
+                        }
+                        let v = store.versions(&[("ns", "x"), ("ns", "y")]).unwrap();
+                        assert_eq!(v[0], v[1]);
+                        let block = store.savepoint().unwrap().map_or(-1, |s| s.block);
+                        assert!(block >= last_block, "savepoint went back from {last_block} to {block}");
+                        last_block = block;
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        for n in 0..40 {
+            let v = n.to_string();
+            let mut b = batch(n, &[("ns", "x", Some(&v)), ("ns", "y", Some(&v))], &[]);
+            // Same version on both keys, so `versions` can compare them too.
+            for (_, version) in b.writes.values_mut() {
+                *version = Version::new(n, 0);
+            }
+            commit(&store, &b).unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+        for r in readers {
+            assert!(r.join().unwrap() > 0);
+        }
+        assert_eq!(store.get("ns", "y").unwrap().unwrap().value, b"39");
+    }
+
+    #[test]
+    fn reopens_after_an_io_error_closed_the_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap();
+        commit(&store, &batch(0, &[("ns", "k", Some("v"))], &[])).unwrap();
+        store.close_after_io_error();
+        assert!(store.db.read().unwrap().is_none());
+        assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"v");
+        commit(&store, &batch(1, &[], &[])).unwrap();
+    }
+
+    #[test]
+    fn open_errors_name_the_file_and_corruption_is_not_retryable() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.redb");
+        std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+        let err = EmbeddedStore::open(&junk).err().unwrap();
+        assert!(!err.retryable, "{err}");
+        assert!(err.message.contains("junk.redb"), "{err}");
+
+        // A file where the parent directory should be.
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, b"").unwrap();
+        let err = EmbeddedStore::open(&blocker.join("peer.redb")).err().unwrap();
+        assert!(!err.retryable && err.message.contains("peer.redb"), "{err}");
+
+        // One process, one handle: a second open of the same file is refused, not retried.
+        let path = dir.path().join("peer.redb");
+        let _first = EmbeddedStore::open(&path).unwrap();
+        let err = EmbeddedStore::open(&path).err().unwrap();
+        assert!(!err.retryable && err.message.contains("peer.redb"), "{err}");
+    }
+
+    // The property test: the same random blocks go to the store (by commit) and to MemState (by
+    // apply), and after every block both must answer every query alike.
+
+    fn text() -> impl Strategy<Value = String> {
+        // Few letters, so that keys collide, share prefixes and contain `\0`.
+        prop::collection::vec(prop::sample::select(vec!['a', 'b', '\0', 'é']), 0..4).prop_map(String::from_iter)
+    }
+
+    fn namespace() -> impl Strategy<Value = String> {
+        prop::sample::select(vec!["a", "ab", "a\0", "b", ""]).prop_map(String::from)
+    }
+
+    fn tx_id() -> impl Strategy<Value = String> {
+        (0..6u8).prop_map(|i| format!("tx{i}"))
+    }
+
+    type Block = (Vec<(String, String, Option<Vec<u8>>)>, Vec<(String, i32, i32)>);
+
+    fn block() -> impl Strategy<Value = Block> {
+        (
+            prop::collection::vec((namespace(), text(), prop::option::weighted(0.7, prop::collection::vec(any::<u8>(), 0..4))), 0..8),
+            prop::collection::vec((tx_id(), 0..10i32, prop::sample::select(vec![0, 9, 11])), 0..4),
+        )
+    }
+
+    type Query = (String, String, String, Option<usize>);
+
+    fn query() -> impl Strategy<Value = Query> {
+        (namespace(), text(), text(), prop::option::of(0..4usize))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn agrees_with_mem_state(blocks in prop::collection::vec(block(), 1..6), queries in prop::collection::vec(query(), 1..24)) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap();
+            let mut model = MemState::new();
+            for (n, (writes, txs)) in blocks.into_iter().enumerate() {
+                let n = n as i64;
+                let mut b = WriteBatch { block: n, ..Default::default() };
+                for (i, (ns, key, value)) in writes.into_iter().enumerate() {
+                    b.writes.insert((ns, key), (value, Version::new(n, i as i32)));
+                }
+                for (id, position, code) in txs {
+                    b.tx_index.push((id, TxLocation { block: n, position, code }));
+                }
+                commit(&store, &b).unwrap();
+                model.apply(&b);
+
+                for (ns, start, end, limit) in &queries {
+                    prop_assert_eq!(store.get(ns, start)?, model.get(ns, start)?);
+                    prop_assert_eq!(store.range(ns, start, end, *limit)?, model.range(ns, start, end, *limit)?);
+                    prop_assert_eq!(store.range(ns, start, end, None)?, model.range(ns, start, end, None)?);
+                }
+                for ns in ["a", "ab", "a\0", "b", "", "c"] {
+                    prop_assert_eq!(store.range(ns, "", "", None)?, model.range(ns, "", "", None)?);
+                }
+                let probe: Vec<(&str, &str)> = queries.iter().flat_map(|(ns, s, e, _)| [(ns.as_str(), s.as_str()), (ns.as_str(), e.as_str())]).collect();
+                prop_assert_eq!(store.versions(&probe)?, model.versions(&probe)?);
+                for i in 0..7 {
+                    let id = format!("tx{i}");
+                    prop_assert_eq!(store.tx_location(&id)?, model.tx_location(&id)?);
+                }
+                prop_assert_eq!(store.savepoint()?.map(|s| s.block), model.height());
+            }
+        }
+    }
+}

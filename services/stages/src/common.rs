@@ -1,0 +1,160 @@
+//! What every stage shares: errors, the shutdown signal, dead letters, retrying, and forwarding a
+//! consumer's records into a channel so that a stage can wait on several topics at once.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use streamledger_core::codec;
+use streamledger_core::model::DeadLetter;
+use streamledger_core::state::StateError;
+use streamledger_ports::log::{Consumer, Log, LogError, OutRecord, Record};
+use tokio::sync::{mpsc, watch};
+
+/// Flips to `true` when the stage should stop.
+pub type Shutdown = watch::Receiver<bool>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A condition the stage cannot go past without an operator (a fork, a corrupt store).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl StageError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Log(e) => e.retryable,
+            Self::State(e) => e.retryable,
+            Self::Fatal(_) => false,
+        }
+    }
+}
+
+pub type StageResult<T> = Result<T, StageError>;
+
+/// Records in, out and dead-lettered: what the terminal progress and the metrics show.
+#[derive(Debug, Default)]
+pub struct StageCounters {
+    pub records_in: AtomicU64,
+    pub records_out: AtomicU64,
+    pub dead_letters: AtomicU64,
+}
+
+impl StageCounters {
+    pub(crate) fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Sends undecodable or invalid input to `dead-letters` with its origin and the reason, so that
+/// the stage goes on and nothing is silently dropped.
+#[derive(Clone)]
+pub(crate) struct DeadLetters {
+    pub log: Arc<dyn Log>,
+    pub topic: String,
+    pub stage: &'static str,
+    pub counters: Arc<StageCounters>,
+}
+
+impl DeadLetters {
+    pub async fn send(&self, record: &Record, reason: String) -> StageResult<()> {
+        tracing::warn!(stage = self.stage, topic = %record.topic, partition = record.partition, offset = record.offset, %reason, "dead-lettered");
+        let letter = DeadLetter {
+            source_topic: record.topic.to_string(),
+            partition: record.partition,
+            offset: record.offset,
+            key: record.key.clone(),
+            payload: record.value.clone(),
+            stage: self.stage.to_string(),
+            reason,
+        };
+        let bytes = codec::encode(&letter).map_err(|e| StageError::Fatal(e.to_string()))?;
+        self.log.append(&self.topic, vec![OutRecord::unkeyed(bytes)]).await?;
+        StageCounters::add(&self.counters.dead_letters, 1);
+        Ok(())
+    }
+}
+
+/// Runs `op` until it succeeds, backing off while its error is retryable (a broker or a disk that
+/// may come back). A non-retryable error is returned at once.
+pub(crate) async fn retry<T, F, Fut>(what: &str, shutdown: &Shutdown, mut op: F) -> StageResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = StageResult<T>>,
+{
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.retryable() && !*shutdown.borrow() => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Commits a group consumer's offsets, retrying while the error is retryable. (A closure for
+/// `retry` cannot hold the consumer mutably across attempts, hence this twin.)
+pub(crate) async fn commit(consumer: &mut dyn Consumer, processed: &[(Arc<str>, i32, i64)], shutdown: &Shutdown) -> StageResult<()> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match consumer.commit(processed).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.retryable && !*shutdown.borrow() => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "committing offsets failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Forwards a consumer's records into a bounded channel (bounded: a slow stage holds its
+/// consumers back instead of buffering without limit) until shutdown or the receiver goes away.
+pub(crate) fn forward(
+    mut consumer: Box<dyn Consumer>,
+    max: usize,
+    shutdown: Shutdown,
+) -> (mpsc::Receiver<StageResult<Vec<Record>>>, tokio::task::JoinHandle<Box<dyn Consumer>>) {
+    let (tx, rx) = mpsc::channel(4);
+    let handle = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(50);
+        while !*shutdown.borrow() {
+            match consumer.poll(max, Duration::from_millis(100)).await {
+                Ok(records) if records.is_empty() => continue,
+                Ok(records) => {
+                    backoff = Duration::from_millis(50);
+                    if tx.send(Ok(records)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.retryable => {
+                    tracing::warn!(error = %e, "poll failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    break;
+                }
+            }
+        }
+        consumer
+    });
+    (rx, handle)
+}
+
+/// Milliseconds on a monotonic clock since `start`: the cutter compares times, it never reads them.
+pub(crate) fn elapsed_ms(start: std::time::Instant) -> i64 {
+    start.elapsed().as_millis() as i64
+}

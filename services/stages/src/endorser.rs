@@ -1,0 +1,143 @@
+//! The endorser: one consumer group per org on `proposals`. For each proposal it checks the
+//! creator and signature, simulates the contract on the org's committed state, signs the outcome
+//! and produces an endorsement result keyed by tx id. A proposal it refuses still gets a signed
+//! result with a failing response, so that the gateway can report the refusal to the client at
+//! once instead of waiting for a timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rayon::prelude::*;
+use streamledger_core::codec;
+use streamledger_core::contract::Registry;
+use streamledger_core::crypto::Signer;
+use streamledger_core::endorsement::{check_proposal, endorse};
+use streamledger_core::model::{EndorsementResult, Proposal, Response, RwSet};
+use streamledger_core::network::Network;
+use streamledger_core::simulation::simulate;
+use streamledger_core::state::{CommittedState, StateError};
+use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
+use streamledger_ports::topics::{names, Topics};
+
+use crate::common::{commit, retry, DeadLetters, Shutdown, StageCounters, StageError, StageResult};
+
+/// Status of a result for a proposal the endorser refused to simulate (Fabric's endorser answers
+/// such proposals with 500 too; the message says why).
+pub const REFUSED: i32 = 500;
+
+pub struct EndorserConfig {
+    pub network: Arc<Network>,
+    pub topics: Topics,
+    /// The org's peer key, which signs endorsements.
+    pub signer: Signer,
+    /// The consumer group: one per org, so each org endorses every proposal once.
+    pub group: String,
+    /// Proposals taken per poll.
+    pub batch: usize,
+}
+
+impl EndorserConfig {
+    pub fn new(network: Arc<Network>, topics: Topics, signer: Signer) -> Self {
+        let group = format!("endorser-{}", signer.identity().org);
+        Self { network, topics, signer, group, batch: 256 }
+    }
+}
+
+pub async fn run(
+    config: EndorserConfig,
+    log: Arc<dyn Log>,
+    state: Arc<dyn CommittedState + Send + Sync>,
+    registry: Arc<Registry>,
+    counters: Arc<StageCounters>,
+    mut shutdown: Shutdown,
+) -> StageResult<()> {
+    let proposals = config.topics.name(names::PROPOSALS).to_string();
+    let results_topic = config.topics.name(names::ENDORSEMENT_RESULTS).to_string();
+    let dead = DeadLetters {
+        log: log.clone(),
+        topic: config.topics.name(names::DEAD_LETTERS).to_string(),
+        stage: "endorser",
+        counters: counters.clone(),
+    };
+    let mut consumer = log.consumer(Subscription::Group { group: config.group.clone(), topics: vec![proposals] }).await?;
+    let config = Arc::new(config);
+    tracing::info!(org = %config.signer.identity().org, group = %config.group, "endorser started");
+    while !*shutdown.borrow() {
+        let records = tokio::select! {
+            r = consumer.poll(config.batch, Duration::from_millis(200)) => r?,
+            _ = shutdown.changed() => continue,
+        };
+        if records.is_empty() {
+            continue;
+        }
+        StageCounters::add(&counters.records_in, records.len());
+        let mut decoded = Vec::with_capacity(records.len());
+        for record in &records {
+            match codec::decode::<Proposal>(&record.value) {
+                Ok(p) => decoded.push(p),
+                Err(e) => dead.send(record, e.to_string()).await?,
+            }
+        }
+        let (cfg, st, reg) = (config.clone(), state.clone(), registry.clone());
+        let outputs = retry("simulation", &shutdown, || {
+            let (cfg, st, reg, batch) = (cfg.clone(), st.clone(), reg.clone(), decoded.clone());
+            async move {
+                tokio::task::spawn_blocking(move || endorse_all(&cfg, st.as_ref(), &reg, &batch))
+                    .await
+                    .map_err(|e| StageError::Fatal(format!("endorser task panicked: {e}")))?
+                    .map_err(StageError::from)
+            }
+        })
+        .await?;
+        let n = outputs.len();
+        retry("appending endorsement results", &shutdown, || async { Ok(log.append(&results_topic, outputs.clone()).await?) }).await?;
+        StageCounters::add(&counters.records_out, n);
+        let processed = last_offsets(&records);
+        commit(consumer.as_mut(), &processed, &shutdown).await?;
+    }
+    tracing::info!("endorser stopped");
+    Ok(())
+}
+
+/// Simulates and signs a batch in parallel. Only a store failure is an error (the whole batch
+/// is then retried, which is harmless: endorsement is a pure function of proposal and state).
+fn endorse_all(
+    config: &EndorserConfig,
+    state: &(dyn CommittedState + Send + Sync),
+    registry: &Registry,
+    proposals: &[Proposal],
+) -> Result<Vec<OutRecord>, StateError> {
+    proposals
+        .par_iter()
+        .map(|p| {
+            let result = endorse_one(config, state, registry, p)?;
+            let bytes = codec::encode(&result).map_err(|e| StateError { message: e.to_string(), retryable: false })?;
+            Ok(OutRecord::keyed(p.tx_id.as_bytes(), bytes))
+        })
+        .collect()
+}
+
+fn endorse_one(
+    config: &EndorserConfig,
+    state: &(dyn CommittedState + Send + Sync),
+    registry: &Registry,
+    p: &Proposal,
+) -> Result<EndorsementResult, StateError> {
+    let (response, rwset) = match check_proposal(&config.network, p) {
+        Err(refusal) => (Response { status: REFUSED, message: refusal.to_string(), payload: Vec::new() }, RwSet::default()),
+        Ok(()) => simulate(registry, state, p)?,
+    };
+    Ok(endorse(&config.signer, p, response, rwset))
+}
+
+/// The highest offset seen per partition: what a group consumer commits after processing.
+pub(crate) fn last_offsets(records: &[Record]) -> Vec<(Arc<str>, i32, i64)> {
+    let mut last: Vec<(Arc<str>, i32, i64)> = Vec::new();
+    for r in records {
+        match last.iter_mut().find(|(t, p, _)| *t == r.topic && *p == r.partition) {
+            Some(entry) => entry.2 = entry.2.max(r.offset),
+            None => last.push((r.topic.clone(), r.partition, r.offset)),
+        }
+    }
+    last
+}

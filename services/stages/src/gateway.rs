@@ -1,0 +1,502 @@
+//! The gateway: joins `proposals` with `endorsement-results` (co-partitioned by tx id) and, once a
+//! set of endorsements that agree on the response and read-write set satisfies the contract's
+//! policy, produces the ordered transaction to `ordered-tx`. A transaction that cannot get there
+//! (an endorser refused it, the endorsements disagree, the policy is not met in time, the gateway
+//! is full, the transaction is too large) is reported on `rejections`: never silently dropped.
+//!
+//! Restart point: the group's committed offsets, which never pass the oldest unresolved
+//! transaction. After a restart the gateway remembers the tx ids it already resolved by reading
+//! the tail of `ordered-tx` and `rejections`, so re-delivered inputs do not order a transaction
+//! twice. (If one still were, the validator would flag the copy DUPLICATE_TXID.)
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use streamledger_core::codec;
+use streamledger_core::crypto;
+use streamledger_core::model::{EndorsementResult, OrderedTx, Proposal, Rejection};
+use streamledger_core::network::Network;
+use streamledger_core::policy::SignerRef;
+use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
+use streamledger_ports::topics::{names, Topics};
+
+use crate::common::{commit, retry, DeadLetters, Shutdown, StageCounters, StageError, StageResult};
+
+pub struct GatewayConfig {
+    pub network: Arc<Network>,
+    pub topics: Topics,
+    pub group: String,
+    /// Transactions waiting for endorsements, at most. Past it new ones are rejected as overload.
+    pub max_pending: usize,
+    /// How long a transaction may wait for its policy to be met.
+    pub endorsement_timeout: Duration,
+    /// Resolved tx ids remembered to ignore late or re-delivered inputs.
+    pub remember_resolved: usize,
+    pub batch: usize,
+}
+
+impl GatewayConfig {
+    pub fn new(network: Arc<Network>, topics: Topics) -> Self {
+        Self {
+            network,
+            topics,
+            group: "gateway".into(),
+            max_pending: 50_000,
+            endorsement_timeout: Duration::from_secs(10),
+            remember_resolved: 200_000,
+            batch: 512,
+        }
+    }
+}
+
+struct Pending {
+    proposal: Option<Proposal>,
+    results: Vec<EndorsementResult>,
+    since: Instant,
+    /// The input records of this transaction: their offsets cannot be committed until it resolves.
+    inputs: Vec<(Arc<str>, i32, i64)>,
+}
+
+enum Outcome {
+    Ordered(OrderedTx),
+    Rejected(Rejection),
+}
+
+/// The gateway's in-memory state: pending transactions, resolved ids, and which input offsets
+/// are still held by a pending transaction.
+struct Gateway {
+    config: GatewayConfig,
+    pending: HashMap<String, Pending>,
+    resolved: HashSet<String>,
+    resolved_order: VecDeque<String>,
+    held: BTreeMap<(Arc<str>, i32), BTreeMap<i64, u32>>,
+    seen: HashMap<(Arc<str>, i32), i64>,
+}
+
+impl Gateway {
+    fn new(config: GatewayConfig) -> Self {
+        Self {
+            config,
+            pending: HashMap::new(),
+            resolved: HashSet::new(),
+            resolved_order: VecDeque::new(),
+            held: BTreeMap::new(),
+            seen: HashMap::new(),
+        }
+    }
+
+    fn remember(&mut self, tx_id: String) {
+        if self.resolved.insert(tx_id.clone()) {
+            self.resolved_order.push_back(tx_id);
+            while self.resolved_order.len() > self.config.remember_resolved {
+                if let Some(old) = self.resolved_order.pop_front() {
+                    self.resolved.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn hold(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {
+        *self.held.entry((topic.clone(), partition)).or_default().entry(offset).or_default() += 1;
+    }
+
+    fn release(&mut self, inputs: &[(Arc<str>, i32, i64)]) {
+        for (topic, partition, offset) in inputs {
+            if let Some(offsets) = self.held.get_mut(&(topic.clone(), *partition)) {
+                if let Some(n) = offsets.get_mut(offset) {
+                    *n -= 1;
+                    if *n == 0 {
+                        offsets.remove(offset);
+                    }
+                }
+            }
+        }
+    }
+
+    fn resolve(&mut self, tx_id: &str, outcome: Outcome) -> Outcome {
+        if let Some(p) = self.pending.remove(tx_id) {
+            self.release(&p.inputs);
+        }
+        self.remember(tx_id.to_string());
+        outcome
+    }
+
+    fn reject(&mut self, tx_id: &str, reason: String, source_offset: i64) -> Outcome {
+        let r = Rejection { tx_id: tx_id.to_string(), stage: "gateway".into(), reason, source_offset };
+        self.resolve(tx_id, Outcome::Rejected(r))
+    }
+
+    /// Takes one decoded input; returns what it resolved, if anything.
+    fn on_input(&mut self, record: &Record, input: Input) -> Option<Outcome> {
+        self.seen.insert((record.topic.clone(), record.partition), record.offset);
+        let tx_id = input.tx_id().to_string();
+        if self.resolved.contains(&tx_id) {
+            return None; // late, duplicate or re-delivered: already ordered or rejected
+        }
+        if !self.pending.contains_key(&tx_id) && self.pending.len() >= self.config.max_pending {
+            let reason = format!("gateway overloaded: {} transactions already waiting for endorsement", self.pending.len());
+            return Some(self.reject(&tx_id, reason, record.offset));
+        }
+        self.hold(&record.topic, record.partition, record.offset);
+        let entry = self.pending.entry(tx_id.clone()).or_insert_with(|| Pending {
+            proposal: None,
+            results: Vec::new(),
+            since: Instant::now(),
+            inputs: Vec::new(),
+        });
+        entry.inputs.push((record.topic.clone(), record.partition, record.offset));
+        match input {
+            Input::Proposal(p) => entry.proposal = Some(p),
+            Input::Result(r) => {
+                // (tx id, endorser) de-duplication: a re-delivered result counts once.
+                if !entry.results.iter().any(|e| e.endorser == r.endorser) {
+                    entry.results.push(r);
+                }
+            }
+        }
+        self.evaluate(&tx_id, record.offset)
+    }
+
+    /// Orders the transaction once agreeing endorsements satisfy the policy; rejects it when they
+    /// never can.
+    fn evaluate(&mut self, tx_id: &str, offset: i64) -> Option<Outcome> {
+        let network = self.config.network.clone();
+        let entry = self.pending.get(tx_id)?;
+        let proposal = entry.proposal.as_ref()?;
+        if let Some(refusal) = entry.results.iter().find(|r| !r.response.is_ok()) {
+            let who = network.member_name(&refusal.endorser).unwrap_or_else(|| refusal.endorser.org.clone());
+            let reason = format!("endorser {who} refused: {}", refusal.response.message);
+            return Some(self.reject(tx_id, reason, offset));
+        }
+        let Some(policy) = network.policy(&proposal.contract) else {
+            let reason = format!("contract {:?} is not deployed on channel {}", proposal.contract, network.channel());
+            return Some(self.reject(tx_id, reason, offset));
+        };
+        let hash = crypto::proposal_hash(proposal);
+        let relevant: Vec<&EndorsementResult> = entry
+            .results
+            .iter()
+            .filter(|r| r.proposal_hash == hash && network.role_of(&r.endorser).is_some())
+            .collect();
+        // Group the endorsements that agree on (response, rwset), and test the policy per group.
+        let mut groups: Vec<Vec<&EndorsementResult>> = Vec::new();
+        for r in &relevant {
+            match groups.iter_mut().find(|g| g[0].response == r.response && g[0].rwset == r.rwset) {
+                Some(g) => g.push(r),
+                None => groups.push(vec![r]),
+            }
+        }
+        for group in &groups {
+            let signers: Vec<SignerRef> = group
+                .iter()
+                .filter_map(|r| {
+                    network.role_of(&r.endorser).map(|role| SignerRef { org: &r.endorser.org, role, id: &r.endorser.public_key })
+                })
+                .collect();
+            if policy.evaluate(&signers) {
+                let tx = OrderedTx {
+                    proposal: proposal.clone(),
+                    response: group[0].response.clone(),
+                    rwset: group[0].rwset.clone(),
+                    endorsements: group.iter().map(|r| r.endorsement()).collect(),
+                };
+                return Some(self.resolve(tx_id, Outcome::Ordered(tx)));
+            }
+        }
+        let orgs_answered: HashSet<&str> = relevant.iter().map(|r| r.endorser.org.as_str()).collect();
+        if groups.len() > 1 && policy.orgs().iter().all(|o| orgs_answered.contains(o)) {
+            let reason = format!("endorsements disagree on the response or read-write set ({} different outcomes)", groups.len());
+            return Some(self.reject(tx_id, reason, offset));
+        }
+        None
+    }
+
+    fn expire(&mut self, now: Instant) -> Vec<Outcome> {
+        let timeout = self.config.endorsement_timeout;
+        let expired: Vec<(String, usize, bool)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.since) >= timeout)
+            .map(|(id, p)| (id.clone(), p.results.len(), p.proposal.is_some()))
+            .collect();
+        expired
+            .into_iter()
+            .map(|(id, results, has_proposal)| {
+                let reason = if has_proposal {
+                    format!("endorsement policy not satisfied within {} ms ({results} endorsements received)", timeout.as_millis())
+                } else {
+                    format!("endorsements received but no proposal within {} ms", timeout.as_millis())
+                };
+                self.reject(&id, reason, -1)
+            })
+            .collect()
+    }
+
+    /// Per partition, the highest offset such that every input up to it is resolved.
+    fn committable(&self) -> Vec<(Arc<str>, i32, i64)> {
+        self.seen
+            .iter()
+            .filter_map(|((topic, partition), last)| {
+                let upto = match self.held.get(&(topic.clone(), *partition)).and_then(|o| o.keys().next()) {
+                    Some(oldest_held) => oldest_held - 1,
+                    None => *last,
+                };
+                (upto >= 0).then(|| (topic.clone(), *partition, upto))
+            })
+            .collect()
+    }
+}
+
+enum Input {
+    Proposal(Proposal),
+    Result(EndorsementResult),
+}
+
+impl Input {
+    fn tx_id(&self) -> &str {
+        match self {
+            Input::Proposal(p) => &p.tx_id,
+            Input::Result(r) => &r.tx_id,
+        }
+    }
+}
+
+pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, counters: Arc<StageCounters>, mut shutdown: Shutdown) -> StageResult<()> {
+    let topics = config.topics.clone();
+    let proposals = topics.name(names::PROPOSALS).to_string();
+    let results = topics.name(names::ENDORSEMENT_RESULTS).to_string();
+    let ordered_topic = topics.name(names::ORDERED_TX).to_string();
+    let rejections_topic = topics.name(names::REJECTIONS).to_string();
+    let admit = config.network.config().batch.clone();
+    let dead = DeadLetters { log: log.clone(), topic: topics.name(names::DEAD_LETTERS).to_string(), stage: "gateway", counters: counters.clone() };
+
+    let mut gateway = Gateway::new(config);
+    let remembered = remember_tail(&log, &ordered_topic, &rejections_topic, gateway.config.remember_resolved).await?;
+    for id in remembered {
+        gateway.remember(id);
+    }
+    let mut consumer = log
+        .consumer(Subscription::Group { group: gateway.config.group.clone(), topics: vec![proposals.clone(), results] })
+        .await?;
+    tracing::info!(group = %gateway.config.group, remembered = gateway.resolved.len(), "gateway started");
+    let mut last_expiry = Instant::now();
+    while !*shutdown.borrow() {
+        let records = tokio::select! {
+            r = consumer.poll(gateway.config.batch, Duration::from_millis(100)) => r?,
+            _ = shutdown.changed() => continue,
+        };
+        StageCounters::add(&counters.records_in, records.len());
+        let mut outcomes = Vec::new();
+        for record in &records {
+            let input = if *record.topic == *proposals {
+                codec::decode::<Proposal>(&record.value).map(Input::Proposal)
+            } else {
+                codec::decode::<EndorsementResult>(&record.value).map(Input::Result)
+            };
+            match input {
+                Ok(input) => outcomes.extend(gateway.on_input(record, input)),
+                Err(e) => dead.send(record, e.to_string()).await?,
+            }
+        }
+        if last_expiry.elapsed() >= Duration::from_millis(250) {
+            last_expiry = Instant::now();
+            outcomes.extend(gateway.expire(last_expiry));
+        }
+        if outcomes.is_empty() && records.is_empty() {
+            continue;
+        }
+        let (mut ordered, mut rejected) = (Vec::new(), Vec::new());
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Ordered(tx) => {
+                    let bytes = codec::encode(&tx).map_err(|e| StageError::Fatal(e.to_string()))?;
+                    // AbsoluteMaxBytes is enforced here, at ingress to the order, as Fabric's
+                    // broadcast handler does: the orderer must never see a larger transaction.
+                    match admit.admit(bytes.len()) {
+                        Ok(()) => ordered.push(OutRecord::keyed(tx.proposal.tx_id.as_bytes(), bytes)),
+                        Err(why) => rejected.push(Rejection { tx_id: tx.proposal.tx_id.clone(), stage: "gateway".into(), reason: why, source_offset: -1 }),
+                    }
+                }
+                Outcome::Rejected(r) => rejected.push(r),
+            }
+        }
+        for r in &rejected {
+            tracing::info!(tx_id = %r.tx_id, reason = %r.reason, "rejected");
+        }
+        let rejected: Vec<OutRecord> = rejected
+            .iter()
+            .map(|r| codec::encode(r).map(|b| OutRecord::keyed(r.tx_id.as_bytes(), b)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| StageError::Fatal(e.to_string()))?;
+        let out = ordered.len() + rejected.len();
+        if !ordered.is_empty() {
+            retry("appending ordered transactions", &shutdown, || async { Ok(log.append(&ordered_topic, ordered.clone()).await?) }).await?;
+        }
+        if !rejected.is_empty() {
+            retry("appending rejections", &shutdown, || async { Ok(log.append(&rejections_topic, rejected.clone()).await?) }).await?;
+        }
+        StageCounters::add(&counters.records_out, out);
+        let committable = gateway.committable();
+        if !committable.is_empty() {
+            commit(consumer.as_mut(), &committable, &shutdown).await?;
+        }
+    }
+    tracing::info!(pending = gateway.pending.len(), "gateway stopped");
+    Ok(())
+}
+
+/// The tx ids of the last `max` records of `ordered-tx` and of `rejections`: what a restarted
+/// gateway already resolved.
+async fn remember_tail(log: &Arc<dyn Log>, ordered: &str, rejections: &str, max: usize) -> StageResult<Vec<String>> {
+    let mut ids = Vec::new();
+    for topic in [ordered, rejections] {
+        for record in read_tail(log, topic, max).await? {
+            let id = if topic == ordered {
+                codec::decode::<OrderedTx>(&record.value).ok().map(|t| t.proposal.tx_id)
+            } else {
+                codec::decode::<Rejection>(&record.value).ok().map(|r| r.tx_id)
+            };
+            ids.extend(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// Reads the last `max` records of partition 0 of a topic.
+pub(crate) async fn read_tail(log: &Arc<dyn Log>, topic: &str, max: usize) -> StageResult<Vec<Record>> {
+    let end = log.end_offset(topic, 0).await?;
+    let start = (end - max as i64).max(0);
+    let mut consumer = log.consumer(Subscription::Assign { positions: vec![(topic.to_string(), 0, start)] }).await?;
+    let mut out = Vec::new();
+    let mut next = start;
+    while next < end {
+        let batch = consumer.poll(4096, Duration::from_millis(500)).await?;
+        if batch.is_empty() {
+            return Err(StageError::Fatal(format!("{topic}: cannot read offsets {next}..{end} that the log says exist")));
+        }
+        next = batch.last().map_or(next, |r| r.offset + 1);
+        out.extend(batch.into_iter().filter(|r| r.offset < end));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streamledger_core::endorsement::endorse;
+    use streamledger_core::fixtures::Fixture;
+    use streamledger_core::model::{KvWrite, Response, RwSet};
+
+    const PROPOSALS: &str = "mychannel.proposals";
+    const RESULTS: &str = "mychannel.endorsement-results";
+
+    fn gateway(f: &Fixture) -> Gateway {
+        Gateway::new(GatewayConfig::new(Arc::new(f.network.clone()), Topics::default_for("mychannel")))
+    }
+
+    fn record(topic: &str, partition: i32, offset: i64) -> Record {
+        Record { topic: Arc::from(topic), partition, offset, key: None, value: Vec::new(), timestamp_ms: 0 }
+    }
+
+    fn rw(value: &str) -> RwSet {
+        RwSet { writes: vec![KvWrite { namespace: "transfer".into(), key: "a".into(), value: Some(value.as_bytes().to_vec()) }], ..Default::default() }
+    }
+
+    fn result(f: &Fixture, peer: usize, p: &Proposal, rwset: RwSet) -> Input {
+        Input::Result(endorse(&f.peers[peer], p, Response::ok(Vec::new()), rwset))
+    }
+
+    #[test]
+    fn orders_once_agreeing_endorsements_satisfy_the_policy_in_any_arrival_order() {
+        let f = Fixture::new();
+        let mut g = gateway(&f);
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        assert!(g.on_input(&record(RESULTS, 0, 0), result(&f, 0, &p, rw("1"))).is_none());
+        assert!(g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone())).is_none(), "one org of two is not enough");
+        match g.on_input(&record(RESULTS, 0, 1), result(&f, 1, &p, rw("1"))) {
+            Some(Outcome::Ordered(tx)) => {
+                assert_eq!(tx.proposal, p);
+                assert_eq!(tx.endorsements.len(), 2);
+                assert_eq!(tx.rwset, rw("1"));
+            }
+            _ => panic!("expected the transaction to be ordered"),
+        }
+        assert!(g.pending.is_empty());
+        // Late or re-delivered inputs of a resolved transaction are ignored.
+        assert!(g.on_input(&record(RESULTS, 0, 2), result(&f, 1, &p, rw("1"))).is_none());
+        assert!(g.pending.is_empty());
+    }
+
+    #[test]
+    fn the_same_endorser_twice_counts_once() {
+        let f = Fixture::new();
+        let mut g = gateway(&f);
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone()));
+        assert!(g.on_input(&record(RESULTS, 0, 0), result(&f, 0, &p, rw("1"))).is_none());
+        assert!(g.on_input(&record(RESULTS, 0, 1), result(&f, 0, &p, rw("1"))).is_none());
+        assert_eq!(g.pending[&p.tx_id].results.len(), 1);
+    }
+
+    fn rejection(outcome: Option<Outcome>) -> Rejection {
+        match outcome {
+            Some(Outcome::Rejected(r)) => r,
+            _ => panic!("expected a rejection"),
+        }
+    }
+
+    #[test]
+    fn a_refusing_endorser_or_disagreeing_endorsements_are_rejected_with_the_reason() {
+        let f = Fixture::new();
+        let mut g = gateway(&f);
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone()));
+        let refused = Input::Result(endorse(&f.peers[0], &p, Response::error("insufficient funds"), RwSet::default()));
+        let r = rejection(g.on_input(&record(RESULTS, 0, 0), refused));
+        assert_eq!(r.tx_id, p.tx_id);
+        assert!(r.reason.contains("Org1.peer0") && r.reason.contains("insufficient funds"), "{}", r.reason);
+
+        let q = f.proposal("transfer", "transfer", &["a", "b", "2"]);
+        g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone()));
+        assert!(g.on_input(&record(RESULTS, 0, 1), result(&f, 0, &q, rw("1"))).is_none());
+        let r = rejection(g.on_input(&record(RESULTS, 0, 2), result(&f, 1, &q, rw("2"))));
+        assert!(r.reason.contains("disagree"), "{}", r.reason);
+    }
+
+    #[test]
+    fn timeouts_and_overload_are_reported_not_leaked() {
+        let f = Fixture::new();
+        let mut config = GatewayConfig::new(Arc::new(f.network.clone()), Topics::default_for("mychannel"));
+        config.max_pending = 1;
+        config.endorsement_timeout = Duration::from_millis(0);
+        let mut g = Gateway::new(config);
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        let q = f.proposal("transfer", "transfer", &["a", "b", "2"]);
+        assert!(g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone())).is_none());
+        let r = rejection(g.on_input(&record(PROPOSALS, 1, 0), Input::Proposal(q.clone())));
+        assert!(r.reason.contains("overloaded"), "{}", r.reason);
+        let expired = g.expire(Instant::now());
+        assert_eq!(expired.len(), 1);
+        let r = rejection(expired.into_iter().next());
+        assert_eq!(r.tx_id, p.tx_id);
+        assert!(r.reason.contains("not satisfied"), "{}", r.reason);
+        assert!(g.pending.is_empty());
+    }
+
+    #[test]
+    fn offsets_are_committed_only_below_the_oldest_unresolved_transaction() {
+        let f = Fixture::new();
+        let mut g = gateway(&f);
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        let q = f.proposal("transfer", "transfer", &["a", "b", "2"]);
+        g.on_input(&record(PROPOSALS, 0, 5), Input::Proposal(p.clone()));
+        g.on_input(&record(PROPOSALS, 0, 6), Input::Proposal(q.clone()));
+        g.on_input(&record(RESULTS, 0, 0), result(&f, 0, &q, rw("1")));
+        assert!(matches!(g.on_input(&record(RESULTS, 0, 1), result(&f, 1, &q, rw("1"))), Some(Outcome::Ordered(_))));
+        let mut c = g.committable();
+        c.sort();
+        // p (offset 5) is still pending: proposals can be committed up to 4; results are all resolved.
+        assert_eq!(c, vec![(Arc::from(RESULTS), 0, 1), (Arc::from(PROPOSALS), 0, 4)]);
+    }
+}

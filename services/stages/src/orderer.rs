@@ -1,0 +1,250 @@
+//! An orderer replica. Any number run side by side over the same two single-partition logs:
+//! each proposes cut markers on count, bytes or timeout (Fabric's blockcutter rules), and every
+//! replica builds block N from the first valid marker for N, so all build the same block. The
+//! marker's author writes the block; if it does not appear within `takeover_after`, another
+//! replica writes it. Blocks are written in number order (N only once N-1 is on the topic), so a
+//! validator never sees a gap; a copy written twice in a takeover race is harmless.
+//!
+//! Restart point: the last valid block on the blocks topic, whose metadata names the ordered-tx
+//! offsets and the cut-marker offset it was built from (as Fabric's Kafka orderer kept its offsets
+//! in block metadata).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use streamledger_core::codec;
+use streamledger_core::crypto::Signer;
+use streamledger_core::cutter::{build_block, sign_block, ChainTip, Cutter, MarkerVerdict};
+use streamledger_core::model::{Block, CutMarker};
+use streamledger_core::network::Network;
+use streamledger_core::validation::check_block;
+use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
+use streamledger_ports::topics::{names, Topics};
+
+use crate::common::{elapsed_ms, forward, retry, DeadLetters, Shutdown, StageCounters, StageError, StageResult};
+
+pub struct OrdererConfig {
+    pub id: String,
+    pub signer: Signer,
+    pub network: Arc<Network>,
+    pub topics: Topics,
+    /// How long a replica waits for the marker's author to write a block before writing it.
+    pub takeover_after: Duration,
+    /// How often batch timeouts are checked.
+    pub tick: Duration,
+    /// Ordered-tx records buffered ahead of the blocks built, at most (backpressure beyond).
+    pub max_buffered: usize,
+}
+
+impl OrdererConfig {
+    pub fn new(id: &str, signer: Signer, network: Arc<Network>, topics: Topics) -> Self {
+        Self {
+            id: id.to_string(),
+            signer,
+            network,
+            topics,
+            takeover_after: Duration::from_secs(2),
+            tick: Duration::from_millis(10),
+            max_buffered: 200_000,
+        }
+    }
+}
+
+/// The last valid block on the blocks topic (skipping garbage, forgeries and duplicate copies)
+/// and the offset after it.
+pub async fn chain_tip(log: &Arc<dyn Log>, blocks_topic: &str, network: &Network) -> StageResult<(Option<Block>, i64)> {
+    let end = log.end_offset(blocks_topic, 0).await?;
+    let mut consumer = log.consumer(Subscription::Assign { positions: vec![(blocks_topic.to_string(), 0, 0)] }).await?;
+    let mut last: Option<Block> = None;
+    let mut next = 0;
+    while next < end {
+        let batch = consumer.poll(1024, Duration::from_millis(500)).await?;
+        if batch.is_empty() {
+            return Err(StageError::Fatal(format!("{blocks_topic}: cannot read offsets {next}..{end}")));
+        }
+        for r in batch.iter().filter(|r| r.offset < end) {
+            next = r.offset + 1;
+            let Ok(block) = codec::decode::<Block>(&r.value) else { continue };
+            if check_block(network, last.as_ref().map(|b| &b.header), &block).is_ok() {
+                last = Some(block);
+            }
+        }
+    }
+    Ok((last, end))
+}
+
+struct Replica {
+    config: OrdererConfig,
+    cutter: Cutter,
+    /// ordered-tx records not yet in a built block, by offset.
+    records: BTreeMap<i64, Vec<u8>>,
+    /// Accepted markers (with their offsets) whose blocks are not built yet.
+    accepted: VecDeque<(CutMarker, i64)>,
+    /// Built blocks not yet seen on the blocks topic, with when this replica may write them.
+    awaiting: BTreeMap<i64, (Block, Instant)>,
+    /// The highest block number on the blocks topic, or written by this replica.
+    written: i64,
+    /// The first ordered-tx offset not yet in a built block: records before it are not needed.
+    keep_from: i64,
+    start: Instant,
+}
+
+impl Replica {
+    /// Builds every accepted block whose records have all been read.
+    fn build_ready(&mut self) -> StageResult<()> {
+        while let Some((marker, marker_offset)) = self.accepted.front() {
+            let have_all = (marker.first_offset..=marker.last_offset).all(|o| self.records.contains_key(&o));
+            if !have_all {
+                break;
+            }
+            let records: Vec<&[u8]> = (marker.first_offset..=marker.last_offset).map(|o| self.records[&o].as_slice()).collect();
+            let block = build_block(self.cutter.previous_hash(), marker, *marker_offset, &records, self.cutter.config());
+            self.cutter.block_built(&block.header).map_err(|e| StageError::Fatal(e.to_string()))?;
+            let last = marker.last_offset;
+            let mine = marker.cutter_id == self.config.id;
+            self.records = self.records.split_off(&(last + 1));
+            self.keep_from = last + 1;
+            let when = if mine { Instant::now() } else { Instant::now() + self.config.takeover_after };
+            if !mine {
+                tracing::debug!(block = block.header.number, author = %marker.cutter_id, "built; the author writes it");
+            }
+            self.awaiting.insert(block.header.number, (block, when));
+            self.accepted.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The next block to write, if it is due and its predecessor is on the topic.
+    fn due(&mut self) -> Option<Block> {
+        let (&number, (_, when)) = self.awaiting.iter().next()?;
+        if number != self.written + 1 || Instant::now() < *when {
+            return None;
+        }
+        let (mut block, _) = self.awaiting.remove(&number)?;
+        if block.metadata.signature.is_empty() || block.metadata.orderer != self.config.id {
+            sign_block(&mut block, &self.config.signer, &self.config.id);
+        }
+        Some(block)
+    }
+
+    /// A block appeared on the topic: no need to write it.
+    fn seen(&mut self, block: &Block) {
+        let n = block.header.number;
+        if let Some((ours, _)) = self.awaiting.get(&n) {
+            if ours.header != block.header {
+                // Two different blocks for one number cannot come from correct replicas: shout.
+                tracing::error!(block = n, "FORK: the blocks topic holds a block {n} that differs from the one built here");
+            }
+            self.awaiting.remove(&n);
+        }
+        self.written = self.written.max(n);
+    }
+}
+
+pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, counters: Arc<StageCounters>, mut shutdown: Shutdown) -> StageResult<()> {
+    let topics = config.topics.clone();
+    let ordered_topic = topics.name(names::ORDERED_TX).to_string();
+    let markers_topic = topics.name(names::CUT_MARKERS).to_string();
+    let blocks_topic = topics.name(names::BLOCKS).to_string();
+    let dead = DeadLetters { log: log.clone(), topic: topics.name(names::DEAD_LETTERS).to_string(), stage: "orderer", counters: counters.clone() };
+
+    let (last, blocks_end) = chain_tip(&log, &blocks_topic, &config.network).await?;
+    let tip = last.as_ref().map_or_else(ChainTip::genesis, ChainTip::after);
+    let markers_from = last.as_ref().map_or(0, |b| b.metadata.cut_marker_offset + 1);
+    tracing::info!(id = %config.id, next_block = tip.next_block, next_offset = tip.next_offset, markers_from, "orderer started");
+    let assign = |topic: &str, offset: i64| Subscription::Assign { positions: vec![(topic.to_string(), 0, offset)] };
+    let (mut ordered_rx, _h1) = forward(log.consumer(assign(&ordered_topic, tip.next_offset)).await?, 1024, shutdown.clone());
+    let (mut markers_rx, _h2) = forward(log.consumer(assign(&markers_topic, markers_from)).await?, 256, shutdown.clone());
+    let (mut blocks_rx, _h3) = forward(log.consumer(assign(&blocks_topic, blocks_end)).await?, 64, shutdown.clone());
+
+    let mut replica = Replica {
+        cutter: Cutter::new(config.network.config().batch.clone(), &config.id, tip.clone()),
+        written: tip.next_block - 1,
+        keep_from: tip.next_offset,
+        records: BTreeMap::new(),
+        accepted: VecDeque::new(),
+        awaiting: BTreeMap::new(),
+        start: Instant::now(),
+        config,
+    };
+    let mut tick = tokio::time::interval(replica.config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while !*shutdown.borrow() {
+        let mut proposals: Vec<CutMarker> = Vec::new();
+        let buffer_full = replica.records.len() >= replica.config.max_buffered;
+        tokio::select! {
+            Some(batch) = ordered_rx.recv(), if !buffer_full => {
+                let batch = batch?;
+                StageCounters::add(&counters.records_in, batch.len());
+                let now = elapsed_ms(replica.start);
+                for r in batch {
+                    proposals.extend(replica.cutter.on_record(r.offset, r.value.len(), now));
+                    if r.offset >= replica.keep_from {
+                        replica.records.insert(r.offset, r.value);
+                    }
+                }
+            }
+            Some(batch) = markers_rx.recv() => {
+                for r in batch? {
+                    judge_marker(&mut replica, &r, &dead).await?;
+                }
+            }
+            Some(batch) = blocks_rx.recv() => {
+                for r in batch? {
+                    if let Ok(block) = codec::decode::<Block>(&r.value) {
+                        replica.seen(&block);
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                proposals.extend(replica.cutter.on_tick(elapsed_ms(replica.start)));
+            }
+            _ = shutdown.changed() => continue,
+        }
+        if !proposals.is_empty() {
+            let out: Vec<OutRecord> = proposals
+                .iter()
+                .map(|m| codec::encode(m).map(OutRecord::unkeyed))
+                .collect::<Result<_, _>>()
+                .map_err(|e| StageError::Fatal(e.to_string()))?;
+            retry("appending cut markers", &shutdown, || async { Ok(log.append(&markers_topic, out.clone()).await?) }).await?;
+        }
+        replica.build_ready()?;
+        while let Some(block) = replica.due() {
+            let number = block.header.number;
+            let bytes = codec::encode(&block).map_err(|e| StageError::Fatal(e.to_string()))?;
+            retry("appending a block", &shutdown, || async { Ok(log.append(&blocks_topic, vec![OutRecord::unkeyed(bytes.clone())]).await?) }).await?;
+            StageCounters::add(&counters.records_out, 1);
+            tracing::debug!(block = number, txs = block.transactions.len(), "block written");
+            replica.written = replica.written.max(number);
+        }
+    }
+    tracing::info!(id = %replica.config.id, "orderer stopped");
+    Ok(())
+}
+
+async fn judge_marker(replica: &mut Replica, r: &Record, dead: &DeadLetters) -> StageResult<()> {
+    let marker = match codec::decode::<CutMarker>(&r.value) {
+        Ok(m) => m,
+        Err(e) => return dead.send(r, e.to_string()).await,
+    };
+    match replica.cutter.on_marker(&marker) {
+        MarkerVerdict::Accepted => replica.accepted.push_back((marker, r.offset)),
+        MarkerVerdict::Stale => tracing::trace!(block = marker.block_number, offset = r.offset, "stale cut marker ignored"),
+        // Every replica judges the same log the same way, so only one of them dead-letters a
+        // rejected marker: its author, or for a marker no orderer wrote, the first orderer listed.
+        MarkerVerdict::Rejected(why) if responsible_for(replica, &marker) => dead.send(r, why).await?,
+        MarkerVerdict::Rejected(why) => tracing::debug!(offset = r.offset, %why, "cut marker rejected"),
+    }
+    Ok(())
+}
+
+fn responsible_for(replica: &Replica, marker: &CutMarker) -> bool {
+    let network = &replica.config.network;
+    if network.orderer_key(&marker.cutter_id).is_some() {
+        marker.cutter_id == replica.config.id
+    } else {
+        network.config().orderers.first().is_some_and(|o| o.id == replica.config.id)
+    }
+}

@@ -1,0 +1,236 @@
+//! The validator (one per peer): reads `blocks` from its savepoint, checks each block's chain
+//! link, data hash and orderer signature, validates its transactions (core `validate_block`),
+//! commits state, tx index, block and savepoint atomically, then produces the verdict to
+//! `validated-blocks`.
+//!
+//! Restart point: the savepoint in its own store. A copy of a block already committed (another
+//! orderer replica took over) is skipped when it is identical, and reported loudly as a fork when
+//! it is not. A block that does not chain or is not signed by an orderer is dead-lettered; a good
+//! copy may still follow.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use streamledger_core::codec;
+use streamledger_core::crypto::block_header_hash;
+use streamledger_core::model::{Block, BlockHeader, OrderedTx, TxResult, ValidatedBlock};
+use streamledger_core::network::Network;
+use streamledger_core::validation::{check_block, validate_block, BlockValidation, WriteRules, GENESIS_STATE_HASH};
+use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
+use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
+use streamledger_ports::topics::{names, Topics};
+
+use crate::common::{retry, DeadLetters, Shutdown, StageCounters, StageError, StageResult};
+
+pub struct ValidatorConfig {
+    /// The peer's name, e.g. `Org1.peer0`: stamped on every verdict.
+    pub peer: String,
+    pub network: Arc<Network>,
+    pub topics: Topics,
+    pub rules: Arc<dyn WriteRules + Send + Sync>,
+}
+
+/// What a peer has committed, for progress displays, the status document and metrics.
+#[derive(Debug, Default)]
+pub struct PeerProgress {
+    /// The last committed block, -1 before the first.
+    pub height: AtomicI64,
+    pub state_hash: Mutex<Vec<u8>>,
+    /// Committed transactions by validation code.
+    pub codes: Mutex<BTreeMap<i32, u64>>,
+}
+
+impl PeerProgress {
+    pub fn new() -> Self {
+        Self { height: AtomicI64::new(-1), ..Default::default() }
+    }
+
+    pub fn height(&self) -> i64 {
+        self.height.load(Ordering::Relaxed)
+    }
+
+    pub fn state_hash(&self) -> Vec<u8> {
+        self.state_hash.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    pub fn codes(&self) -> BTreeMap<i32, u64> {
+        self.codes.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn committed(&self, number: i64, state_hash: &[u8], codes: &[i32]) {
+        self.height.store(number, Ordering::Relaxed);
+        if let Ok(mut h) = self.state_hash.lock() {
+            *h = state_hash.to_vec();
+        }
+        if let Ok(mut c) = self.codes.lock() {
+            for code in codes {
+                *c.entry(*code).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// Where the peer stands: the last committed header and state hash.
+struct Position {
+    height: i64,
+    header: Option<BlockHeader>,
+    state_hash: Vec<u8>,
+}
+
+pub async fn run(
+    config: ValidatorConfig,
+    log: Arc<dyn Log>,
+    store: Arc<dyn PeerStore>,
+    progress: Arc<PeerProgress>,
+    counters: Arc<StageCounters>,
+    mut shutdown: Shutdown,
+) -> StageResult<()> {
+    let blocks_topic = config.topics.name(names::BLOCKS).to_string();
+    let verdicts_topic = config.topics.name(names::VALIDATED_BLOCKS).to_string();
+    let dead = DeadLetters { log: log.clone(), topic: config.topics.name(names::DEAD_LETTERS).to_string(), stage: "validator", counters: counters.clone() };
+    let config = Arc::new(config);
+
+    let savepoint = store.savepoint()?;
+    let mut position = Position { height: -1, header: None, state_hash: GENESIS_STATE_HASH.to_vec() };
+    let mut from = 0;
+    if let Some(sp) = &savepoint {
+        let stored = store.block(sp.block)?.ok_or_else(|| StageError::Fatal(format!("{}: savepoint names block {} but the store does not hold it", config.peer, sp.block)))?;
+        let block = codec::decode::<Block>(&stored.bytes).map_err(|e| StageError::Fatal(format!("{}: stored block {}: {e}", config.peer, sp.block)))?;
+        position = Position { height: sp.block, header: Some(block.header.clone()), state_hash: sp.state_hash.clone() };
+        from = sp.blocks_offset + 1;
+        progress.committed(sp.block, &sp.state_hash, &[]);
+        // The verdict of the last block may not have been produced before a crash: produce it
+        // again (consumers treat verdicts idempotently).
+        let verdict = verdict_of(&config.peer, &block, &stored.codes, &sp.state_hash);
+        append_verdict(&log, &verdicts_topic, &verdict, &shutdown).await?;
+    }
+    tracing::info!(peer = %config.peer, height = position.height, from_offset = from, "validator started");
+    let mut consumer = log.consumer(Subscription::Assign { positions: vec![(blocks_topic, 0, from)] }).await?;
+    while !*shutdown.borrow() {
+        let records = tokio::select! {
+            r = consumer.poll(32, Duration::from_millis(200)) => r?,
+            _ = shutdown.changed() => continue,
+        };
+        StageCounters::add(&counters.records_in, records.len());
+        for record in records {
+            let Some(block) = admissible(&config, &store, &position, &record, &dead).await? else { continue };
+            let number = block.header.number;
+            let (cfg, st, prev_hash) = (config.clone(), store.clone(), position.state_hash.clone());
+            let block = Arc::new(block);
+            let record = Arc::new(record);
+            let validation = retry("validating and committing", &shutdown, || {
+                let (cfg, st, prev_hash, block, record) = (cfg.clone(), st.clone(), prev_hash.clone(), block.clone(), record.clone());
+                async move {
+                    tokio::task::spawn_blocking(move || validate_and_commit(&cfg, st.as_ref(), &block, &record, &prev_hash))
+                        .await
+                        .map_err(|e| StageError::Fatal(format!("validator task panicked: {e}")))?
+                }
+            })
+            .await
+            .map_err(|e| match e {
+                StageError::State(s) => StageError::Fatal(format!("{}: cannot commit block {number}: {s}", config.peer)),
+                other => other,
+            })?;
+            let codes: Vec<i32> = validation.codes.iter().map(|c| *c as i32).collect();
+            let verdict = ValidatedBlock {
+                block_number: number,
+                block_hash: block_header_hash(&block.header).to_vec(),
+                peer: config.peer.clone(),
+                results: validation.results(),
+                state_hash: validation.state_hash.to_vec(),
+            };
+            append_verdict(&log, &verdicts_topic, &verdict, &shutdown).await?;
+            StageCounters::add(&counters.records_out, 1);
+            progress.committed(number, &validation.state_hash, &codes);
+            position = Position { height: number, header: Some(block.header.clone()), state_hash: validation.state_hash.to_vec() };
+            tracing::debug!(peer = %config.peer, block = number, txs = codes.len(), "committed");
+        }
+    }
+    tracing::info!(peer = %config.peer, height = position.height, "validator stopped");
+    Ok(())
+}
+
+/// Decodes a record from the blocks topic and decides whether it is the next block to commit.
+/// Copies of committed blocks are skipped (or reported as a fork); anything else that is not the
+/// next valid block is dead-lettered.
+async fn admissible(
+    config: &ValidatorConfig,
+    store: &Arc<dyn PeerStore>,
+    position: &Position,
+    record: &Record,
+    dead: &DeadLetters,
+) -> StageResult<Option<Block>> {
+    let block = match codec::decode::<Block>(&record.value) {
+        Ok(b) => b,
+        Err(e) => {
+            dead.send(record, e.to_string()).await?;
+            return Ok(None);
+        }
+    };
+    let number = block.header.number;
+    if number <= position.height {
+        let committed = match &position.header {
+            Some(h) if h.number == number => Some(block_header_hash(h).to_vec()),
+            _ => store.block(number)?.and_then(|s| codec::decode::<Block>(&s.bytes).ok()).map(|b| block_header_hash(&b.header).to_vec()),
+        };
+        if committed.as_deref() != Some(&block_header_hash(&block.header)[..]) {
+            let reason = format!("FORK: block {number} at offset {} differs from the committed block {number}", record.offset);
+            tracing::error!(peer = %config.peer, "{reason}");
+            dead.send(record, reason).await?;
+        }
+        return Ok(None);
+    }
+    if let Err(e) = check_block(&config.network, position.header.as_ref(), &block) {
+        dead.send(record, e.to_string()).await?;
+        return Ok(None);
+    }
+    Ok(Some(block))
+}
+
+fn validate_and_commit(
+    config: &ValidatorConfig,
+    store: &dyn PeerStore,
+    block: &Block,
+    record: &Record,
+    previous_state_hash: &[u8],
+) -> StageResult<BlockValidation> {
+    let validation = validate_block(&config.network, config.rules.as_ref(), store, block, previous_state_hash)?;
+    let number = block.header.number;
+    let stored = StoredBlock { number, bytes: record.value.clone(), codes: validation.codes.iter().map(|c| *c as i32).collect() };
+    let savepoint = Savepoint {
+        block: number,
+        block_hash: block_header_hash(&block.header).to_vec(),
+        state_hash: validation.state_hash.to_vec(),
+        blocks_offset: record.offset,
+    };
+    store.commit(BlockCommit { block: &stored, batch: &validation.batch, savepoint: &savepoint })?;
+    Ok(validation)
+}
+
+fn verdict_of(peer: &str, block: &Block, codes: &[i32], state_hash: &[u8]) -> ValidatedBlock {
+    let results = block
+        .transactions
+        .iter()
+        .zip(codes)
+        .map(|(bytes, code)| TxResult {
+            tx_id: codec::decode::<OrderedTx>(bytes).map(|t| t.proposal.tx_id).unwrap_or_default(),
+            code: *code,
+        })
+        .collect();
+    ValidatedBlock {
+        block_number: block.header.number,
+        block_hash: block_header_hash(&block.header).to_vec(),
+        peer: peer.to_string(),
+        results,
+        state_hash: state_hash.to_vec(),
+    }
+}
+
+async fn append_verdict(log: &Arc<dyn Log>, topic: &str, verdict: &ValidatedBlock, shutdown: &Shutdown) -> StageResult<()> {
+    let bytes = codec::encode(verdict).map_err(|e| StageError::Fatal(e.to_string()))?;
+    let record = OutRecord::keyed(verdict.peer.as_bytes(), bytes);
+    retry("appending a verdict", shutdown, || async { Ok(log.append(topic, vec![record.clone()]).await?) }).await?;
+    Ok(())
+}
