@@ -1,5 +1,8 @@
 //! `streamledger`: one binary for every stage, the all-in-one network, clients and tools.
 
+mod clients;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -16,9 +19,48 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole network in one process on the embedded log and state (the main job).
+    Up(UpArgs),
+    /// Rebuild a peer's world state from the blocks topic into a fresh store, and compare.
+    Replay(ReplayArgs),
+    #[command(flatten)]
+    Client(clients::ClientCommand),
     /// Network configuration: generate keys and a network, or check one.
     #[command(subcommand)]
     Network(NetworkCommand),
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Where the log, the peers' stores and the network configuration live.
+    #[arg(long, env = "STREAMLEDGER_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Address of the HTTP API. Loopback by default; port 0 picks a free port.
+    #[arg(long, env = "STREAMLEDGER_HTTP", default_value = "127.0.0.1:7050")]
+    http: SocketAddr,
+    /// The key-store entry the API signs `POST /v1/transactions` with.
+    #[arg(long, env = "STREAMLEDGER_CLIENT", default_value = "Org1/client0")]
+    client: String,
+    /// No live progress line (it is also off when stderr is not a terminal).
+    #[arg(long, env = "STREAMLEDGER_NO_PROGRESS")]
+    no_progress: bool,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The data directory of a stopped `streamledger up`.
+    #[arg(long, env = "STREAMLEDGER_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Blocks-topic offset to replay from. A fresh store is rebuilt from 0.
+    #[arg(long, env = "STREAMLEDGER_FROM_OFFSET", default_value_t = 0)]
+    from_offset: i64,
+    /// The store to rebuild into (default: DATA_DIR/replay/PEER.redb, which must not exist yet
+    /// when replaying from offset 0).
+    #[arg(long, env = "STREAMLEDGER_REPLAY_INTO")]
+    into: Option<PathBuf>,
+    /// The live peer to compare the result with.
+    #[arg(long, env = "STREAMLEDGER_PEER", default_value = "Org1.peer0")]
+    peer: String,
 }
 
 #[derive(Subcommand)]
@@ -46,6 +88,12 @@ enum NetworkCommand {
 
 #[derive(Debug, thiserror::Error)]
 enum CliError {
+    #[error(transparent)]
+    Node(#[from] streamledger_node::up::NodeError),
+    #[error(transparent)]
+    Client(#[from] clients::ClientCommandError),
+    #[error("replay: the rebuilt state (block {height}, state hash {hash}) differs from the live peer's (block {live_height}, {live_hash})")]
+    ReplayMismatch { height: i64, hash: String, live_height: i64, live_hash: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
@@ -72,6 +120,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Up(args) => runtime()?.block_on(up(args)),
+        Command::Replay(args) => runtime()?.block_on(replay(args)),
+        Command::Client(command) => Ok(clients::run(command)?),
         Command::Network(NetworkCommand::Init { dir, channel, orgs, orderers }) => network_init(&dir, channel, orgs, orderers),
         Command::Network(NetworkCommand::Check { file }) => {
             let text = std::fs::read_to_string(&file).map_err(io_err(&file))?;
@@ -134,4 +185,72 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
     options.mode(0o600);
     let mut f = options.open(path).map_err(io_err(path))?;
     f.write_all(bytes).map_err(io_err(path))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Runtime::new().map_err(|source| CliError::Io { path: PathBuf::from("<tokio runtime>"), source })
+}
+
+async fn up(args: UpArgs) -> Result<(), CliError> {
+    use std::io::IsTerminal;
+    let config = streamledger_node::up::UpConfig {
+        data_dir: args.data_dir.clone(),
+        http: args.http,
+        client: args.client,
+        progress: !args.no_progress && std::io::stderr().is_terminal(),
+    };
+    let node = streamledger_node::up::start(config).await?;
+    // On stdout, one line, so that scripts and tests can find the API.
+    println!("streamledger up: data in {}, API on http://{}", args.data_dir.display(), node.api_addr);
+    node.run_until(stop_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn replay(args: ReplayArgs) -> Result<(), CliError> {
+    use std::io::IsTerminal;
+    let into = args.into.unwrap_or_else(|| args.data_dir.join("replay").join(format!("{}.redb", args.peer)));
+    if args.from_offset == 0 && into.exists() {
+        return Err(CliError::Config { path: into, message: "exists already: a replay from offset 0 rebuilds into a fresh store; remove it or pass --into".into() });
+    }
+    let report = streamledger_node::replay::replay(streamledger_node::replay::ReplayConfig {
+        data_dir: args.data_dir,
+        from_offset: args.from_offset,
+        into: into.clone(),
+        peer: args.peer.clone(),
+        progress: std::io::stderr().is_terminal(),
+    })
+    .await?;
+    println!("replayed {} blocks, {} transactions in {:.2} s ({:.0} tx/s) into {}", report.blocks, report.transactions, report.seconds, report.tx_per_second(), into.display());
+    println!("height {}, state hash {}", report.height, report.state_hash);
+    match &report.live {
+        Some((h, hash)) if report.matches_live() == Some(true) => println!("equals the live peer {} (block {h}, state hash {hash})", args.peer),
+        Some((h, hash)) => {
+            return Err(CliError::ReplayMismatch { height: report.height, hash: report.state_hash.clone(), live_height: *h, live_hash: hash.clone() })
+        }
+        None => println!("no live store for peer {} to compare with", args.peer),
+    }
+    Ok(())
 }

@@ -4,3 +4,5 @@
 pub mod api;
 pub mod client;
 pub mod status;
+pub mod replay;
+pub mod up;

@@ -30,6 +30,18 @@ pub struct ValidatorConfig {
     pub network: Arc<Network>,
     pub topics: Topics,
     pub rules: Arc<dyn WriteRules + Send + Sync>,
+    /// Replay and audit: produce nothing (no verdicts, no dead letters), only commit to the store.
+    pub read_only: bool,
+    /// Read the blocks topic from here instead of after the savepoint.
+    pub start_offset: Option<i64>,
+    /// Stop by itself once the record at this offset is processed (replay to a known end).
+    pub stop_after_offset: Option<i64>,
+}
+
+impl ValidatorConfig {
+    pub fn new(peer: String, network: Arc<Network>, topics: Topics, rules: Arc<dyn WriteRules + Send + Sync>) -> Self {
+        Self { peer, network, topics, rules, read_only: false, start_offset: None, stop_after_offset: None }
+    }
 }
 
 /// What a peer has committed, for progress displays, the status document and metrics.
@@ -103,9 +115,12 @@ pub async fn run(
         progress.committed(sp.block, &sp.state_hash, &[]);
         // The verdict of the last block may not have been produced before a crash: produce it
         // again (consumers treat verdicts idempotently).
-        let verdict = verdict_of(&config.peer, &block, &stored.codes, &sp.state_hash);
-        append_verdict(&log, &verdicts_topic, &verdict, &shutdown).await?;
+        if !config.read_only {
+            let verdict = verdict_of(&config.peer, &block, &stored.codes, &sp.state_hash);
+            append_verdict(&log, &verdicts_topic, &verdict, &shutdown).await?;
+        }
     }
+    let from = config.start_offset.unwrap_or(from);
     tracing::info!(peer = %config.peer, height = position.height, from_offset = from, "validator started");
     let mut consumer = log.consumer(Subscription::Assign { positions: vec![(blocks_topic, 0, from)] }).await?;
     while !*shutdown.borrow() {
@@ -115,7 +130,17 @@ pub async fn run(
         };
         StageCounters::add(&counters.records_in, records.len());
         for record in records {
-            let Some(block) = admissible(&config, &store, &position, &record, &dead).await? else { continue };
+            if config.stop_after_offset.is_some_and(|last| record.offset > last) {
+                break;
+            }
+            let offset = record.offset;
+            let done = config.stop_after_offset == Some(offset);
+            let Some(block) = admissible(&config, &store, &position, &record, &dead).await? else {
+                if done {
+                    return Ok(());
+                }
+                continue;
+            };
             let number = block.header.number;
             let (cfg, st, prev_hash) = (config.clone(), store.clone(), position.state_hash.clone());
             let block = Arc::new(block);
@@ -141,11 +166,16 @@ pub async fn run(
                 results: validation.results(),
                 state_hash: validation.state_hash.to_vec(),
             };
-            append_verdict(&log, &verdicts_topic, &verdict, &shutdown).await?;
+            if !config.read_only {
+                append_verdict(&log, &verdicts_topic, &verdict, &shutdown).await?;
+            }
             StageCounters::add(&counters.records_out, 1);
             progress.committed(number, &validation.state_hash, &codes);
             position = Position { height: number, header: Some(block.header.clone()), state_hash: validation.state_hash.to_vec() };
             tracing::debug!(peer = %config.peer, block = number, txs = codes.len(), "committed");
+            if done {
+                return Ok(());
+            }
         }
     }
     tracing::info!(peer = %config.peer, height = position.height, "validator stopped");
@@ -155,6 +185,16 @@ pub async fn run(
 /// Decodes a record from the blocks topic and decides whether it is the next block to commit.
 /// Copies of committed blocks are skipped (or reported as a fork); anything else that is not the
 /// next valid block is dead-lettered.
+/// Reports input the validator cannot use: to dead-letters, or only to the log in read-only mode.
+async fn refuse(config: &ValidatorConfig, dead: &DeadLetters, record: &Record, reason: String) -> StageResult<()> {
+    if config.read_only {
+        tracing::warn!(peer = %config.peer, offset = record.offset, %reason, "block skipped");
+        Ok(())
+    } else {
+        dead.send(record, reason).await
+    }
+}
+
 async fn admissible(
     config: &ValidatorConfig,
     store: &Arc<dyn PeerStore>,
@@ -165,7 +205,7 @@ async fn admissible(
     let block = match codec::decode::<Block>(&record.value) {
         Ok(b) => b,
         Err(e) => {
-            dead.send(record, e.to_string()).await?;
+            refuse(config, dead, record, e.to_string()).await?;
             return Ok(None);
         }
     };
@@ -178,12 +218,12 @@ async fn admissible(
         if committed.as_deref() != Some(&block_header_hash(&block.header)[..]) {
             let reason = format!("FORK: block {number} at offset {} differs from the committed block {number}", record.offset);
             tracing::error!(peer = %config.peer, "{reason}");
-            dead.send(record, reason).await?;
+            refuse(config, dead, record, reason).await?;
         }
         return Ok(None);
     }
     if let Err(e) = check_block(&config.network, position.header.as_ref(), &block) {
-        dead.send(record, e.to_string()).await?;
+        refuse(config, dead, record, e.to_string()).await?;
         return Ok(None);
     }
     Ok(Some(block))

@@ -52,7 +52,7 @@ async fn start() -> Net {
         let cfg = endorser::EndorserConfig::new(network.clone(), topics.clone(), f.peers[i].clone());
         let (l, s, r, sd) = (log.clone(), store.clone(), registry.clone(), rx.clone());
         tasks.push(tokio::spawn(async move { endorser::run(cfg, l, s, r, Arc::default(), sd).await.unwrap() }));
-        let cfg = validator::ValidatorConfig { peer: format!("{org}.peer0"), network: network.clone(), topics: topics.clone(), rules: Arc::new(AnyWrite) };
+        let cfg = validator::ValidatorConfig::new(format!("{org}.peer0"), network.clone(), topics.clone(), Arc::new(AnyWrite));
         let (l, s, sd) = (log.clone(), store.clone() as Arc<dyn PeerStore>, rx.clone());
         tasks.push(tokio::spawn(async move { validator::run(cfg, l, s, Arc::new(PeerProgress::new()), Arc::default(), sd).await.unwrap() }));
         stores.push(store);

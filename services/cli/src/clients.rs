@@ -1,0 +1,279 @@
+//! The client subcommands, over a node's HTTP API: `submit`, `query` and `blocks`.
+//!
+//! Output is plain lines for people and scripts: the first line of `submit` is always the tx id,
+//! so it is known even when the verdict does not come in time. A command fails (non-zero exit)
+//! when the transaction is rejected, invalid or still pending, and when the API says no.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use streamledger_node::api::{BlockResponse, RangeQuery, StateEntry, SubmitRequest, TxState, ValueEncoding, MAX_RANGE_LIMIT};
+use streamledger_node::client::{Client, ClientError};
+
+/// How often `blocks --follow` asks for the height.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The node's HTTP API.
+    #[arg(long, env = "STREAMLEDGER_API", default_value = "http://127.0.0.1:7050")]
+    pub api: String,
+}
+
+/// The three subcommands, to flatten into the binary's command enum.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClientCommand {
+    /// Submit a transaction signed by the node's client key; print its tx id, then its verdict.
+    Submit(SubmitArgs),
+    /// Read one key of a contract's state, or a range of keys.
+    Query(QueryArgs),
+    /// Print committed blocks: number, transaction count, each tx id and validation code.
+    Blocks(BlocksArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    pub contract: String,
+    pub function: String,
+    /// The function's arguments (use `--` before arguments that start with `-`).
+    #[arg(allow_negative_numbers = true)]
+    pub args: Vec<String>,
+    /// Do not wait for the verdict: print the tx id and return.
+    #[arg(long, env = "STREAMLEDGER_NO_WAIT")]
+    pub no_wait: bool,
+    /// How long to wait for the verdict.
+    #[arg(long, env = "STREAMLEDGER_TIMEOUT_MS", default_value_t = 30_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    pub contract: String,
+    /// One key; without it, the range --start..--end.
+    pub key: Option<String>,
+    /// First key of the range (inclusive).
+    #[arg(long, env = "STREAMLEDGER_QUERY_START", conflicts_with = "key")]
+    pub start: Option<String>,
+    /// End of the range (exclusive); empty for no end.
+    #[arg(long, env = "STREAMLEDGER_QUERY_END", conflicts_with = "key")]
+    pub end: Option<String>,
+    /// Keys to list at most (the API allows up to 10000).
+    #[arg(long, env = "STREAMLEDGER_QUERY_LIMIT", conflicts_with = "key")]
+    pub limit: Option<usize>,
+    /// The peer to read from (e.g. Org1.peer0); the node's first peer when absent.
+    #[arg(long, env = "STREAMLEDGER_PEER")]
+    pub peer: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BlocksArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// First block to print.
+    #[arg(long, env = "STREAMLEDGER_BLOCKS_FROM", default_value_t = 0)]
+    pub from: i64,
+    /// Keep printing new blocks as they commit (polls the node every 500 ms).
+    #[arg(long, env = "STREAMLEDGER_BLOCKS_FOLLOW")]
+    pub follow: bool,
+    /// The peer to read from (e.g. Org1.peer0); the node's first peer when absent.
+    #[arg(long, env = "STREAMLEDGER_PEER")]
+    pub peer: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientCommandError {
+    #[error(transparent)]
+    Api(#[from] ClientError),
+    #[error("transaction {tx_id} was rejected by the {stage}: {reason}")]
+    Rejected { tx_id: String, stage: String, reason: String },
+    #[error("transaction {tx_id} is in block {block} but invalid: {code_name} (code {code})")]
+    Invalid { tx_id: String, block: i64, code: i32, code_name: String },
+    #[error("transaction {tx_id}: no verdict within {timeout_ms} ms; it may still commit (ask GET /v1/transactions/{tx_id})")]
+    Pending { tx_id: String, timeout_ms: u64 },
+    #[error("{0}")]
+    Usage(String),
+    #[error("writing the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Runs a client subcommand on a small runtime of its own, for a synchronous `main`.
+pub fn run(command: ClientCommand) -> Result<(), ClientCommandError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match command {
+            ClientCommand::Submit(args) => run_submit(args).await,
+            ClientCommand::Query(args) => run_query(args).await,
+            ClientCommand::Blocks(args) => run_blocks(args).await,
+        }
+    })
+}
+
+pub async fn run_submit(args: SubmitArgs) -> Result<(), ClientCommandError> {
+    submit(args, &mut std::io::stdout().lock()).await
+}
+
+pub async fn run_query(args: QueryArgs) -> Result<(), ClientCommandError> {
+    query(args, &mut std::io::stdout().lock()).await
+}
+
+pub async fn run_blocks(args: BlocksArgs) -> Result<(), ClientCommandError> {
+    blocks(args, &mut std::io::stdout().lock()).await
+}
+
+/// `submit`, printing to `out`.
+pub async fn submit(args: SubmitArgs, out: &mut impl Write) -> Result<(), ClientCommandError> {
+    let client = Client::new(&args.api.api)?;
+    let request = SubmitRequest {
+        contract: args.contract,
+        function: args.function,
+        args: args.args,
+        wait: !args.no_wait,
+        timeout_ms: args.timeout_ms,
+    };
+    let response = client.submit(&request).await?;
+    writeln!(out, "{}", response.tx_id)?;
+    let tx_id = response.tx_id;
+    match response.state {
+        TxState::Pending if args.no_wait => Ok(()),
+        TxState::Pending => Err(ClientCommandError::Pending { tx_id, timeout_ms: args.timeout_ms }),
+        TxState::Rejected { stage, reason } => Err(ClientCommandError::Rejected { tx_id, stage, reason }),
+        TxState::Committed { block, position, code, code_name } => {
+            writeln!(out, "{code_name} block {block} position {position}")?;
+            if code == 0 {
+                Ok(())
+            } else {
+                Err(ClientCommandError::Invalid { tx_id, block, code, code_name })
+            }
+        }
+    }
+}
+
+fn print_entry(out: &mut impl Write, entry: &StateEntry) -> std::io::Result<()> {
+    let value = match entry.encoding {
+        ValueEncoding::Utf8 => entry.value.clone(),
+        ValueEncoding::Hex => format!("0x{}", entry.value),
+    };
+    writeln!(out, "{}\t{}\t(version {}:{})", entry.key, value, entry.version.block, entry.version.tx)
+}
+
+/// `query`, printing to `out`.
+pub async fn query(args: QueryArgs, out: &mut impl Write) -> Result<(), ClientCommandError> {
+    let client = Client::new(&args.api.api)?;
+    if let Some(key) = &args.key {
+        let entry = client.get_state(&args.contract, key, args.peer.as_deref()).await?;
+        print_entry(out, &entry)?;
+        return Ok(());
+    }
+    if let Some(limit) = args.limit {
+        if !(1..=MAX_RANGE_LIMIT).contains(&limit) {
+            return Err(ClientCommandError::Usage(format!("--limit {limit}: must be between 1 and {MAX_RANGE_LIMIT}")));
+        }
+    }
+    let range = RangeQuery {
+        start: args.start.unwrap_or_default(),
+        end: args.end.unwrap_or_default(),
+        limit: args.limit,
+        peer: args.peer,
+    };
+    let page = client.range(&args.contract, &range).await?;
+    for entry in &page.entries {
+        print_entry(out, entry)?;
+    }
+    if let Some(next) = page.next {
+        // On stderr, so that the listing on stdout stays only entries.
+        eprintln!("(more keys: continue with --start {next:?})");
+    }
+    Ok(())
+}
+
+fn print_block(out: &mut impl Write, block: &BlockResponse) -> std::io::Result<()> {
+    writeln!(out, "block {} ({} txs) {}", block.number, block.transactions.len(), block.block_hash)?;
+    for tx in &block.transactions {
+        let id = if tx.tx_id.is_empty() { "(undecodable)" } else { tx.tx_id.as_str() };
+        writeln!(out, "  {id} {}", tx.code_name)?;
+    }
+    out.flush()
+}
+
+/// The last block committed on the peer (`None` before the first).
+async fn height(client: &Client, peer: Option<&str>) -> Result<Option<i64>, ClientCommandError> {
+    let status = client.status().await?;
+    let found = match peer {
+        Some(name) => status.peers.iter().find(|p| p.name == name),
+        None => status.peers.first(),
+    };
+    let Some(p) = found else {
+        let names: Vec<&str> = status.peers.iter().map(|p| p.name.as_str()).collect();
+        return Err(ClientCommandError::Usage(format!(
+            "the node has no peer {} (peers: {})",
+            peer.unwrap_or("at all"),
+            names.join(", ")
+        )));
+    };
+    if let Some(e) = &p.error {
+        return Err(ClientCommandError::Usage(format!("peer {}: {e}", p.name)));
+    }
+    Ok(p.height)
+}
+
+/// `blocks`, printing to `out`.
+pub async fn blocks(args: BlocksArgs, out: &mut impl Write) -> Result<(), ClientCommandError> {
+    if args.from < 0 {
+        return Err(ClientCommandError::Usage(format!("--from {}: block numbers start at 0", args.from)));
+    }
+    let client = Client::new(&args.api.api)?;
+    let peer = args.peer.as_deref();
+    let mut next = args.from;
+    loop {
+        let top = height(&client, peer).await?;
+        while top.is_some_and(|top| next <= top) {
+            let block = client.block(next, peer).await?;
+            print_block(out, &block)?;
+            next += 1;
+        }
+        if !args.follow {
+            return Ok(());
+        }
+        tokio::time::sleep(FOLLOW_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: ClientCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<ClientCommand, clap::Error> {
+        Cli::try_parse_from(std::iter::once("streamledger").chain(args.iter().copied())).map(|c| c.command)
+    }
+
+    #[test]
+    fn submit_takes_negative_numbers_as_arguments() {
+        let Ok(ClientCommand::Submit(a)) = parse(&["submit", "transfer", "transfer", "alice", "bob", "-5", "--no-wait"]) else {
+            panic!("not a submit")
+        };
+        assert_eq!(a.args, ["alice", "bob", "-5"]);
+        assert!(a.no_wait);
+        assert_eq!(a.timeout_ms, 30_000);
+    }
+
+    #[test]
+    fn a_key_and_a_range_are_exclusive() {
+        let err = parse(&["query", "kv", "k", "--start", "a"]).expect_err("refused");
+        assert!(err.to_string().contains("--start"), "{err}");
+        let Ok(ClientCommand::Query(q)) = parse(&["query", "kv", "--start", "a", "--limit", "5"]) else { panic!("not a query") };
+        assert_eq!((q.key, q.start.as_deref(), q.limit), (None, Some("a"), Some(5)));
+    }
+}

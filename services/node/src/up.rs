@@ -1,0 +1,279 @@
+//! `streamledger up`: the whole network in one process over the embedded log and stores: an
+//! endorser and a validator per org, the gateway, every orderer replica, the HTTP API and a live
+//! progress line. Everything lives in one data directory; stopping and starting again keeps the
+//! chain, the state and the offsets.
+//!
+//! Layout of the data directory:
+//! - `network/network.toml`, `network/keys.toml`: generated on first start (sample network);
+//! - `log/`: the embedded log (every topic);
+//! - `peers/<Org>.peer0.redb`: each peer's world state, tx index, blocks and savepoint.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use streamledger_core::contract::Registry;
+use streamledger_core::network::{KeyStore, Network, NetworkSpec};
+use streamledger_core::validation::{AnyWrite, TxValidationCode};
+use streamledger_embedded::log::EmbeddedLog;
+use streamledger_embedded::store::EmbeddedStore;
+use streamledger_ports::log::Log;
+use streamledger_ports::store::PeerStore;
+use streamledger_ports::topics::Topics;
+use streamledger_stages::validator::PeerProgress;
+use streamledger_stages::{endorser, gateway, orderer, validator, StageCounters, StageError};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::api::{self, ApiContext, Limits};
+use crate::status::{StartFrom, TxStatusTracker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("network: {0}")]
+    Network(String),
+    #[error(transparent)]
+    Log(#[from] streamledger_ports::log::LogError),
+    #[error(transparent)]
+    State(#[from] streamledger_core::state::StateError),
+    #[error("stage {stage} failed: {error}")]
+    Stage { stage: String, error: StageError },
+    #[error("HTTP API: {0}")]
+    Api(String),
+}
+
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |e| NodeError::File { path: path.to_path_buf(), message: e.to_string() }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    pub data_dir: PathBuf,
+    /// Where the HTTP API listens; port 0 picks a free one.
+    pub http: SocketAddr,
+    /// The key-store entry the API signs `/v1/transactions` with.
+    pub client: String,
+    /// Show the live progress line on the terminal.
+    pub progress: bool,
+}
+
+/// One peer of the node: its name, store and what it has committed.
+#[derive(Clone)]
+pub struct Peer {
+    pub name: String,
+    pub store: Arc<EmbeddedStore>,
+    pub progress: Arc<PeerProgress>,
+}
+
+/// A running node.
+pub struct Node {
+    pub api_addr: SocketAddr,
+    pub network: Arc<Network>,
+    pub peers: Vec<Peer>,
+    pub log: Arc<EmbeddedLog>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<(String, Result<(), StageError>)>,
+}
+
+/// Reads the network from `dir`, or generates the sample network there on first start.
+pub fn load_or_create_network(dir: &Path) -> Result<(Network, KeyStore), NodeError> {
+    let network_file = dir.join("network.toml");
+    let keys_file = dir.join("keys.toml");
+    if !network_file.exists() {
+        let (net, keys) = NetworkSpec::sample()
+            .generate(|| {
+                let mut seed = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut seed);
+                seed
+            })
+            .map_err(|e| NodeError::Network(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(file_err(dir))?;
+        write_private(&keys_file, keys.to_toml().as_bytes())?;
+        std::fs::write(&network_file, net.to_toml()).map_err(file_err(&network_file))?;
+        tracing::info!(network = %network_file.display(), "generated the sample network");
+    }
+    let text = std::fs::read_to_string(&network_file).map_err(file_err(&network_file))?;
+    let net = Network::from_toml(&text).map_err(|e| NodeError::File { path: network_file.clone(), message: e.to_string() })?;
+    let text = std::fs::read_to_string(&keys_file).map_err(file_err(&keys_file))?;
+    let keys = KeyStore::from_toml(&text).map_err(|e| NodeError::File { path: keys_file.clone(), message: e.to_string() })?;
+    Ok((net, keys))
+}
+
+/// Private keys are readable by their owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut f = options.open(path).map_err(file_err(path))?;
+    f.write_all(bytes).map_err(file_err(path))
+}
+
+/// The peer that endorses and validates for `org`: its first member with the peer role.
+fn peer_of(network: &Network, org: &str) -> Result<String, NodeError> {
+    network
+        .config()
+        .orgs
+        .iter()
+        .find(|o| o.name == org)
+        .and_then(|o| o.members.iter().find(|m| m.role == streamledger_core::policy::Role::Peer))
+        .map(|m| m.name.clone())
+        .ok_or_else(|| NodeError::Network(format!("org {org} has no member with role peer")))
+}
+
+pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
+    let (network, keys) = load_or_create_network(&config.data_dir.join("network"))?;
+    let network = Arc::new(network);
+    let topics = Topics::default_for(network.channel());
+    let log = EmbeddedLog::open(&config.data_dir.join("log"))?;
+    for spec in topics.all() {
+        log.ensure_topic(spec).await?;
+    }
+    let dyn_log: Arc<dyn Log> = log.clone();
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let registry = Arc::new(Registry::builtin());
+    let signer = |owner: &str| keys.signer(owner).map_err(|e| NodeError::Network(e.to_string()));
+    let mut tasks = JoinSet::new();
+    let mut peers = Vec::new();
+
+    for org in network.org_names().map(str::to_string).collect::<Vec<_>>() {
+        let member = peer_of(&network, &org)?;
+        let name = format!("{org}.{member}");
+        let path = config.data_dir.join("peers").join(format!("{name}.redb"));
+        let store = Arc::new(EmbeddedStore::open(&path)?);
+        let progress = Arc::new(PeerProgress::new());
+        let peer_signer = signer(&format!("{org}/{member}"))?;
+
+        let cfg = endorser::EndorserConfig::new(network.clone(), topics.clone(), peer_signer);
+        let (l, s, r, sd) = (dyn_log.clone(), store.clone(), registry.clone(), shutdown.clone());
+        tasks.spawn(async move { (format!("endorser {org}"), endorser::run(cfg, l, s, r, Arc::new(StageCounters::default()), sd).await) });
+
+        let cfg = validator::ValidatorConfig::new(name.clone(), network.clone(), topics.clone(), Arc::new(AnyWrite));
+        let (l, s, p, sd) = (dyn_log.clone(), store.clone() as Arc<dyn PeerStore>, progress.clone(), shutdown.clone());
+        let stage = format!("validator {name}");
+        tasks.spawn(async move { (stage, validator::run(cfg, l, s, p, Arc::new(StageCounters::default()), sd).await) });
+        peers.push(Peer { name, store, progress });
+    }
+
+    let cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
+    let (l, sd) = (dyn_log.clone(), shutdown.clone());
+    tasks.spawn(async move { ("gateway".to_string(), gateway::run(cfg, l, Arc::new(StageCounters::default()), sd).await) });
+
+    for o in &network.config().orderers {
+        let cfg = orderer::OrdererConfig::new(&o.id, signer(&format!("orderer/{}", o.id))?, network.clone(), topics.clone());
+        let (l, sd, stage) = (dyn_log.clone(), shutdown.clone(), format!("orderer {}", o.id));
+        tasks.spawn(async move { (stage, orderer::run(cfg, l, Arc::new(StageCounters::default()), sd).await) });
+    }
+
+    let client = signer(&config.client)?;
+    let api_addr = start_api(&config, &network, &topics, client, &dyn_log, &peers, &mut tasks, shutdown.clone()).await?;
+    if config.progress {
+        let peers = peers.clone();
+        let sd = shutdown.clone();
+        tasks.spawn(async move {
+            show_progress(peers, sd).await;
+            ("progress".to_string(), Ok(()))
+        });
+    }
+    Ok(Node { api_addr, network, peers, log, shutdown: shutdown_tx, tasks })
+}
+
+/// Starts the transaction-status tracker (following the first peer) and the HTTP API.
+#[allow(clippy::too_many_arguments)]
+async fn start_api(
+    config: &UpConfig,
+    network: &Network,
+    topics: &Topics,
+    client: streamledger_core::crypto::Signer,
+    log: &Arc<dyn Log>,
+    peers: &[Peer],
+    tasks: &mut JoinSet<(String, Result<(), StageError>)>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<SocketAddr, NodeError> {
+    let tracker = TxStatusTracker::default();
+    let first = peers.first().map(|p| p.name.clone()).ok_or_else(|| NodeError::Network("the network has no peer".into()))?;
+    let following = tracker.start(log.clone(), topics, first, StartFrom::End, shutdown.clone()).await?;
+    tasks.spawn(async move {
+        let result = match following.await {
+            Ok(r) => r.map_err(StageError::from),
+            Err(e) => Err(StageError::Fatal(e.to_string())),
+        };
+        ("status tracker".to_string(), result)
+    });
+    let stores = peers.iter().map(|p| (p.name.clone(), p.store.clone() as Arc<dyn PeerStore>)).collect();
+    let ctx = ApiContext::new(log.clone(), topics.clone(), network.clone(), client, stores, tracker, Limits::default())
+        .map_err(|e| NodeError::Api(e.to_string()))?;
+    let (addr, serving) = api::serve(config.http, Arc::new(ctx), shutdown).await.map_err(|e| NodeError::Api(e.to_string()))?;
+    tasks.spawn(async move {
+        let result = match serving.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StageError::Fatal(format!("HTTP API: {e}"))),
+            Err(e) => Err(StageError::Fatal(e.to_string())),
+        };
+        ("http api".to_string(), result)
+    });
+    Ok(addr)
+}
+
+impl Node {
+    /// Runs until `stop` resolves (Ctrl-C, SIGTERM) or a stage fails; then stops every stage and
+    /// waits for them. A failed stage is returned as the error.
+    pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+        let mut failure = None;
+        tokio::select! {
+            _ = stop => tracing::info!("stopping"),
+            Some(joined) = self.tasks.join_next() => failure = failed(joined),
+        }
+        let _ = self.shutdown.send(true);
+        while let Some(joined) = self.tasks.join_next().await {
+            if failure.is_none() {
+                failure = failed(joined);
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+fn failed(joined: Result<(String, Result<(), StageError>), tokio::task::JoinError>) -> Option<NodeError> {
+    match joined {
+        Ok((_, Ok(()))) => None,
+        Ok((stage, Err(error))) => {
+            tracing::error!(%stage, %error, "stage failed; stopping the node");
+            Some(NodeError::Stage { stage, error })
+        }
+        Err(e) => Some(NodeError::Stage { stage: "task".into(), error: StageError::Fatal(e.to_string()) }),
+    }
+}
+
+/// The live progress line: each peer's height, committed tx/s and the count per validation code.
+async fn show_progress(peers: Vec<Peer>, mut shutdown: watch::Receiver<bool>) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
+    let total = |peers: &[Peer]| peers.first().map_or(0, |p| p.progress.codes().values().sum::<u64>());
+    let (mut last_total, mut last_at) = (total(&peers), Instant::now());
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let now_total = total(&peers);
+        let rate = (now_total - last_total) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
+        (last_total, last_at) = (now_total, Instant::now());
+        let heights: Vec<String> = peers.iter().map(|p| format!("{} {}", p.name, p.progress.height())).collect();
+        let codes: Vec<String> = peers
+            .first()
+            .map(|p| p.progress.codes().iter().map(|(c, n)| format!("{} {n}", TxValidationCode::name_of(*c))).collect())
+            .unwrap_or_default();
+        bar.set_message(format!("height: {} | {rate:.0} tx/s | {}", heights.join(", "), if codes.is_empty() { "no transactions yet".into() } else { codes.join(", ") }));
+        bar.tick();
+    }
+    bar.finish_and_clear();
+}
