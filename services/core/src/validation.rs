@@ -416,6 +416,11 @@ pub enum BlockRejection {
 /// its transactions, and that a known orderer signed it.
 pub fn check_block(network: &Network, previous: Option<&BlockHeader>, block: &Block) -> Result<(), BlockRejection> {
     crate::cutter::verify_block_link(previous, block)?;
+    check_block_signature(network, block)
+}
+
+/// Checks only that a known orderer signed `block` (its header hash and metadata).
+pub fn check_block_signature(network: &Network, block: &Block) -> Result<(), BlockRejection> {
     let number = block.header.number;
     let orderer = block.metadata.orderer.clone();
     let key = network.orderer_key(&orderer).ok_or_else(|| BlockRejection::UnknownOrderer { number, orderer: orderer.clone() })?;

@@ -17,7 +17,7 @@ use streamledger_core::codec;
 use streamledger_core::crypto::block_header_hash;
 use streamledger_core::model::{Block, BlockHeader, OrderedTx, TxResult, ValidatedBlock};
 use streamledger_core::network::Network;
-use streamledger_core::validation::{check_block, validate_block, BlockValidation, WriteRules, GENESIS_STATE_HASH};
+use streamledger_core::validation::{check_block, check_block_signature, validate_block, BlockRejection, BlockValidation, WriteRules, GENESIS_STATE_HASH};
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 use streamledger_ports::topics::{names, Topics};
@@ -223,6 +223,12 @@ async fn admissible(
         return Ok(None);
     }
     if let Err(e) = check_block(&config.network, position.header.as_ref(), &block) {
+        // In a replay the log is final: a block an orderer really signed that does not follow the
+        // chain is a broken chain, not garbage, and the replay stops there and says so.
+        let signed = check_block_signature(&config.network, &block).is_ok();
+        if config.read_only && signed && matches!(e, BlockRejection::Chain(_)) {
+            return Err(StageError::Fatal(format!("broken chain at block {number} (blocks offset {}): {e}", record.offset)));
+        }
         refuse(config, dead, record, e.to_string()).await?;
         return Ok(None);
     }

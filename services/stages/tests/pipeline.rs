@@ -31,11 +31,15 @@ struct Net {
 }
 
 async fn start() -> Net {
+    // A small batch timeout so that tests do not wait on it.
+    start_with(20, &["orderer0", "orderer1"]).await
+}
+
+async fn start_with(batch_timeout_ms: u64, orderers: &[&str]) -> Net {
     let dir = tempfile::tempdir().unwrap();
     let mut f = Fixture::new();
-    // Small batch timeout so that tests do not wait on it.
     let mut config = f.network.config().clone();
-    config.batch.batch_timeout_ms = 20;
+    config.batch.batch_timeout_ms = batch_timeout_ms;
     f.network = streamledger_core::network::Network::new(config).unwrap();
     let network = Arc::new(f.network.clone());
     let topics = Topics::default_for(network.channel());
@@ -60,9 +64,10 @@ async fn start() -> Net {
     let cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
     let (l, sd) = (log.clone(), rx.clone());
     tasks.push(tokio::spawn(async move { gateway::run(cfg, l, Arc::new(StageCounters::default()), sd).await.unwrap() }));
-    for id in ["orderer0", "orderer1"] {
+    for id in orderers {
         let signer = f.keys.signer(&format!("orderer/{id}")).unwrap();
-        let cfg = orderer::OrdererConfig::new(id, signer, network.clone(), topics.clone());
+        let mut cfg = orderer::OrdererConfig::new(id, signer, network.clone(), topics.clone());
+        cfg.takeover_after = Duration::from_millis(500);
         let (l, sd) = (log.clone(), rx.clone());
         tasks.push(tokio::spawn(async move { orderer::run(cfg, l, Arc::default(), sd).await.unwrap() }));
     }
@@ -203,4 +208,68 @@ async fn bad_input_is_dead_lettered_or_rejected_and_the_pipeline_goes_on() {
     assert_eq!(stages, ["endorser", "endorser", "gateway"], "{letters:?}");
     assert!(letters.iter().all(|l| l.source_topic == "mychannel.proposals" && l.payload == b"not avro" && l.reason.contains("Proposal")));
     net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_takes_over_a_block_whose_author_never_wrote_it() {
+    use streamledger_core::model::{Block, CutMarker, CutReason};
+    // Only orderer1 runs, with a long batch timeout so that it does not cut on its own first.
+    let net = start_with(60_000, &["orderer1"]).await;
+    let p = net.f.proposal("kv", "put", &["k", "v"]);
+    net.submit(std::slice::from_ref(&p)).await;
+    let ordered = net.topics.name(names::ORDERED_TX).to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.log.end_offset(&ordered, 0).await.unwrap() < 1 {
+        assert!(Instant::now() < deadline, "the transaction never reached ordered-tx");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // orderer0 proposed the cut, then died before writing block 0.
+    let marker = CutMarker { block_number: 0, first_offset: 0, last_offset: 0, cutter_id: "orderer0".into(), reason: CutReason::Timeout };
+    net.log.append(net.topics.name(names::CUT_MARKERS), vec![OutRecord::unkeyed(codec::encode(&marker).unwrap())]).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(net.codes(&[&p.tx_id]).await, [TxValidationCode::Valid]);
+    assert!(started.elapsed() >= Duration::from_millis(500), "orderer1 wrote the block before the takeover delay");
+    let blocks = net.read_all::<Block>(names::BLOCKS).await;
+    assert_eq!(blocks.len(), 1, "exactly one copy of block 0");
+    assert_eq!(blocks[0].metadata.orderer, "orderer1", "the replica that took over signed it");
+    assert_eq!(blocks[0].metadata.cut_marker_offset, 0);
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_replay_skips_garbage_but_stops_at_a_broken_chain_naming_the_block() {
+    use streamledger_core::crypto::block_header_hash;
+    use streamledger_core::cutter::GENESIS_PREVIOUS_HASH;
+    use streamledger_core::fixtures::Rw;
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fixture::new();
+    let topics = Topics::default_for(f.network.channel());
+    let log: Arc<dyn Log> = EmbeddedLog::open(&dir.path().join("log")).unwrap();
+    for spec in topics.all() {
+        log.ensure_topic(spec).await.unwrap();
+    }
+    let tx = |k: &str| f.tx(Rw::new().write(k, "v").build());
+    let b0 = f.block(0, &GENESIS_PREVIOUS_HASH, &[tx("a")]);
+    let b1 = f.block(1, &block_header_hash(&b0.header), &[tx("b")]);
+    let b2_broken = f.block(2, &[9; 32], &[tx("c")]); // signed by the orderer, but does not chain
+    let records = vec![
+        OutRecord::unkeyed(codec::encode(&b0).unwrap()),
+        OutRecord::unkeyed(b"garbage".to_vec()),
+        OutRecord::unkeyed(codec::encode(&b1).unwrap()),
+        OutRecord::unkeyed(codec::encode(&b2_broken).unwrap()),
+    ];
+    log.append(topics.name(names::BLOCKS), records).await.unwrap();
+
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("replay.redb")).unwrap());
+    let mut cfg = validator::ValidatorConfig::new("Org1.peer0".into(), Arc::new(f.network.clone()), topics.clone(), Arc::new(AnyWrite));
+    cfg.read_only = true;
+    cfg.stop_after_offset = Some(3);
+    let (_tx, rx) = watch::channel(false);
+    let result = validator::run(cfg, log.clone(), store.clone(), Arc::new(PeerProgress::new()), Arc::default(), rx).await;
+    let err = result.expect_err("a broken chain stops the replay").to_string();
+    assert!(err.contains("broken chain at block 2") && err.contains("offset 3"), "{err}");
+    assert_eq!(store.savepoint().unwrap().unwrap().block, 1, "the blocks before the break are committed");
+    // Read-only: nothing was produced, not even a dead letter for the garbage.
+    assert_eq!(log.end_offset(topics.name(names::DEAD_LETTERS), 0).await.unwrap(), 0);
+    assert_eq!(log.end_offset(topics.name(names::VALIDATED_BLOCKS), 0).await.unwrap(), 0);
 }
