@@ -18,3 +18,4 @@ pub mod policy;
 pub mod simulation;
 pub mod state;
 pub mod validation;
+pub mod write_rules;

@@ -4,5 +4,6 @@
 pub mod api;
 pub mod client;
 pub mod status;
+pub mod bench;
 pub mod replay;
 pub mod up;
