@@ -113,6 +113,10 @@ pub struct BlockValidation {
     pub codes: Vec<TxValidationCode>,
     /// Per transaction; empty where it could not be decoded.
     pub tx_ids: Vec<String>,
+    /// Per transaction, the contract it called (empty where undecodable): for metrics.
+    pub contracts: Vec<String>,
+    /// Per transaction, the client's proposal timestamp (-1 where undecodable): for latency.
+    pub timestamps_ms: Vec<i64>,
     /// What to commit atomically: the valid transactions' final writes and the tx-id index.
     pub batch: WriteBatch,
     /// The running state hash after this block.
@@ -184,10 +188,13 @@ pub fn validate_block(
         }
     }
 
-    let tx_ids = checked.iter().map(|c| c.tx.as_ref().map(|t| t.proposal.tx_id.clone()).unwrap_or_default()).collect();
+    let field = |f: fn(&OrderedTx) -> String| checked.iter().map(|c| c.tx.as_ref().map(f).unwrap_or_default()).collect();
+    let tx_ids = field(|t| t.proposal.tx_id.clone());
+    let contracts = field(|t| t.proposal.contract.clone());
+    let timestamps_ms = checked.iter().map(|c| c.tx.as_ref().map_or(-1, |t| t.proposal.timestamp_ms)).collect();
     let batch = WriteBatch { block: number, writes: updates, tx_index };
     let state_hash = next_state_hash(previous_state_hash, block, &codes, &batch);
-    Ok(BlockValidation { codes, tx_ids, batch, state_hash })
+    Ok(BlockValidation { codes, tx_ids, contracts, timestamps_ms, batch, state_hash })
 }
 
 /// The per-transaction checks, which depend on nothing but the transaction and the config, so

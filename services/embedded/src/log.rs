@@ -684,6 +684,13 @@ impl Consumer for EmbeddedConsumer {
     fn assignment(&self) -> Vec<(String, i32)> {
         self.positions.iter().map(|p| (p.topic.name.to_string(), p.partition)).collect()
     }
+
+    fn lag(&self) -> Vec<(String, i32, i64)> {
+        self.positions
+            .iter()
+            .map(|p| (p.topic.name.to_string(), p.partition, p.topic.partition(p.partition).map_or(0, |s| s.end() - p.next).max(0)))
+            .collect()
+    }
 }
 
 #[cfg(test)]

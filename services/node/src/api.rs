@@ -409,11 +409,20 @@ pub fn router(ctx: Arc<ApiContext>) -> Router {
 pub async fn serve(
     addr: SocketAddr,
     ctx: Arc<ApiContext>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), ApiError> {
+    serve_router(addr, router(ctx), shutdown).await
+}
+
+/// Serves any router the way [`serve`] does: the API, or the API merged with the operations
+/// endpoints, or those alone for a process without the API.
+pub async fn serve_router(
+    addr: SocketAddr,
+    app: Router,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), ApiError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ApiError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| ApiError::Bind { addr, source })?;
-    let app = router(ctx);
     tracing::info!(%bound, "HTTP API listening");
     let task = tokio::spawn(async move {
         axum::serve(listener, app)

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod client;
+pub mod ops;
 pub mod status;
 pub mod bench;
 pub mod replay;

@@ -14,7 +14,6 @@ use streamledger_ports::log::Log;
 use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::{names, Topics};
 use streamledger_stages::validator::{self, PeerProgress, ValidatorConfig};
-use streamledger_stages::StageCounters;
 use tokio::sync::watch;
 
 use crate::up::{load_or_create_network, NodeError};
@@ -73,16 +72,16 @@ pub async fn replay(config: ReplayConfig) -> Result<ReplayReport, NodeError> {
     }
 
     let progress = Arc::new(PeerProgress::new());
-    let counters = Arc::new(StageCounters::default());
     let mut stage = ValidatorConfig::new(format!("{}(replay)", config.peer), network.clone(), topics, Arc::new(AnyWrite));
+    let counters = stage.metrics.stage("validator", &stage.peer);
     stage.read_only = true;
     stage.start_offset = Some(config.from_offset);
     stage.stop_after_offset = Some(end - 1);
     let (_stop, shutdown) = watch::channel(false);
     let started = Instant::now();
     let running = {
-        let (log, store, progress, counters) = (log.clone() as Arc<dyn Log>, store.clone() as Arc<dyn PeerStore>, progress.clone(), counters.clone());
-        tokio::spawn(async move { validator::run(stage, log, store, progress, counters, shutdown).await })
+        let (log, store, progress) = (log.clone() as Arc<dyn Log>, store.clone() as Arc<dyn PeerStore>, progress.clone());
+        tokio::spawn(async move { validator::run(stage, log, store, progress, shutdown).await })
     };
     let bar = if config.progress { indicatif::ProgressBar::new((end - config.from_offset) as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
@@ -90,7 +89,7 @@ pub async fn replay(config: ReplayConfig) -> Result<ReplayReport, NodeError> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     while !running.is_finished() {
-        bar.set_position(counters.records_in.load(std::sync::atomic::Ordering::Relaxed));
+        bar.set_position(counters.records_in.get());
         bar.set_message(format!("height {}", progress.height()));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -23,7 +23,7 @@ use streamledger_ports::log::Log;
 use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::Topics;
 use streamledger_stages::validator::PeerProgress;
-use streamledger_stages::{endorser, gateway, orderer, validator, StageCounters, StageError};
+use streamledger_stages::{endorser, gateway, orderer, validator, Metrics, StageError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -139,6 +139,9 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
     let dyn_log: Arc<dyn Log> = log.clone();
     let (shutdown_tx, shutdown) = watch::channel(false);
     let registry = Arc::new(Registry::builtin());
+    // One Prometheus registry for the whole process, injected into every stage.
+    let prometheus = prometheus::Registry::new();
+    let metrics = Metrics::new(&prometheus, network.channel()).map_err(|e| NodeError::Api(format!("metrics: {e}")))?;
     let signer = |owner: &str| keys.signer(owner).map_err(|e| NodeError::Network(e.to_string()));
     let mut tasks = JoinSet::new();
     let mut peers = Vec::new();
@@ -153,27 +156,33 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
 
         let cfg = endorser::EndorserConfig::new(network.clone(), topics.clone(), peer_signer);
         let (l, s, r, sd) = (dyn_log.clone(), store.clone(), registry.clone(), shutdown.clone());
-        tasks.spawn(async move { (format!("endorser {org}"), endorser::run(cfg, l, s, r, Arc::new(StageCounters::default()), sd).await) });
+        let mut cfg = cfg;
+        cfg.metrics = metrics.clone();
+        tasks.spawn(async move { (format!("endorser {org}"), endorser::run(cfg, l, s, r, sd).await) });
 
-        let cfg = validator::ValidatorConfig::new(name.clone(), network.clone(), topics.clone(), Arc::new(AnyWrite));
+        let mut cfg = validator::ValidatorConfig::new(name.clone(), network.clone(), topics.clone(), Arc::new(AnyWrite));
+        cfg.metrics = metrics.clone();
         let (l, s, p, sd) = (dyn_log.clone(), store.clone() as Arc<dyn PeerStore>, progress.clone(), shutdown.clone());
         let stage = format!("validator {name}");
-        tasks.spawn(async move { (stage, validator::run(cfg, l, s, p, Arc::new(StageCounters::default()), sd).await) });
+        tasks.spawn(async move { (stage, validator::run(cfg, l, s, p, sd).await) });
         peers.push(Peer { name, store, progress });
     }
 
-    let cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
+    let mut cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
+    cfg.metrics = metrics.clone();
     let (l, sd) = (dyn_log.clone(), shutdown.clone());
-    tasks.spawn(async move { ("gateway".to_string(), gateway::run(cfg, l, Arc::new(StageCounters::default()), sd).await) });
+    tasks.spawn(async move { ("gateway".to_string(), gateway::run(cfg, l, sd).await) });
 
     for o in &network.config().orderers {
-        let cfg = orderer::OrdererConfig::new(&o.id, signer(&format!("orderer/{}", o.id))?, network.clone(), topics.clone());
+        let mut cfg = orderer::OrdererConfig::new(&o.id, signer(&format!("orderer/{}", o.id))?, network.clone(), topics.clone());
+        cfg.metrics = metrics.clone();
         let (l, sd, stage) = (dyn_log.clone(), shutdown.clone(), format!("orderer {}", o.id));
-        tasks.spawn(async move { (stage, orderer::run(cfg, l, Arc::new(StageCounters::default()), sd).await) });
+        tasks.spawn(async move { (stage, orderer::run(cfg, l, sd).await) });
     }
 
     let client = signer(&config.client)?;
-    let api_addr = start_api(&config, &network, &topics, client, &dyn_log, &peers, &mut tasks, shutdown.clone()).await?;
+    let ops = crate::ops::router(prometheus, metrics.clone());
+    let api_addr = start_api(&config, &network, &topics, client, &dyn_log, &peers, ops, &mut tasks, shutdown.clone()).await?;
     if config.progress {
         let peers = peers.clone();
         let sd = shutdown.clone();
@@ -194,6 +203,7 @@ async fn start_api(
     client: streamledger_core::crypto::Signer,
     log: &Arc<dyn Log>,
     peers: &[Peer],
+    ops: axum::Router,
     tasks: &mut JoinSet<(String, Result<(), StageError>)>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<SocketAddr, NodeError> {
@@ -210,7 +220,8 @@ async fn start_api(
     let stores = peers.iter().map(|p| (p.name.clone(), p.store.clone() as Arc<dyn PeerStore>)).collect();
     let ctx = ApiContext::new(log.clone(), topics.clone(), network.clone(), client, stores, tracker, Limits::default())
         .map_err(|e| NodeError::Api(e.to_string()))?;
-    let (addr, serving) = api::serve(config.http, Arc::new(ctx), shutdown).await.map_err(|e| NodeError::Api(e.to_string()))?;
+    let app = api::router(Arc::new(ctx)).merge(ops);
+    let (addr, serving) = api::serve_router(config.http, app, shutdown).await.map_err(|e| NodeError::Api(e.to_string()))?;
     tasks.spawn(async move {
         let result = match serving.await {
             Ok(Ok(())) => Ok(()),

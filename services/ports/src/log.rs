@@ -99,6 +99,10 @@ pub trait Consumer: Send {
 
     /// The partitions this consumer reads.
     fn assignment(&self) -> Vec<(String, i32)>;
+
+    /// Records not yet read, per assigned partition: (topic, partition, end offset - position).
+    /// What the consumer-lag metric and readiness are made of.
+    fn lag(&self) -> Vec<(String, i32, i64)>;
 }
 
 /// Kafka's default partitioner for keyed records (`murmur2(key) & 0x7fffffff % partitions`), so

@@ -2,7 +2,6 @@
 //! consumer's records into a channel so that a stage can wait on several topics at once.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +10,8 @@ use streamledger_core::model::DeadLetter;
 use streamledger_core::state::StateError;
 use streamledger_ports::log::{Consumer, Log, LogError, OutRecord, Record};
 use tokio::sync::{mpsc, watch};
+
+use crate::metrics::{Metrics, StageCounters};
 
 /// Flips to `true` when the stage should stop.
 pub type Shutdown = watch::Receiver<bool>;
@@ -38,20 +39,6 @@ impl StageError {
 
 pub type StageResult<T> = Result<T, StageError>;
 
-/// Records in, out and dead-lettered: what the terminal progress and the metrics show.
-#[derive(Debug, Default)]
-pub struct StageCounters {
-    pub records_in: AtomicU64,
-    pub records_out: AtomicU64,
-    pub dead_letters: AtomicU64,
-}
-
-impl StageCounters {
-    pub(crate) fn add(counter: &AtomicU64, n: usize) {
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
 /// Sends undecodable or invalid input to `dead-letters` with its origin and the reason, so that
 /// the stage goes on and nothing is silently dropped.
 #[derive(Clone)]
@@ -59,7 +46,7 @@ pub(crate) struct DeadLetters {
     pub log: Arc<dyn Log>,
     pub topic: String,
     pub stage: &'static str,
-    pub counters: Arc<StageCounters>,
+    pub counters: StageCounters,
 }
 
 impl DeadLetters {
@@ -76,7 +63,7 @@ impl DeadLetters {
         };
         let bytes = codec::encode(&letter).map_err(|e| StageError::Fatal(e.to_string()))?;
         self.log.append(&self.topic, vec![OutRecord::unkeyed(bytes)]).await?;
-        StageCounters::add(&self.counters.dead_letters, 1);
+        self.counters.dead_letters.inc();
         Ok(())
     }
 }
@@ -124,13 +111,18 @@ pub(crate) async fn commit(consumer: &mut dyn Consumer, processed: &[(Arc<str>, 
 pub(crate) fn forward(
     mut consumer: Box<dyn Consumer>,
     max: usize,
+    lag: Option<(Arc<Metrics>, StageCounters)>,
     shutdown: Shutdown,
 ) -> (mpsc::Receiver<StageResult<Vec<Record>>>, tokio::task::JoinHandle<Box<dyn Consumer>>) {
     let (tx, rx) = mpsc::channel(4);
     let handle = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         while !*shutdown.borrow() {
-            match consumer.poll(max, Duration::from_millis(100)).await {
+            let polled = consumer.poll(max, Duration::from_millis(100)).await;
+            if let Some((metrics, counters)) = &lag {
+                metrics.observe_lag(counters, &consumer.lag());
+            }
+            match polled {
                 Ok(records) if records.is_empty() => continue,
                 Ok(records) => {
                     backoff = Duration::from_millis(50);

@@ -19,7 +19,8 @@ use streamledger_core::state::{CommittedState, StateError};
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_ports::topics::{names, Topics};
 
-use crate::common::{commit, retry, DeadLetters, Shutdown, StageCounters, StageError, StageResult};
+use crate::common::{commit, retry, DeadLetters, Shutdown, StageError, StageResult};
+use crate::metrics::Metrics;
 
 /// Status of a result for a proposal the endorser refused to simulate (Fabric's endorser answers
 /// such proposals with 500 too; the message says why).
@@ -34,12 +35,14 @@ pub struct EndorserConfig {
     pub group: String,
     /// Proposals taken per poll.
     pub batch: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 impl EndorserConfig {
     pub fn new(network: Arc<Network>, topics: Topics, signer: Signer) -> Self {
         let group = format!("endorser-{}", signer.identity().org);
-        Self { network, topics, signer, group, batch: 256 }
+        let metrics = Metrics::detached(network.channel());
+        Self { network, topics, signer, group, batch: 256, metrics }
     }
 }
 
@@ -48,9 +51,11 @@ pub async fn run(
     log: Arc<dyn Log>,
     state: Arc<dyn CommittedState + Send + Sync>,
     registry: Arc<Registry>,
-    counters: Arc<StageCounters>,
     mut shutdown: Shutdown,
 ) -> StageResult<()> {
+    let org = config.signer.identity().org.clone();
+    let metrics = config.metrics.clone();
+    let counters = metrics.stage("endorser", &org);
     let proposals = config.topics.name(names::PROPOSALS).to_string();
     let results_topic = config.topics.name(names::ENDORSEMENT_RESULTS).to_string();
     let dead = DeadLetters {
@@ -67,10 +72,11 @@ pub async fn run(
             r = consumer.poll(config.batch, Duration::from_millis(200)) => r?,
             _ = shutdown.changed() => continue,
         };
+        metrics.observe_lag(&counters, &consumer.lag());
         if records.is_empty() {
             continue;
         }
-        StageCounters::add(&counters.records_in, records.len());
+        counters.records_in.inc_by(records.len() as u64);
         let mut decoded = Vec::with_capacity(records.len());
         for record in &records {
             match codec::decode::<Proposal>(&record.value) {
@@ -89,15 +95,28 @@ pub async fn run(
             }
         })
         .await?;
+        metrics.proposals_received.with_label_values(&[metrics.channel.as_str(), &org]).inc_by(outputs.len() as u64);
+        for (_, contract, ok, seconds) in &outputs {
+            let success = if *ok { "true" } else { "false" };
+            metrics.proposal_duration.with_label_values(&[metrics.channel.as_str(), &org, contract, success]).observe(*seconds);
+            if *ok {
+                metrics.successful_proposals.with_label_values(&[metrics.channel.as_str(), &org]).inc();
+            }
+        }
+        let outputs: Vec<OutRecord> = outputs.into_iter().map(|(record, ..)| record).collect();
         let n = outputs.len();
         retry("appending endorsement results", &shutdown, || async { Ok(log.append(&results_topic, outputs.clone()).await?) }).await?;
-        StageCounters::add(&counters.records_out, n);
+        counters.records_out.inc_by(n as u64);
         let processed = last_offsets(&records);
         commit(consumer.as_mut(), &processed, &shutdown).await?;
     }
     tracing::info!("endorser stopped");
     Ok(())
 }
+
+/// One endorsed proposal: the record to produce, the contract, whether it succeeded, and how long
+/// it took in seconds (for the metrics).
+type Endorsed = (OutRecord, String, bool, f64);
 
 /// Simulates and signs a batch in parallel. Only a store failure is an error (the whole batch
 /// is then retried, which is harmless: endorsement is a pure function of proposal and state).
@@ -106,13 +125,15 @@ fn endorse_all(
     state: &(dyn CommittedState + Send + Sync),
     registry: &Registry,
     proposals: &[Proposal],
-) -> Result<Vec<OutRecord>, StateError> {
+) -> Result<Vec<Endorsed>, StateError> {
     proposals
         .par_iter()
         .map(|p| {
+            let started = std::time::Instant::now();
             let result = endorse_one(config, state, registry, p)?;
             let bytes = codec::encode(&result).map_err(|e| StateError { message: e.to_string(), retryable: false })?;
-            Ok(OutRecord::keyed(p.tx_id.as_bytes(), bytes))
+            let ok = result.response.is_ok();
+            Ok((OutRecord::keyed(p.tx_id.as_bytes(), bytes), p.contract.clone(), ok, started.elapsed().as_secs_f64()))
         })
         .collect()
 }

@@ -21,7 +21,8 @@ use streamledger_core::policy::SignerRef;
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_ports::topics::{names, Topics};
 
-use crate::common::{commit, retry, DeadLetters, Shutdown, StageCounters, StageError, StageResult};
+use crate::common::{commit, retry, DeadLetters, Shutdown, StageError, StageResult};
+use crate::metrics::Metrics;
 
 pub struct GatewayConfig {
     pub network: Arc<Network>,
@@ -34,11 +35,13 @@ pub struct GatewayConfig {
     /// Resolved tx ids remembered to ignore late or re-delivered inputs.
     pub remember_resolved: usize,
     pub batch: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 impl GatewayConfig {
     pub fn new(network: Arc<Network>, topics: Topics) -> Self {
         Self {
+            metrics: Metrics::detached(network.channel()),
             network,
             topics,
             group: "gateway".into(),
@@ -262,7 +265,11 @@ impl Input {
     }
 }
 
-pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, counters: Arc<StageCounters>, mut shutdown: Shutdown) -> StageResult<()> {
+pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdown) -> StageResult<()> {
+    let metrics = config.metrics.clone();
+    let counters = metrics.stage("gateway", &config.group);
+    let pending_gauge = metrics.pending_endorsements.with_label_values(&[metrics.channel.as_str()]);
+    let enqueue = metrics.broadcast_enqueue_duration.with_label_values(&[metrics.channel.as_str()]);
     let topics = config.topics.clone();
     let proposals = topics.name(names::PROPOSALS).to_string();
     let results = topics.name(names::ENDORSEMENT_RESULTS).to_string();
@@ -286,7 +293,8 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, counters: Arc<StageCo
             r = consumer.poll(gateway.config.batch, Duration::from_millis(100)) => r?,
             _ = shutdown.changed() => continue,
         };
-        StageCounters::add(&counters.records_in, records.len());
+        metrics.observe_lag(&counters, &consumer.lag());
+        counters.records_in.inc_by(records.len() as u64);
         let mut outcomes = Vec::new();
         for record in &records {
             let input = if *record.topic == *proposals {
@@ -331,12 +339,15 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, counters: Arc<StageCo
             .map_err(|e| StageError::Fatal(e.to_string()))?;
         let out = ordered.len() + rejected.len();
         if !ordered.is_empty() {
+            let started = Instant::now();
             retry("appending ordered transactions", &shutdown, || async { Ok(log.append(&ordered_topic, ordered.clone()).await?) }).await?;
+            enqueue.observe(started.elapsed().as_secs_f64());
         }
         if !rejected.is_empty() {
             retry("appending rejections", &shutdown, || async { Ok(log.append(&rejections_topic, rejected.clone()).await?) }).await?;
         }
-        StageCounters::add(&counters.records_out, out);
+        counters.records_out.inc_by(out as u64);
+        pending_gauge.set(gateway.pending.len() as i64);
         let committable = gateway.committable();
         if !committable.is_empty() {
             commit(consumer.as_mut(), &committable, &shutdown).await?;

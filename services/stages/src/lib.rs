@@ -11,6 +11,9 @@ pub mod gateway;
 pub mod orderer;
 pub mod validator;
 
+pub mod metrics;
+
 mod common;
 
-pub use common::{Shutdown, StageCounters, StageError};
+pub use common::{Shutdown, StageError};
+pub use metrics::{Metrics, StageCounters};

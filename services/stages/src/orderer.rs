@@ -22,7 +22,8 @@ use streamledger_core::validation::check_block;
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_ports::topics::{names, Topics};
 
-use crate::common::{elapsed_ms, forward, retry, DeadLetters, Shutdown, StageCounters, StageError, StageResult};
+use crate::common::{elapsed_ms, forward, retry, DeadLetters, Shutdown, StageError, StageResult};
+use crate::metrics::Metrics;
 
 pub struct OrdererConfig {
     pub id: String,
@@ -35,10 +36,12 @@ pub struct OrdererConfig {
     pub tick: Duration,
     /// Ordered-tx records buffered ahead of the blocks built, at most (backpressure beyond).
     pub max_buffered: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 impl OrdererConfig {
     pub fn new(id: &str, signer: Signer, network: Arc<Network>, topics: Topics) -> Self {
+        let metrics = Metrics::detached(network.channel());
         Self {
             id: id.to_string(),
             signer,
@@ -47,6 +50,7 @@ impl OrdererConfig {
             takeover_after: Duration::from_secs(2),
             tick: Duration::from_millis(10),
             max_buffered: 200_000,
+            metrics,
         }
     }
 }
@@ -77,8 +81,8 @@ pub async fn chain_tip(log: &Arc<dyn Log>, blocks_topic: &str, network: &Network
 struct Replica {
     config: OrdererConfig,
     cutter: Cutter,
-    /// ordered-tx records not yet in a built block, by offset.
-    records: BTreeMap<i64, Vec<u8>>,
+    /// ordered-tx records not yet in a built block, by offset, with when they arrived.
+    records: BTreeMap<i64, (Vec<u8>, Instant)>,
     /// Accepted markers (with their offsets) whose blocks are not built yet.
     accepted: VecDeque<(CutMarker, i64)>,
     /// Built blocks not yet seen on the blocks topic, with when this replica may write them.
@@ -91,14 +95,17 @@ struct Replica {
 }
 
 impl Replica {
-    /// Builds every accepted block whose records have all been read.
-    fn build_ready(&mut self) -> StageResult<()> {
+    /// Builds every accepted block whose records have all been read. Returns each built block's
+    /// fill time: from its first record's arrival to now, in seconds.
+    fn build_ready(&mut self) -> StageResult<Vec<f64>> {
+        let mut fills = Vec::new();
         while let Some((marker, marker_offset)) = self.accepted.front() {
             let have_all = (marker.first_offset..=marker.last_offset).all(|o| self.records.contains_key(&o));
             if !have_all {
                 break;
             }
-            let records: Vec<&[u8]> = (marker.first_offset..=marker.last_offset).map(|o| self.records[&o].as_slice()).collect();
+            let records: Vec<&[u8]> = (marker.first_offset..=marker.last_offset).map(|o| self.records[&o].0.as_slice()).collect();
+            fills.push(self.records[&marker.first_offset].1.elapsed().as_secs_f64());
             let block = build_block(self.cutter.previous_hash(), marker, *marker_offset, &records, self.cutter.config());
             self.cutter.block_built(&block.header).map_err(|e| StageError::Fatal(e.to_string()))?;
             let last = marker.last_offset;
@@ -112,7 +119,7 @@ impl Replica {
             self.awaiting.insert(block.header.number, (block, when));
             self.accepted.pop_front();
         }
-        Ok(())
+        Ok(fills)
     }
 
     /// The next block to write, if it is due and its predecessor is on the topic.
@@ -142,7 +149,10 @@ impl Replica {
     }
 }
 
-pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, counters: Arc<StageCounters>, mut shutdown: Shutdown) -> StageResult<()> {
+pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, mut shutdown: Shutdown) -> StageResult<()> {
+    let metrics = config.metrics.clone();
+    let counters = metrics.stage("orderer", &config.id);
+    let fill = metrics.block_fill_duration.with_label_values(&[metrics.channel.as_str(), config.id.as_str()]);
     let topics = config.topics.clone();
     let ordered_topic = topics.name(names::ORDERED_TX).to_string();
     let markers_topic = topics.name(names::CUT_MARKERS).to_string();
@@ -154,9 +164,10 @@ pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, counters: Arc<StageCo
     let markers_from = last.as_ref().map_or(0, |b| b.metadata.cut_marker_offset + 1);
     tracing::info!(id = %config.id, next_block = tip.next_block, next_offset = tip.next_offset, markers_from, "orderer started");
     let assign = |topic: &str, offset: i64| Subscription::Assign { positions: vec![(topic.to_string(), 0, offset)] };
-    let (mut ordered_rx, _h1) = forward(log.consumer(assign(&ordered_topic, tip.next_offset)).await?, 1024, shutdown.clone());
-    let (mut markers_rx, _h2) = forward(log.consumer(assign(&markers_topic, markers_from)).await?, 256, shutdown.clone());
-    let (mut blocks_rx, _h3) = forward(log.consumer(assign(&blocks_topic, blocks_end)).await?, 64, shutdown.clone());
+    let lag = Some((metrics.clone(), counters.clone()));
+    let (mut ordered_rx, _h1) = forward(log.consumer(assign(&ordered_topic, tip.next_offset)).await?, 1024, lag, shutdown.clone());
+    let (mut markers_rx, _h2) = forward(log.consumer(assign(&markers_topic, markers_from)).await?, 256, None, shutdown.clone());
+    let (mut blocks_rx, _h3) = forward(log.consumer(assign(&blocks_topic, blocks_end)).await?, 64, None, shutdown.clone());
 
     let mut replica = Replica {
         cutter: Cutter::new(config.network.config().batch.clone(), &config.id, tip.clone()),
@@ -176,12 +187,13 @@ pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, counters: Arc<StageCo
         tokio::select! {
             Some(batch) = ordered_rx.recv(), if !buffer_full => {
                 let batch = batch?;
-                StageCounters::add(&counters.records_in, batch.len());
+                counters.records_in.inc_by(batch.len() as u64);
                 let now = elapsed_ms(replica.start);
+                let arrived = Instant::now();
                 for r in batch {
                     proposals.extend(replica.cutter.on_record(r.offset, r.value.len(), now));
                     if r.offset >= replica.keep_from {
-                        replica.records.insert(r.offset, r.value);
+                        replica.records.insert(r.offset, (r.value, arrived));
                     }
                 }
             }
@@ -210,12 +222,14 @@ pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, counters: Arc<StageCo
                 .map_err(|e| StageError::Fatal(e.to_string()))?;
             retry("appending cut markers", &shutdown, || async { Ok(log.append(&markers_topic, out.clone()).await?) }).await?;
         }
-        replica.build_ready()?;
+        for seconds in replica.build_ready()? {
+            fill.observe(seconds);
+        }
         while let Some(block) = replica.due() {
             let number = block.header.number;
             let bytes = codec::encode(&block).map_err(|e| StageError::Fatal(e.to_string()))?;
             retry("appending a block", &shutdown, || async { Ok(log.append(&blocks_topic, vec![OutRecord::unkeyed(bytes.clone())]).await?) }).await?;
-            StageCounters::add(&counters.records_out, 1);
+            counters.records_out.inc();
             tracing::debug!(block = number, txs = block.transactions.len(), "block written");
             replica.written = replica.written.max(number);
         }

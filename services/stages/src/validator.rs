@@ -22,7 +22,8 @@ use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 use streamledger_ports::topics::{names, Topics};
 
-use crate::common::{retry, DeadLetters, Shutdown, StageCounters, StageError, StageResult};
+use crate::common::{retry, DeadLetters, Shutdown, StageError, StageResult};
+use crate::metrics::Metrics;
 
 pub struct ValidatorConfig {
     /// The peer's name, e.g. `Org1.peer0`: stamped on every verdict.
@@ -36,11 +37,13 @@ pub struct ValidatorConfig {
     pub start_offset: Option<i64>,
     /// Stop by itself once the record at this offset is processed (replay to a known end).
     pub stop_after_offset: Option<i64>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl ValidatorConfig {
     pub fn new(peer: String, network: Arc<Network>, topics: Topics, rules: Arc<dyn WriteRules + Send + Sync>) -> Self {
-        Self { peer, network, topics, rules, read_only: false, start_offset: None, stop_after_offset: None }
+        let metrics = Metrics::detached(network.channel());
+        Self { peer, network, topics, rules, read_only: false, start_offset: None, stop_after_offset: None, metrics }
     }
 }
 
@@ -96,9 +99,10 @@ pub async fn run(
     log: Arc<dyn Log>,
     store: Arc<dyn PeerStore>,
     progress: Arc<PeerProgress>,
-    counters: Arc<StageCounters>,
     mut shutdown: Shutdown,
 ) -> StageResult<()> {
+    let metrics = config.metrics.clone();
+    let counters = metrics.stage("validator", &config.peer);
     let blocks_topic = config.topics.name(names::BLOCKS).to_string();
     let verdicts_topic = config.topics.name(names::VALIDATED_BLOCKS).to_string();
     let dead = DeadLetters { log: log.clone(), topic: config.topics.name(names::DEAD_LETTERS).to_string(), stage: "validator", counters: counters.clone() };
@@ -128,7 +132,8 @@ pub async fn run(
             r = consumer.poll(32, Duration::from_millis(200)) => r?,
             _ = shutdown.changed() => continue,
         };
-        StageCounters::add(&counters.records_in, records.len());
+        metrics.observe_lag(&counters, &consumer.lag());
+        counters.records_in.inc_by(records.len() as u64);
         for record in records {
             if config.stop_after_offset.is_some_and(|last| record.offset > last) {
                 break;
@@ -145,7 +150,8 @@ pub async fn run(
             let (cfg, st, prev_hash) = (config.clone(), store.clone(), position.state_hash.clone());
             let block = Arc::new(block);
             let record = Arc::new(record);
-            let validation = retry("validating and committing", &shutdown, || {
+            let started = std::time::Instant::now();
+            let (validation, commit_seconds) = retry("validating and committing", &shutdown, || {
                 let (cfg, st, prev_hash, block, record) = (cfg.clone(), st.clone(), prev_hash.clone(), block.clone(), record.clone());
                 async move {
                     tokio::task::spawn_blocking(move || validate_and_commit(&cfg, st.as_ref(), &block, &record, &prev_hash))
@@ -169,8 +175,9 @@ pub async fn run(
             if !config.read_only {
                 append_verdict(&log, &verdicts_topic, &verdict, &shutdown).await?;
             }
-            StageCounters::add(&counters.records_out, 1);
+            counters.records_out.inc();
             progress.committed(number, &validation.state_hash, &codes);
+            observe_commit(&metrics, &config.peer, number, &validation, started.elapsed().as_secs_f64(), commit_seconds);
             position = Position { height: number, header: Some(block.header.clone()), state_hash: validation.state_hash.to_vec() };
             tracing::debug!(peer = %config.peer, block = number, txs = codes.len(), "committed");
             if done {
@@ -235,13 +242,31 @@ async fn admissible(
     Ok(Some(block))
 }
 
+/// Publishes one committed block's metrics.
+fn observe_commit(metrics: &Metrics, peer: &str, number: i64, v: &BlockValidation, total_seconds: f64, commit_seconds: f64) {
+    let channel = metrics.channel.as_str();
+    metrics.blockchain_height.with_label_values(&[channel, peer]).set(number + 1);
+    metrics.block_processing_time.with_label_values(&[channel, peer]).observe(total_seconds);
+    metrics.statedb_commit_time.with_label_values(&[channel, peer]).observe(commit_seconds);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let latency = metrics.e2e_latency.with_label_values(&[channel, peer]);
+    for ((code, contract), ts) in v.codes.iter().zip(&v.contracts).zip(&v.timestamps_ms) {
+        metrics.transaction_count.with_label_values(&[channel, peer, contract, code.name()]).inc();
+        if *ts >= 0 {
+            latency.observe((now_ms - ts).max(0) as f64 / 1000.0);
+        }
+    }
+    metrics.set_state_hash(peer, number, &hex::encode(v.state_hash));
+}
+
+/// Validates a block and commits it; returns the validation and the seconds the commit took.
 fn validate_and_commit(
     config: &ValidatorConfig,
     store: &dyn PeerStore,
     block: &Block,
     record: &Record,
     previous_state_hash: &[u8],
-) -> StageResult<BlockValidation> {
+) -> StageResult<(BlockValidation, f64)> {
     let validation = validate_block(&config.network, config.rules.as_ref(), store, block, previous_state_hash)?;
     let number = block.header.number;
     let stored = StoredBlock { number, bytes: record.value.clone(), codes: validation.codes.iter().map(|c| *c as i32).collect() };
@@ -251,8 +276,9 @@ fn validate_and_commit(
         state_hash: validation.state_hash.to_vec(),
         blocks_offset: record.offset,
     };
+    let started = std::time::Instant::now();
     store.commit(BlockCommit { block: &stored, batch: &validation.batch, savepoint: &savepoint })?;
-    Ok(validation)
+    Ok((validation, started.elapsed().as_secs_f64()))
 }
 
 fn verdict_of(peer: &str, block: &Block, codes: &[i32], state_hash: &[u8]) -> ValidatedBlock {

@@ -17,7 +17,7 @@ use streamledger_ports::log::{Log, OutRecord, Subscription};
 use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::{names, Topics};
 use streamledger_stages::validator::PeerProgress;
-use streamledger_stages::{endorser, gateway, orderer, validator, StageCounters};
+use streamledger_stages::{endorser, gateway, orderer, validator};
 use tokio::sync::watch;
 
 struct Net {
@@ -55,21 +55,21 @@ async fn start_with(batch_timeout_ms: u64, orderers: &[&str]) -> Net {
         let store = Arc::new(EmbeddedStore::open(&dir.path().join(format!("{org}.redb"))).unwrap());
         let cfg = endorser::EndorserConfig::new(network.clone(), topics.clone(), f.peers[i].clone());
         let (l, s, r, sd) = (log.clone(), store.clone(), registry.clone(), rx.clone());
-        tasks.push(tokio::spawn(async move { endorser::run(cfg, l, s, r, Arc::default(), sd).await.unwrap() }));
+        tasks.push(tokio::spawn(async move { endorser::run(cfg, l, s, r, sd).await.unwrap() }));
         let cfg = validator::ValidatorConfig::new(format!("{org}.peer0"), network.clone(), topics.clone(), Arc::new(AnyWrite));
         let (l, s, sd) = (log.clone(), store.clone() as Arc<dyn PeerStore>, rx.clone());
-        tasks.push(tokio::spawn(async move { validator::run(cfg, l, s, Arc::new(PeerProgress::new()), Arc::default(), sd).await.unwrap() }));
+        tasks.push(tokio::spawn(async move { validator::run(cfg, l, s, Arc::new(PeerProgress::new()), sd).await.unwrap() }));
         stores.push(store);
     }
     let cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
     let (l, sd) = (log.clone(), rx.clone());
-    tasks.push(tokio::spawn(async move { gateway::run(cfg, l, Arc::new(StageCounters::default()), sd).await.unwrap() }));
+    tasks.push(tokio::spawn(async move { gateway::run(cfg, l, sd).await.unwrap() }));
     for id in orderers {
         let signer = f.keys.signer(&format!("orderer/{id}")).unwrap();
         let mut cfg = orderer::OrdererConfig::new(id, signer, network.clone(), topics.clone());
         cfg.takeover_after = Duration::from_millis(500);
         let (l, sd) = (log.clone(), rx.clone());
-        tasks.push(tokio::spawn(async move { orderer::run(cfg, l, Arc::default(), sd).await.unwrap() }));
+        tasks.push(tokio::spawn(async move { orderer::run(cfg, l, sd).await.unwrap() }));
     }
     Net { f, log, topics, stores, shutdown, tasks, _dir: dir }
 }
@@ -265,7 +265,7 @@ async fn a_read_only_replay_skips_garbage_but_stops_at_a_broken_chain_naming_the
     cfg.read_only = true;
     cfg.stop_after_offset = Some(3);
     let (_tx, rx) = watch::channel(false);
-    let result = validator::run(cfg, log.clone(), store.clone(), Arc::new(PeerProgress::new()), Arc::default(), rx).await;
+    let result = validator::run(cfg, log.clone(), store.clone(), Arc::new(PeerProgress::new()), rx).await;
     let err = result.expect_err("a broken chain stops the replay").to_string();
     assert!(err.contains("broken chain at block 2") && err.contains("offset 3"), "{err}");
     assert_eq!(store.savepoint().unwrap().unwrap().block, 1, "the blocks before the break are committed");
