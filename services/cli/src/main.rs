@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rand::RngCore;
 use streamledger_core::network::{Network, NetworkSpec};
 
 #[derive(Parser)]
@@ -154,11 +153,7 @@ fn network_init(dir: &Path, channel: String, orgs: Vec<String>, orderers: Vec<St
     ];
     spec.orgs = orgs;
     let (net, keys) = spec
-        .generate(|| {
-            let mut seed = [0u8; 32];
-            rand::rngs::OsRng.fill_bytes(&mut seed);
-            seed
-        })
+        .generate(streamledger_node::up::random_seed)
         .map_err(|e| CliError::Config { path: dir.to_path_buf(), message: e.to_string() })?;
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let network_file = dir.join("network.toml");
@@ -169,22 +164,9 @@ fn network_init(dir: &Path, channel: String, orgs: Vec<String>, orderers: Vec<St
         }
     }
     std::fs::write(&network_file, net.to_toml()).map_err(io_err(&network_file))?;
-    write_private(&keys_file, keys.to_toml().as_bytes())?;
+    streamledger_node::up::write_private(&keys_file, keys.to_toml().as_bytes())?;
     tracing::info!(network = %network_file.display(), keys = %keys_file.display(), "network generated");
     Ok(())
-}
-
-/// Private keys are readable by their owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    options.mode(0o600);
-    let mut f = options.open(path).map_err(io_err(path))?;
-    f.write_all(bytes).map_err(io_err(path))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {

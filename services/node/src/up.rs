@@ -84,13 +84,7 @@ pub fn load_or_create_network(dir: &Path) -> Result<(Network, KeyStore), NodeErr
     let network_file = dir.join("network.toml");
     let keys_file = dir.join("keys.toml");
     if !network_file.exists() {
-        let (net, keys) = NetworkSpec::sample()
-            .generate(|| {
-                let mut seed = [0u8; 32];
-                rand::rngs::OsRng.fill_bytes(&mut seed);
-                seed
-            })
-            .map_err(|e| NodeError::Network(e.to_string()))?;
+        let (net, keys) = NetworkSpec::sample().generate(random_seed).map_err(|e| NodeError::Network(e.to_string()))?;
         std::fs::create_dir_all(dir).map_err(file_err(dir))?;
         write_private(&keys_file, keys.to_toml().as_bytes())?;
         std::fs::write(&network_file, net.to_toml()).map_err(file_err(&network_file))?;
@@ -103,8 +97,15 @@ pub fn load_or_create_network(dir: &Path) -> Result<(Network, KeyStore), NodeErr
     Ok((net, keys))
 }
 
-/// Private keys are readable by their owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
+/// A secret key seed from the operating system's random source.
+pub fn random_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    seed
+}
+
+/// Writes a new file readable by its owner only (private keys); refuses to overwrite.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
