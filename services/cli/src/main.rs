@@ -180,6 +180,7 @@ async fn up(args: UpArgs) -> Result<(), CliError> {
         http: args.http,
         client: args.client,
         progress: !args.no_progress && std::io::stderr().is_terminal(),
+        signature_checks: Default::default(),
     };
     let node = streamledger_node::up::start(config).await?;
     // On stdout, one line, so that scripts and tests can find the API.

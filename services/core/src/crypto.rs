@@ -186,6 +186,16 @@ impl Signer {
     }
 }
 
+/// Whether signatures are verified. `Off` exists only to measure how far the rest of the
+/// pipeline goes without the crypto (`streamledger bench --no-signature-checks`); it is never the
+/// default and a network running with it is not secure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SignatureChecks {
+    #[default]
+    On,
+    Off,
+}
+
 /// One signature to check.
 #[derive(Debug, Clone, Copy)]
 pub struct SigCheck<'a> {

@@ -454,3 +454,25 @@ fn blocks_must_chain_carry_their_data_and_be_signed_by_an_orderer() {
     stranger.metadata.orderer = "orderer9".into();
     assert!(matches!(check_block(&f.network, Some(&b0.header), &stranger), Err(BlockRejection::UnknownOrderer { .. })));
 }
+
+#[test]
+fn signature_checks_are_on_by_default_and_off_only_when_asked() {
+    use streamledger_core::crypto::SignatureChecks;
+    use streamledger_core::validation::validate_block_with;
+    assert_eq!(SignatureChecks::default(), SignatureChecks::On);
+    let f = Fixture::new();
+    let mut tx = f.tx(Rw::new().write("k", "v").build());
+    tx.endorsements[0].signature[0] ^= 1;
+    let block = f.block(1, &[0; 32], &[tx]);
+    let run = |checks| validate_block_with(&f.network, &AnyWrite, &committed(), &block, &GENESIS_STATE_HASH, checks).unwrap().codes;
+    // kv needs one org: the other endorsement still satisfies OR, so corrupt both orgs' claims.
+    assert_eq!(run(SignatureChecks::On), [Code::Valid], "OR('Org1.peer','Org2.peer') still holds with one good signature");
+    let mut both = f.tx(Rw::new().write("k", "v").build());
+    for e in &mut both.endorsements {
+        e.signature[0] ^= 1;
+    }
+    let block = f.block(1, &[0; 32], &[both]);
+    let run = |checks| validate_block_with(&f.network, &AnyWrite, &committed(), &block, &GENESIS_STATE_HASH, checks).unwrap().codes;
+    assert_eq!(run(SignatureChecks::On), [Code::EndorsementPolicyFailure]);
+    assert_eq!(run(SignatureChecks::Off), [Code::Valid], "with checks off, signatures are not verified");
+}

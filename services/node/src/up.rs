@@ -59,6 +59,8 @@ pub struct UpConfig {
     pub client: String,
     /// Show the live progress line on the terminal.
     pub progress: bool,
+    /// `Off` only for benchmarks: endorsers and validators skip transaction signatures.
+    pub signature_checks: streamledger_core::crypto::SignatureChecks,
 }
 
 /// One peer of the node: its name, store and what it has committed.
@@ -159,10 +161,12 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
         let (l, s, r, sd) = (dyn_log.clone(), store.clone(), registry.clone(), shutdown.clone());
         let mut cfg = cfg;
         cfg.metrics = metrics.clone();
+        cfg.signature_checks = config.signature_checks;
         tasks.spawn(async move { (format!("endorser {org}"), endorser::run(cfg, l, s, r, sd).await) });
 
         let mut cfg = validator::ValidatorConfig::new(name.clone(), network.clone(), topics.clone(), Arc::new(AnyWrite));
         cfg.metrics = metrics.clone();
+        cfg.signature_checks = config.signature_checks;
         let (l, s, p, sd) = (dyn_log.clone(), store.clone() as Arc<dyn PeerStore>, progress.clone(), shutdown.clone());
         let stage = format!("validator {name}");
         tasks.spawn(async move { (stage, validator::run(cfg, l, s, p, sd).await) });

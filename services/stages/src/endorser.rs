@@ -11,7 +11,8 @@ use rayon::prelude::*;
 use streamledger_core::codec;
 use streamledger_core::contract::Registry;
 use streamledger_core::crypto::Signer;
-use streamledger_core::endorsement::{check_proposal, endorse};
+use streamledger_core::crypto::SignatureChecks;
+use streamledger_core::endorsement::{check_proposal_with, endorse};
 use streamledger_core::model::{EndorsementResult, Proposal, Response, RwSet};
 use streamledger_core::network::Network;
 use streamledger_core::simulation::simulate;
@@ -36,13 +37,15 @@ pub struct EndorserConfig {
     /// Proposals taken per poll.
     pub batch: usize,
     pub metrics: Arc<Metrics>,
+    /// `Off` only for benchmarks (see `SignatureChecks`).
+    pub signature_checks: SignatureChecks,
 }
 
 impl EndorserConfig {
     pub fn new(network: Arc<Network>, topics: Topics, signer: Signer) -> Self {
         let group = format!("endorser-{}", signer.identity().org);
         let metrics = Metrics::detached(network.channel());
-        Self { network, topics, signer, group, batch: 256, metrics }
+        Self { network, topics, signer, group, batch: 256, metrics, signature_checks: SignatureChecks::On }
     }
 }
 
@@ -144,7 +147,7 @@ fn endorse_one(
     registry: &Registry,
     p: &Proposal,
 ) -> Result<EndorsementResult, StateError> {
-    let (response, rwset) = match check_proposal(&config.network, p) {
+    let (response, rwset) = match check_proposal_with(&config.network, p, config.signature_checks) {
         Err(refusal) => (Response { status: REFUSED, message: refusal.to_string(), payload: Vec::new() }, RwSet::default()),
         Ok(()) => simulate(registry, state, p)?,
     };

@@ -17,7 +17,8 @@ use streamledger_core::codec;
 use streamledger_core::crypto::block_header_hash;
 use streamledger_core::model::{Block, BlockHeader, OrderedTx, TxResult, ValidatedBlock};
 use streamledger_core::network::Network;
-use streamledger_core::validation::{check_block, check_block_signature, validate_block, BlockRejection, BlockValidation, WriteRules, GENESIS_STATE_HASH};
+use streamledger_core::crypto::SignatureChecks;
+use streamledger_core::validation::{check_block, check_block_signature, validate_block_with, BlockRejection, BlockValidation, WriteRules, GENESIS_STATE_HASH};
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 use streamledger_ports::topics::{names, Topics};
@@ -38,12 +39,14 @@ pub struct ValidatorConfig {
     /// Stop by itself once the record at this offset is processed (replay to a known end).
     pub stop_after_offset: Option<i64>,
     pub metrics: Arc<Metrics>,
+    /// `Off` only for benchmarks (see `SignatureChecks`); block signatures are still checked.
+    pub signature_checks: SignatureChecks,
 }
 
 impl ValidatorConfig {
     pub fn new(peer: String, network: Arc<Network>, topics: Topics, rules: Arc<dyn WriteRules + Send + Sync>) -> Self {
         let metrics = Metrics::detached(network.channel());
-        Self { peer, network, topics, rules, read_only: false, start_offset: None, stop_after_offset: None, metrics }
+        Self { peer, network, topics, rules, read_only: false, start_offset: None, stop_after_offset: None, metrics, signature_checks: SignatureChecks::On }
     }
 }
 
@@ -267,7 +270,7 @@ fn validate_and_commit(
     record: &Record,
     previous_state_hash: &[u8],
 ) -> StageResult<(BlockValidation, f64)> {
-    let validation = validate_block(&config.network, config.rules.as_ref(), store, block, previous_state_hash)?;
+    let validation = validate_block_with(&config.network, config.rules.as_ref(), store, block, previous_state_hash, config.signature_checks)?;
     let number = block.header.number;
     let stored = StoredBlock { number, bytes: record.value.clone(), codes: validation.codes.iter().map(|c| *c as i32).collect() };
     let savepoint = Savepoint {
