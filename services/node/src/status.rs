@@ -64,6 +64,9 @@ pub enum StartFrom {
     End,
     /// The whole history (the most recent [`DEFAULT_CAPACITY`] outcomes are kept).
     Beginning,
+    /// The last N records of each partition: a restarted node still knows recent outcomes,
+    /// rejections in particular, which no store indexes.
+    Last(i64),
 }
 
 struct State {
@@ -218,12 +221,33 @@ impl TxStatusTracker {
                 let offset = match from {
                     StartFrom::End => log.end_offset(topic, partition).await?,
                     StartFrom::Beginning => 0,
+                    StartFrom::Last(n) => (log.end_offset(topic, partition).await? - n).max(0),
                 };
                 positions.push((topic.clone(), partition, offset));
             }
         }
-        let consumer = log.consumer(Subscription::Assign { positions }).await?;
+        let ends: Vec<i64> = {
+            let mut ends = Vec::with_capacity(positions.len());
+            for (topic, partition, _) in &positions {
+                ends.push(log.end_offset(topic, *partition).await?);
+            }
+            ends
+        };
+        let mut consumer = log.consumer(Subscription::Assign { positions: positions.clone() }).await?;
         let follower = Follower { tracker: self.clone(), peer: peer.into(), validated, rejections };
+        // Read the history asked for before returning, so that an API started right after never
+        // answers "unknown" for an outcome that is already in the log.
+        let mut remaining: i64 = positions.iter().zip(&ends).map(|((_, _, from), end)| end - from).sum();
+        while remaining > 0 {
+            let records = consumer.poll(POLL_MAX, POLL_WAIT).await?;
+            if records.is_empty() {
+                break;
+            }
+            remaining -= records.len() as i64;
+            for record in &records {
+                follower.handle(record);
+            }
+        }
         Ok(tokio::spawn(follower.run(consumer, shutdown)))
     }
 

@@ -214,7 +214,10 @@ async fn start_api(
 ) -> Result<SocketAddr, NodeError> {
     let tracker = TxStatusTracker::default();
     let first = peers.first().map(|p| p.name.clone()).ok_or_else(|| NodeError::Network("the network has no peer".into()))?;
-    let following = tracker.start(log.clone(), topics, first, StartFrom::End, shutdown.clone()).await?;
+    // From the recent past, not the end: after a restart, rejections from before it must still be
+    // reported (the tx-id index only knows what reached the chain).
+    let recent = crate::status::DEFAULT_CAPACITY as i64;
+    let following = tracker.start(log.clone(), topics, first, StartFrom::Last(recent), shutdown.clone()).await?;
     tasks.spawn(async move {
         let result = match following.await {
             Ok(r) => r.map_err(StageError::from),

@@ -8,6 +8,10 @@
 //! transaction. After a restart the gateway remembers the tx ids it already resolved by reading
 //! the tail of `ordered-tx` and `rejections`, so re-delivered inputs do not order a transaction
 //! twice. (If one still were, the validator would flag the copy DUPLICATE_TXID.)
+//!
+//! An ordered tx id is final. A rejected one is not: the same signed proposal sent again (after
+//! topping up an account, say) is a new attempt, as in Fabric, where only the chain's tx ids are
+//! spent.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -68,10 +72,17 @@ enum Outcome {
 
 /// The gateway's in-memory state: pending transactions, resolved ids, and which input offsets
 /// are still held by a pending transaction.
+/// What became of a resolved transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolution {
+    Ordered,
+    Rejected,
+}
+
 struct Gateway {
     config: GatewayConfig,
     pending: HashMap<String, Pending>,
-    resolved: HashSet<String>,
+    resolved: HashMap<String, Resolution>,
     resolved_order: VecDeque<String>,
     held: BTreeMap<(Arc<str>, i32), BTreeMap<i64, u32>>,
     seen: HashMap<(Arc<str>, i32), i64>,
@@ -82,15 +93,15 @@ impl Gateway {
         Self {
             config,
             pending: HashMap::new(),
-            resolved: HashSet::new(),
+            resolved: HashMap::new(),
             resolved_order: VecDeque::new(),
             held: BTreeMap::new(),
             seen: HashMap::new(),
         }
     }
 
-    fn remember(&mut self, tx_id: String) {
-        if self.resolved.insert(tx_id.clone()) {
+    fn remember(&mut self, tx_id: String, how: Resolution) {
+        if self.resolved.insert(tx_id.clone(), how).is_none() {
             self.resolved_order.push_back(tx_id);
             while self.resolved_order.len() > self.config.remember_resolved {
                 if let Some(old) = self.resolved_order.pop_front() {
@@ -121,7 +132,11 @@ impl Gateway {
         if let Some(p) = self.pending.remove(tx_id) {
             self.release(&p.inputs);
         }
-        self.remember(tx_id.to_string());
+        let how = match outcome {
+            Outcome::Ordered(_) => Resolution::Ordered,
+            Outcome::Rejected(_) => Resolution::Rejected,
+        };
+        self.remember(tx_id.to_string(), how);
         outcome
     }
 
@@ -134,8 +149,18 @@ impl Gateway {
     fn on_input(&mut self, record: &Record, input: Input) -> Option<Outcome> {
         self.seen.insert((record.topic.clone(), record.partition), record.offset);
         let tx_id = input.tx_id().to_string();
-        if self.resolved.contains(&tx_id) {
-            return None; // late, duplicate or re-delivered: already ordered or rejected
+        match (self.resolved.get(&tx_id), &input) {
+            (None, _) => {}
+            // Late, duplicate or re-delivered: the transaction is in the order already.
+            (Some(Resolution::Ordered), _) => return None,
+            // The proposal sent again after a rejection: a new attempt.
+            (Some(Resolution::Rejected), Input::Proposal(_)) => {
+                self.resolved.remove(&tx_id);
+            }
+            // A straggler of the rejected attempt, or of a new attempt whose proposal has not
+            // arrived yet: only kept once the new attempt is open.
+            (Some(Resolution::Rejected), Input::Result(_)) if !self.pending.contains_key(&tx_id) => return None,
+            (Some(Resolution::Rejected), Input::Result(_)) => {}
         }
         if !self.pending.contains_key(&tx_id) && self.pending.len() >= self.config.max_pending {
             let reason = format!("gateway overloaded: {} transactions already waiting for endorsement", self.pending.len());
@@ -280,8 +305,8 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
 
     let mut gateway = Gateway::new(config);
     let remembered = remember_tail(&log, &ordered_topic, &rejections_topic, gateway.config.remember_resolved).await?;
-    for id in remembered {
-        gateway.remember(id);
+    for (id, how) in remembered {
+        gateway.remember(id, how);
     }
     let mut consumer = log
         .consumer(Subscription::Group { group: gateway.config.group.clone(), topics: vec![proposals.clone(), results] })
@@ -357,19 +382,16 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
     Ok(())
 }
 
-/// The tx ids of the last `max` records of `ordered-tx` and of `rejections`: what a restarted
-/// gateway already resolved.
-async fn remember_tail(log: &Arc<dyn Log>, ordered: &str, rejections: &str, max: usize) -> StageResult<Vec<String>> {
+/// The tx ids of the last `max` records of `rejections` and of `ordered-tx`: what a restarted
+/// gateway already resolved. Rejections come first so that a tx id rejected and later ordered
+/// (a second attempt) ends up ordered.
+async fn remember_tail(log: &Arc<dyn Log>, ordered: &str, rejections: &str, max: usize) -> StageResult<Vec<(String, Resolution)>> {
     let mut ids = Vec::new();
-    for topic in [ordered, rejections] {
-        for record in read_tail(log, topic, max).await? {
-            let id = if topic == ordered {
-                codec::decode::<OrderedTx>(&record.value).ok().map(|t| t.proposal.tx_id)
-            } else {
-                codec::decode::<Rejection>(&record.value).ok().map(|r| r.tx_id)
-            };
-            ids.extend(id);
-        }
+    for record in read_tail(log, rejections, max).await? {
+        ids.extend(codec::decode::<Rejection>(&record.value).ok().map(|r| (r.tx_id, Resolution::Rejected)));
+    }
+    for record in read_tail(log, ordered, max).await? {
+        ids.extend(codec::decode::<OrderedTx>(&record.value).ok().map(|t| (t.proposal.tx_id, Resolution::Ordered)));
     }
     Ok(ids)
 }
@@ -393,30 +415,35 @@ pub(crate) async fn read_tail(log: &Arc<dyn Log>, topic: &str, max: usize) -> St
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use streamledger_core::endorsement::endorse;
-    use streamledger_core::fixtures::Fixture;
-    use streamledger_core::model::{KvWrite, Response, RwSet};
+mod tests_support {
+    pub use super::*;
+    pub use streamledger_core::endorsement::endorse;
+    pub use streamledger_core::fixtures::Fixture;
+    pub use streamledger_core::model::{KvWrite, Response, RwSet};
 
-    const PROPOSALS: &str = "mychannel.proposals";
-    const RESULTS: &str = "mychannel.endorsement-results";
+    pub const PROPOSALS: &str = "mychannel.proposals";
+    pub const RESULTS: &str = "mychannel.endorsement-results";
 
-    fn gateway(f: &Fixture) -> Gateway {
+    pub fn gateway(f: &Fixture) -> Gateway {
         Gateway::new(GatewayConfig::new(Arc::new(f.network.clone()), Topics::default_for("mychannel")))
     }
 
-    fn record(topic: &str, partition: i32, offset: i64) -> Record {
+    pub fn record(topic: &str, partition: i32, offset: i64) -> Record {
         Record { topic: Arc::from(topic), partition, offset, key: None, value: Vec::new(), timestamp_ms: 0 }
     }
 
-    fn rw(value: &str) -> RwSet {
+    pub fn rw(value: &str) -> RwSet {
         RwSet { writes: vec![KvWrite { namespace: "transfer".into(), key: "a".into(), value: Some(value.as_bytes().to_vec()) }], ..Default::default() }
     }
 
-    fn result(f: &Fixture, peer: usize, p: &Proposal, rwset: RwSet) -> Input {
+    pub fn result(f: &Fixture, peer: usize, p: &Proposal, rwset: RwSet) -> Input {
         Input::Result(endorse(&f.peers[peer], p, Response::ok(Vec::new()), rwset))
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
 
     #[test]
     fn orders_once_agreeing_endorsements_satisfy_the_policy_in_any_arrival_order() {
@@ -509,5 +536,25 @@ mod tests {
         c.sort();
         // p (offset 5) is still pending: proposals can be committed up to 4; results are all resolved.
         assert_eq!(c, vec![(Arc::from(RESULTS), 0, 1), (Arc::from(PROPOSALS), 0, 4)]);
+    }
+
+    #[test]
+    fn a_rejected_proposal_sent_again_is_a_new_attempt_but_an_ordered_one_is_final() {
+        let f = Fixture::new();
+        let mut g = gateway(&f);
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone()));
+        let refused = Input::Result(endorse(&f.peers[0], &p, Response::error("insufficient funds"), RwSet::default()));
+        assert!(matches!(g.on_input(&record(RESULTS, 0, 0), refused), Some(Outcome::Rejected(_))));
+        // A straggler of the rejected attempt is ignored.
+        assert!(g.on_input(&record(RESULTS, 0, 1), result(&f, 1, &p, rw("1"))).is_none());
+        assert!(g.pending.is_empty());
+        // The same proposal again: a new attempt, which can be ordered.
+        assert!(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(p.clone())).is_none());
+        g.on_input(&record(RESULTS, 0, 2), result(&f, 0, &p, rw("1")));
+        assert!(matches!(g.on_input(&record(RESULTS, 0, 3), result(&f, 1, &p, rw("1"))), Some(Outcome::Ordered(_))));
+        // Once ordered, the same proposal is ignored.
+        assert!(g.on_input(&record(PROPOSALS, 0, 2), Input::Proposal(p.clone())).is_none());
+        assert!(g.pending.is_empty());
     }
 }
