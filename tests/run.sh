@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== install what the tests need"
+# Debian's prometheus package (prometheus, promtool) for the monitoring tests; nothing when present.
+bash tests/prometheus.sh
+
 echo "== build (all targets, locked dependencies)"
 cargo build --workspace --all-targets --locked
 

@@ -73,7 +73,7 @@ pub async fn replay(config: ReplayConfig) -> Result<ReplayReport, NodeError> {
 
     let progress = Arc::new(PeerProgress::new());
     let mut stage = ValidatorConfig::new(format!("{}(replay)", config.peer), network.clone(), topics, Arc::new(AnyWrite));
-    let counters = stage.metrics.stage("validator", &stage.peer);
+    let counters = stage.metrics.stage("validator", &stage.peer, 1);
     stage.read_only = true;
     stage.start_offset = Some(config.from_offset);
     stage.stop_after_offset = Some(end - 1);

@@ -58,7 +58,7 @@ pub async fn run(
 ) -> StageResult<()> {
     let org = config.signer.identity().org.clone();
     let metrics = config.metrics.clone();
-    let counters = metrics.stage("endorser", &org);
+    let counters = metrics.stage("endorser", &org, 1);
     let proposals = config.topics.name(names::PROPOSALS).to_string();
     let results_topic = config.topics.name(names::ENDORSEMENT_RESULTS).to_string();
     let dead = DeadLetters {

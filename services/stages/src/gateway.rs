@@ -292,9 +292,9 @@ impl Input {
 
 pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdown) -> StageResult<()> {
     let metrics = config.metrics.clone();
-    let counters = metrics.stage("gateway", &config.group);
+    let counters = metrics.stage("gateway", &config.group, 2);
     let pending_gauge = metrics.pending_endorsements.with_label_values(&[metrics.channel.as_str()]);
-    let enqueue = metrics.broadcast_enqueue_duration.with_label_values(&[metrics.channel.as_str()]);
+    let enqueue = metrics.broadcast_enqueue_duration.with_label_values(&[metrics.channel.as_str(), "ENDORSER_TRANSACTION", "SUCCESS"]);
     let topics = config.topics.clone();
     let proposals = topics.name(names::PROPOSALS).to_string();
     let results = topics.name(names::ENDORSEMENT_RESULTS).to_string();

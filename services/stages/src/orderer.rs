@@ -151,7 +151,7 @@ impl Replica {
 
 pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, mut shutdown: Shutdown) -> StageResult<()> {
     let metrics = config.metrics.clone();
-    let counters = metrics.stage("orderer", &config.id);
+    let counters = metrics.stage("orderer", &config.id, 3);
     let fill = metrics.block_fill_duration.with_label_values(&[metrics.channel.as_str(), config.id.as_str()]);
     let topics = config.topics.clone();
     let ordered_topic = topics.name(names::ORDERED_TX).to_string();
@@ -165,9 +165,9 @@ pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
     tracing::info!(id = %config.id, next_block = tip.next_block, next_offset = tip.next_offset, markers_from, "orderer started");
     let assign = |topic: &str, offset: i64| Subscription::Assign { positions: vec![(topic.to_string(), 0, offset)] };
     let lag = Some((metrics.clone(), counters.clone()));
-    let (mut ordered_rx, _h1) = forward(log.consumer(assign(&ordered_topic, tip.next_offset)).await?, 1024, lag, shutdown.clone());
-    let (mut markers_rx, _h2) = forward(log.consumer(assign(&markers_topic, markers_from)).await?, 256, None, shutdown.clone());
-    let (mut blocks_rx, _h3) = forward(log.consumer(assign(&blocks_topic, blocks_end)).await?, 64, None, shutdown.clone());
+    let (mut ordered_rx, _h1) = forward(log.consumer(assign(&ordered_topic, tip.next_offset)).await?, 1024, lag.clone(), shutdown.clone());
+    let (mut markers_rx, _h2) = forward(log.consumer(assign(&markers_topic, markers_from)).await?, 256, lag.clone(), shutdown.clone());
+    let (mut blocks_rx, _h3) = forward(log.consumer(assign(&blocks_topic, blocks_end)).await?, 64, lag.clone(), shutdown.clone());
 
     let mut replica = Replica {
         cutter: Cutter::new(config.network.config().batch.clone(), &config.id, tip.clone()),

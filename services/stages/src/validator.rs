@@ -105,7 +105,7 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> StageResult<()> {
     let metrics = config.metrics.clone();
-    let counters = metrics.stage("validator", &config.peer);
+    let counters = metrics.stage("validator", &config.peer, 1);
     let blocks_topic = config.topics.name(names::BLOCKS).to_string();
     let verdicts_topic = config.topics.name(names::VALIDATED_BLOCKS).to_string();
     let dead = DeadLetters { log: log.clone(), topic: config.topics.name(names::DEAD_LETTERS).to_string(), stage: "validator", counters: counters.clone() };
@@ -120,6 +120,8 @@ pub async fn run(
         position = Position { height: sp.block, header: Some(block.header.clone()), state_hash: sp.state_hash.clone() };
         from = sp.blocks_offset + 1;
         progress.committed(sp.block, &sp.state_hash, &[]);
+        // Known from the start, as Fabric publishes the height when it opens the ledger.
+        metrics.committed(&config.peer, sp.block, &hex::encode(&sp.state_hash));
         // The verdict of the last block may not have been produced before a crash: produce it
         // again (consumers treat verdicts idempotently).
         if !config.read_only {
@@ -248,18 +250,17 @@ async fn admissible(
 /// Publishes one committed block's metrics.
 fn observe_commit(metrics: &Metrics, peer: &str, number: i64, v: &BlockValidation, total_seconds: f64, commit_seconds: f64) {
     let channel = metrics.channel.as_str();
-    metrics.blockchain_height.with_label_values(&[channel, peer]).set(number + 1);
     metrics.block_processing_time.with_label_values(&[channel, peer]).observe(total_seconds);
     metrics.statedb_commit_time.with_label_values(&[channel, peer]).observe(commit_seconds);
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     let latency = metrics.e2e_latency.with_label_values(&[channel, peer]);
     for ((code, contract), ts) in v.codes.iter().zip(&v.contracts).zip(&v.timestamps_ms) {
-        metrics.transaction_count.with_label_values(&[channel, peer, contract, code.name()]).inc();
+        metrics.transaction_count.with_label_values(&[channel, peer, "ENDORSER_TRANSACTION", contract, code.name()]).inc();
         if *ts >= 0 {
             latency.observe((now_ms - ts).max(0) as f64 / 1000.0);
         }
     }
-    metrics.set_state_hash(peer, number, &hex::encode(v.state_hash));
+    metrics.committed(peer, number, &hex::encode(v.state_hash));
 }
 
 /// Validates a block and commits it; returns the validation and the seconds the commit took.
