@@ -14,7 +14,10 @@ cargo build --workspace --all-targets --locked
 
 echo "== tests"
 # --all-targets also runs each criterion benchmark once in test mode, so benchmarks cannot rot.
-cargo test --workspace --all-targets --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
 
-echo "== doc tests"
-cargo test --workspace --doc --locked
+# One closing line with the totals over every test binary.
+sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{n += $1} END {print n + 0}'; }
+echo "tests: $(sum passed) passed, $(sum failed) failed, $(sum ignored) skipped"
