@@ -1,5 +1,6 @@
 //! `streamledger`: one binary for every stage, the all-in-one network, clients and tools.
 
+mod bench;
 mod clients;
 
 use std::net::SocketAddr;
@@ -22,6 +23,8 @@ enum Command {
     Up(UpArgs),
     /// Rebuild a peer's world state from the blocks topic into a fresh store, and compare.
     Replay(ReplayArgs),
+    /// Run the built-in Caliper-style benchmark (setup round, then a measured round).
+    Bench(bench::BenchArgs),
     #[command(flatten)]
     Client(clients::ClientCommand),
     /// Network configuration: generate keys and a network, or check one.
@@ -43,6 +46,10 @@ struct UpArgs {
     /// No live progress line (it is also off when stderr is not a terminal).
     #[arg(long, env = "STREAMLEDGER_NO_PROGRESS")]
     no_progress: bool,
+    /// Where the peers keep world state: `embedded` (redb files in the data directory) or a
+    /// CouchDB URL, `couchdb://user:pass@host:5984` or `http://host:5984`.
+    #[arg(long, env = "STREAMLEDGER_STATE", default_value = "embedded", value_parser = streamledger_node::up::StateBackend::parse)]
+    state: streamledger_node::up::StateBackend,
 }
 
 #[derive(clap::Args)]
@@ -91,6 +98,8 @@ enum CliError {
     Node(#[from] streamledger_node::up::NodeError),
     #[error(transparent)]
     Client(#[from] clients::ClientCommandError),
+    #[error(transparent)]
+    Bench(#[from] streamledger_node::bench::BenchError),
     #[error("replay: the rebuilt state (block {height}, state hash {hash}) differs from the live peer's (block {live_height}, {live_hash})")]
     ReplayMismatch { height: i64, hash: String, live_height: i64, live_hash: String },
     #[error("{path}: {source}")]
@@ -121,6 +130,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Up(args) => runtime()?.block_on(up(args)),
         Command::Replay(args) => runtime()?.block_on(replay(args)),
+        Command::Bench(args) => Ok(runtime()?.block_on(bench::run(args))?),
         Command::Client(command) => Ok(clients::run(command)?),
         Command::Network(NetworkCommand::Init { dir, channel, orgs, orderers }) => network_init(&dir, channel, orgs, orderers),
         Command::Network(NetworkCommand::Check { file }) => {
@@ -181,6 +191,7 @@ async fn up(args: UpArgs) -> Result<(), CliError> {
         client: args.client,
         progress: !args.no_progress && std::io::stderr().is_terminal(),
         signature_checks: Default::default(),
+        state: args.state,
     };
     let node = streamledger_node::up::start(config).await?;
     // On stdout, one line, so that scripts and tests can find the API.

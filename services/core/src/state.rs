@@ -48,6 +48,12 @@ pub trait CommittedState {
 
     /// The tx-id index.
     fn tx_location(&self, tx_id: &str) -> StateResult<Option<TxLocation>>;
+
+    /// The tx-id index entries of many ids at once: the validator asks once per block. Stores
+    /// with a bulk read override this, as for [`CommittedState::versions`].
+    fn tx_locations(&self, tx_ids: &[&str]) -> StateResult<Vec<Option<TxLocation>>> {
+        tx_ids.iter().map(|id| self.tx_location(id)).collect()
+    }
 }
 
 /// Is `key` inside `[start, end)`, with an empty `end` meaning unbounded?

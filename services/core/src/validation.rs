@@ -172,6 +172,10 @@ pub fn validate_block_with(
     let versions: HashMap<(&str, &str), Option<Version>> =
         read_keys.iter().copied().zip(state.versions(&read_keys)?).collect();
 
+    // Which of the block's tx ids the ledger holds already, in one bulk request.
+    let owned_ids: Vec<&str> = checked.iter().filter(|c| c.owns_tx_id).filter_map(|c| c.tx.as_ref().map(|t| t.proposal.tx_id.as_str())).collect();
+    let in_ledger: HashSet<&str> =
+        owned_ids.iter().zip(state.tx_locations(&owned_ids)?).filter(|(_, loc)| loc.is_some()).map(|(id, _)| *id).collect();
     let mut seen_ids: HashSet<&str> = HashSet::new();
     let mut updates: BTreeMap<(String, String), (Option<Vec<u8>>, Version)> = BTreeMap::new();
     let mut tx_index = Vec::new();
@@ -180,7 +184,7 @@ pub fn validate_block_with(
         let code = &mut codes[position];
         let tx_id = tx.proposal.tx_id.as_str();
         if c.owns_tx_id {
-            if seen_ids.contains(tx_id) || state.tx_location(tx_id)?.is_some() {
+            if seen_ids.contains(tx_id) || in_ledger.contains(tx_id) {
                 *code = TxValidationCode::DuplicateTxid;
             } else {
                 seen_ids.insert(tx_id);

@@ -226,7 +226,7 @@ impl EmbeddedLog {
         let context = || format!("open {}", path.display());
         std::fs::create_dir_all(dir)
             .map_err(|e| LogError::new(context(), format!("cannot create directory {}: {e}", dir.display()), true))?;
-        let db = Database::create(&path).map_err(|e| storage_error(&path, context(), e))?;
+        let db = crate::open_database(&path).map_err(|e| storage_error(&path, context(), e))?;
         // Create the fixed tables once, so that readers never meet a missing one.
         let txn = db.begin_write().map_err(|e| storage_error(&path, context(), e))?;
         txn.open_table(TOPICS).map_err(|e| storage_error(&path, context(), e))?;

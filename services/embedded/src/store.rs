@@ -118,7 +118,7 @@ impl EmbeddedStore {
         }
         let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
         if guard.is_none() {
-            let db = Database::create(&self.path)?;
+            let db = crate::open_database(&self.path)?;
             let txn = db.begin_write()?;
             txn.open_table(STATE)?;
             txn.open_table(TX_INDEX)?;

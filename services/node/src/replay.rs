@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use streamledger_core::validation::AnyWrite;
+use streamledger_core::write_rules::CouchDbRules;
 use streamledger_embedded::log::EmbeddedLog;
 use streamledger_embedded::store::EmbeddedStore;
 use streamledger_ports::log::Log;
@@ -72,7 +72,7 @@ pub async fn replay(config: ReplayConfig) -> Result<ReplayReport, NodeError> {
     }
 
     let progress = Arc::new(PeerProgress::new());
-    let mut stage = ValidatorConfig::new(format!("{}(replay)", config.peer), network.clone(), topics, Arc::new(AnyWrite));
+    let mut stage = ValidatorConfig::new(format!("{}(replay)", config.peer), network.clone(), topics, Arc::new(CouchDbRules));
     let counters = stage.metrics.stage("validator", &stage.peer, 1);
     stage.read_only = true;
     stage.start_offset = Some(config.from_offset);

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 use streamledger_core::contract::Registry;
 use streamledger_core::network::{KeyStore, Network, NetworkSpec};
-use streamledger_core::validation::{AnyWrite, TxValidationCode};
+use streamledger_core::state::CommittedState;
+use streamledger_core::validation::TxValidationCode;
+use streamledger_core::write_rules::CouchDbRules;
 use streamledger_embedded::log::EmbeddedLog;
 use streamledger_embedded::store::EmbeddedStore;
 use streamledger_ports::log::Log;
@@ -61,14 +63,60 @@ pub struct UpConfig {
     pub progress: bool,
     /// `Off` only for benchmarks: endorsers and validators skip transaction signatures.
     pub signature_checks: streamledger_core::crypto::SignatureChecks,
+    /// Where the peers keep world state.
+    pub state: StateBackend,
+}
+
+/// Where a peer's world state, tx index, blocks and savepoint live.
+#[derive(Clone, Debug, Default)]
+pub enum StateBackend {
+    /// A redb file per peer in the data directory.
+    #[default]
+    Embedded,
+    /// CouchDB, laid out as Fabric lays it out; in `up` the peers share the server, each with its
+    /// own database prefix (`org1-peer0+mychannel_transfer`, ...).
+    CouchDb(streamledger_couch::CouchConfig),
+}
+
+impl StateBackend {
+    /// `embedded`, or a CouchDB URL: `couchdb://user:pass@host:5984` or `http://...`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text == "embedded" {
+            return Ok(Self::Embedded);
+        }
+        let config = streamledger_couch::CouchConfig::new(text);
+        config.validate().map_err(|e| format!("--state {text:?}: {e}"))?;
+        Ok(Self::CouchDb(config))
+    }
 }
 
 /// One peer of the node: its name, store and what it has committed.
 #[derive(Clone)]
 pub struct Peer {
     pub name: String,
-    pub store: Arc<EmbeddedStore>,
+    pub store: Arc<dyn PeerStore>,
     pub progress: Arc<PeerProgress>,
+}
+
+/// Opens a peer's store on the chosen backend.
+async fn open_store(config: &UpConfig, network: &Network, peer: &str) -> Result<Arc<dyn PeerStore>, NodeError> {
+    match &config.state {
+        StateBackend::Embedded => {
+            let path = config.data_dir.join("peers").join(format!("{peer}.redb"));
+            Ok(Arc::new(EmbeddedStore::open(&path)?))
+        }
+        StateBackend::CouchDb(couch) => {
+            let mut couch = couch.clone();
+            // `Org1.peer0` -> `org1-peer0`: CouchDB database names are lower case a-z 0-9 - ...
+            couch.db_prefix = peer.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "-");
+            let channel = network.channel().to_string();
+            // Opening blocks on HTTP (and recovery): keep it off the async workers.
+            let store = tokio::task::spawn_blocking(move || streamledger_couch::CouchStore::open(couch, &channel))
+                .await
+                .map_err(|e| NodeError::Network(format!("opening the CouchDB store: {e}")))??;
+            Ok(Arc::new(store))
+        }
+    }
 }
 
 /// A running node.
@@ -152,22 +200,23 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
     for org in network.org_names().map(str::to_string).collect::<Vec<_>>() {
         let member = peer_of(&network, &org)?;
         let name = format!("{org}.{member}");
-        let path = config.data_dir.join("peers").join(format!("{name}.redb"));
-        let store = Arc::new(EmbeddedStore::open(&path)?);
+        let store = open_store(&config, &network, &name).await?;
         let progress = Arc::new(PeerProgress::new());
         let peer_signer = signer(&format!("{org}/{member}"))?;
 
         let cfg = endorser::EndorserConfig::new(network.clone(), topics.clone(), peer_signer);
-        let (l, s, r, sd) = (dyn_log.clone(), store.clone(), registry.clone(), shutdown.clone());
+        let (l, s, r, sd) = (dyn_log.clone(), store.clone() as Arc<dyn CommittedState + Send + Sync>, registry.clone(), shutdown.clone());
         let mut cfg = cfg;
         cfg.metrics = metrics.clone();
         cfg.signature_checks = config.signature_checks;
         tasks.spawn(async move { (format!("endorser {org}"), endorser::run(cfg, l, s, r, sd).await) });
 
-        let mut cfg = validator::ValidatorConfig::new(name.clone(), network.clone(), topics.clone(), Arc::new(AnyWrite));
+        // CouchDB's limits on keys and values apply on every peer, whatever its store, so that
+        // all peers give the same verdicts (see `CouchDbRules`).
+        let mut cfg = validator::ValidatorConfig::new(name.clone(), network.clone(), topics.clone(), Arc::new(CouchDbRules));
         cfg.metrics = metrics.clone();
         cfg.signature_checks = config.signature_checks;
-        let (l, s, p, sd) = (dyn_log.clone(), store.clone() as Arc<dyn PeerStore>, progress.clone(), shutdown.clone());
+        let (l, s, p, sd) = (dyn_log.clone(), store.clone(), progress.clone(), shutdown.clone());
         let stage = format!("validator {name}");
         tasks.spawn(async move { (stage, validator::run(cfg, l, s, p, sd).await) });
         peers.push(Peer { name, store, progress });
@@ -225,7 +274,7 @@ async fn start_api(
         };
         ("status tracker".to_string(), result)
     });
-    let stores = peers.iter().map(|p| (p.name.clone(), p.store.clone() as Arc<dyn PeerStore>)).collect();
+    let stores = peers.iter().map(|p| (p.name.clone(), p.store.clone())).collect();
     let ctx = ApiContext::new(log.clone(), topics.clone(), network.clone(), client, stores, tracker, Limits::default())
         .map_err(|e| NodeError::Api(e.to_string()))?;
     let app = api::router(Arc::new(ctx)).merge(ops);

@@ -5,7 +5,7 @@
 //! (CouchDB) writes the savepoint last and re-applies the blocks after it on start, which is
 //! harmless because every write carries its version.
 
-use streamledger_core::state::{CommittedState, StateResult, WriteBatch};
+use streamledger_core::state::{CommittedState, StateResult, VersionedValue, WriteBatch};
 
 /// Where a peer is: the last block committed and where it was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,4 +42,19 @@ pub trait PeerStore: CommittedState + Send + Sync {
     fn commit(&self, commit: BlockCommit<'_>) -> StateResult<()>;
 
     fn block(&self, number: i64) -> StateResult<Option<StoredBlock>>;
+
+    /// A rich query (a CouchDB Mango selector) over a contract's state, a page at a time:
+    /// `Ok(None)` when this store has no rich queries (the embedded store). `page` is the token
+    /// the previous page returned.
+    fn rich_query(&self, namespace: &str, selector: &serde_json::Value, limit: usize, page: Option<&str>) -> StateResult<Option<QueryPage>> {
+        let _ = (namespace, selector, limit, page);
+        Ok(None)
+    }
+}
+
+/// One page of a rich query: matching keys with their values, and the token of the next page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryPage {
+    pub entries: Vec<(String, VersionedValue)>,
+    pub next: Option<String>,
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use streamledger_core::codec;
 use streamledger_core::crypto::Signer;
 use streamledger_core::cutter::{build_block, sign_block, ChainTip, Cutter, MarkerVerdict};
-use streamledger_core::model::{Block, CutMarker};
+use streamledger_core::model::{Block, BlockHeader, CutMarker};
 use streamledger_core::network::Network;
 use streamledger_core::validation::check_block;
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
@@ -89,8 +89,13 @@ struct Replica {
     awaiting: BTreeMap<i64, (Block, Instant)>,
     /// The highest block number on the blocks topic, or written by this replica.
     written: i64,
+    /// Headers of blocks seen on the topic before this replica built them (another replica is
+    /// ahead): compared with this replica's own build for fork detection, and never re-queued.
+    seen_ahead: BTreeMap<i64, BlockHeader>,
     /// The first ordered-tx offset not yet in a built block: records before it are not needed.
     keep_from: i64,
+    /// The number of the last block this replica built.
+    last_built: i64,
     start: Instant,
 }
 
@@ -110,14 +115,24 @@ impl Replica {
             self.cutter.block_built(&block.header).map_err(|e| StageError::Fatal(e.to_string()))?;
             let last = marker.last_offset;
             let mine = marker.cutter_id == self.config.id;
+            let author = marker.cutter_id.clone();
+            self.accepted.pop_front();
             self.records = self.records.split_off(&(last + 1));
             self.keep_from = last + 1;
+            self.last_built = block.header.number;
+            let number = block.header.number;
+            if number <= self.written {
+                // Already on the topic: nothing to write, only the fork check.
+                if let Some(theirs) = self.seen_ahead.remove(&number) {
+                    check_same(number, &theirs, &block.header);
+                }
+                continue;
+            }
             let when = if mine { Instant::now() } else { Instant::now() + self.config.takeover_after };
             if !mine {
-                tracing::debug!(block = block.header.number, author = %marker.cutter_id, "built; the author writes it");
+                tracing::debug!(block = number, %author, "built; the author writes it");
             }
-            self.awaiting.insert(block.header.number, (block, when));
-            self.accepted.pop_front();
+            self.awaiting.insert(number, (block, when));
         }
         Ok(fills)
     }
@@ -138,12 +153,14 @@ impl Replica {
     /// A block appeared on the topic: no need to write it.
     fn seen(&mut self, block: &Block) {
         let n = block.header.number;
-        if let Some((ours, _)) = self.awaiting.get(&n) {
-            if ours.header != block.header {
-                // Two different blocks for one number cannot come from correct replicas: shout.
-                tracing::error!(block = n, "FORK: the blocks topic holds a block {n} that differs from the one built here");
+        match self.awaiting.remove(&n) {
+            Some((ours, _)) => check_same(n, &block.header, &ours.header),
+            // Not built here yet: remember its header for when it is (only the first copy; a
+            // later copy of a number is a takeover duplicate).
+            None if n > self.last_built => {
+                self.seen_ahead.entry(n).or_insert_with(|| block.header.clone());
             }
-            self.awaiting.remove(&n);
+            None => {}
         }
         self.written = self.written.max(n);
     }
@@ -173,6 +190,8 @@ pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
         cutter: Cutter::new(config.network.config().batch.clone(), &config.id, tip.clone()),
         written: tip.next_block - 1,
         keep_from: tip.next_offset,
+        last_built: tip.next_block - 1,
+        seen_ahead: BTreeMap::new(),
         records: BTreeMap::new(),
         accepted: VecDeque::new(),
         awaiting: BTreeMap::new(),
@@ -254,11 +273,72 @@ async fn judge_marker(replica: &mut Replica, r: &Record, dead: &DeadLetters) -> 
     Ok(())
 }
 
+/// Two different blocks for one number cannot come from correct replicas: shout.
+fn check_same(number: i64, on_topic: &BlockHeader, built_here: &BlockHeader) {
+    if on_topic != built_here {
+        tracing::error!(block = number, "FORK: the blocks topic holds a block {number} that differs from the one built here");
+    }
+}
+
 fn responsible_for(replica: &Replica, marker: &CutMarker) -> bool {
     let network = &replica.config.network;
     if network.orderer_key(&marker.cutter_id).is_some() {
         marker.cutter_id == replica.config.id
     } else {
         network.config().orderers.first().is_some_and(|o| o.id == replica.config.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streamledger_core::cutter::GENESIS_PREVIOUS_HASH;
+    use streamledger_core::fixtures::Fixture;
+    use streamledger_core::model::CutReason;
+
+    fn replica(f: &Fixture, id: &str) -> Replica {
+        let signer = f.keys.signer(&format!("orderer/{id}")).unwrap();
+        let config = OrdererConfig::new(id, signer, Arc::new(f.network.clone()), Topics::default_for(f.network.channel()));
+        Replica {
+            cutter: Cutter::new(config.network.config().batch.clone(), id, ChainTip::genesis()),
+            config,
+            records: BTreeMap::new(),
+            accepted: VecDeque::new(),
+            awaiting: BTreeMap::new(),
+            written: -1,
+            keep_from: 0,
+            last_built: -1,
+            seen_ahead: BTreeMap::new(),
+            start: Instant::now(),
+        }
+    }
+
+    fn marker(n: i64, offset: i64, author: &str) -> CutMarker {
+        CutMarker { block_number: n, first_offset: offset, last_offset: offset, cutter_id: author.into(), reason: CutReason::Timeout }
+    }
+
+    #[test]
+    fn a_block_seen_before_it_is_built_here_does_not_stall_the_next_one() {
+        let f = Fixture::new();
+        let mut r = replica(&f, "orderer0");
+        for offset in 0..2 {
+            r.records.insert(offset, (vec![offset as u8; 10], Instant::now()));
+        }
+        // orderer1 cut and wrote block 0; this replica sees it on the topic before building it.
+        let m0 = marker(0, 0, "orderer1");
+        assert_eq!(r.cutter.on_marker(&m0), MarkerVerdict::Accepted);
+        r.accepted.push_back((m0.clone(), 0));
+        let theirs = build_block(&GENESIS_PREVIOUS_HASH, &m0, 0, &[&[0u8; 10][..]], r.cutter.config());
+        r.seen(&theirs);
+        // This replica authored block 1.
+        let m1 = marker(1, 1, "orderer0");
+        assert_eq!(r.cutter.on_marker(&m1), MarkerVerdict::Accepted);
+        r.accepted.push_back((m1, 1));
+        r.build_ready().unwrap();
+        assert!(!r.awaiting.contains_key(&0), "a block already on the topic is not queued for writing");
+        let due = r.due().expect("its own block 1 is written at once, not after a takeover delay");
+        assert_eq!(due.header.number, 1);
+        assert_eq!(due.metadata.orderer, "orderer0");
+        assert!(r.seen_ahead.is_empty());
     }
 }
