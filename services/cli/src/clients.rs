@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use streamledger_node::api::{BlockResponse, RangeQuery, StateEntry, SubmitRequest, TxState, ValueEncoding, MAX_RANGE_LIMIT};
+use streamledger_node::api::{BlockResponse, RangeQuery, RichQueryRequest, StateEntry, SubmitRequest, TxState, ValueEncoding, MAX_RANGE_LIMIT};
 use streamledger_node::client::{Client, ClientError};
 
 /// How often `blocks --follow` asks for the height.
@@ -68,6 +68,13 @@ pub struct QueryArgs {
     /// The peer to read from (e.g. Org1.peer0); the node's first peer when absent.
     #[arg(long, env = "STREAMLEDGER_PEER")]
     pub peer: Option<String>,
+    /// A CouchDB Mango selector (JSON) instead of a key or range, e.g. '{"balance": {"$gt": 50}}'
+    /// (needs a node running with --state couchdb://...).
+    #[arg(long, env = "STREAMLEDGER_QUERY_SELECTOR", conflicts_with_all = ["key", "start", "end"])]
+    pub selector: Option<String>,
+    /// With --selector: the page token printed after the previous page.
+    #[arg(long, env = "STREAMLEDGER_QUERY_PAGE", requires = "selector")]
+    pub page: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -173,6 +180,19 @@ pub async fn query(args: QueryArgs, out: &mut impl Write) -> Result<(), ClientCo
         if !(1..=MAX_RANGE_LIMIT).contains(&limit) {
             return Err(ClientCommandError::Usage(format!("--limit {limit}: must be between 1 and {MAX_RANGE_LIMIT}")));
         }
+    }
+    if let Some(text) = &args.selector {
+        let selector: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ClientCommandError::Usage(format!("--selector is not JSON: {e}")))?;
+        let request = RichQueryRequest { selector, limit: args.limit, page: args.page.clone(), peer: args.peer.clone() };
+        let page = client.rich_query(&args.contract, &request).await?;
+        for entry in &page.entries {
+            print_entry(out, entry)?;
+        }
+        if let Some(next) = page.next {
+            eprintln!("(more results: continue with --page {next:?})");
+        }
+        return Ok(());
     }
     let range = RangeQuery {
         start: args.start.unwrap_or_default(),

@@ -386,6 +386,28 @@ impl ApiContext {
     }
 }
 
+/// `POST /v1/query/{contract}`: a CouchDB Mango selector over a contract's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RichQueryRequest {
+    pub selector: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// The `next` token of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RichQueryResponse {
+    pub contract: String,
+    pub entries: Vec<StateEntry>,
+    /// The token of the next page, when there may be more.
+    pub next: Option<String>,
+}
+
 /// Builds the API's router.
 pub fn router(ctx: Arc<ApiContext>) -> Router {
     let limit = ctx.limits.max_body_bytes;
@@ -395,6 +417,7 @@ pub fn router(ctx: Arc<ApiContext>) -> Router {
         .route("/v1/transactions/{tx_id}", get(tx_status))
         .route("/v1/state/{contract}", get(state_range))
         .route("/v1/state/{contract}/{key}", get(state_get))
+        .route("/v1/query/{contract}", post(rich_query))
         .route("/v1/blocks/{number}", get(block))
         .route("/v1/status", get(status))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint (see /v1/status)") })
@@ -667,6 +690,34 @@ async fn state_range(
     rows.truncate(limit);
     let entries = rows.into_iter().map(|(k, v)| StateEntry::new(k, v)).collect();
     Ok(Json(RangeResponse { contract, entries, next }))
+}
+
+async fn rich_query(
+    State(ctx): State<Arc<ApiContext>>,
+    ApiPath(contract): ApiPath<String>,
+    ApiJson(q): ApiJson<RichQueryRequest>,
+) -> Result<Json<RichQueryResponse>, HttpError> {
+    let limit = q.limit.unwrap_or(DEFAULT_RANGE_LIMIT);
+    if !(1..=MAX_RANGE_LIMIT).contains(&limit) {
+        return Err(HttpError::bad_request(format!("limit {limit} must be between 1 and {MAX_RANGE_LIMIT}")));
+    }
+    if !q.selector.is_object() {
+        return Err(HttpError::bad_request("selector must be a JSON object (a Mango selector)"));
+    }
+    let (peer, store) = ctx.peer(q.peer.as_deref())?;
+    let (store, ns) = (store.clone(), contract.clone());
+    let page = blocking(move || store.rich_query(&ns, &q.selector, limit, q.page.as_deref())).await?.map_err(|e| {
+        // A selector, limit or page token the store refuses is the caller's to fix.
+        if e.retryable { HttpError::store(peer, e) } else { HttpError::bad_request(format!("peer {peer}: {}", e.message)) }
+    })?;
+    let Some(page) = page else {
+        return Err(HttpError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("peer {peer} keeps its state in the embedded store, which has no rich queries: run with --state couchdb://..."),
+        ));
+    };
+    let entries = page.entries.into_iter().map(|(k, v)| StateEntry::new(k, v)).collect();
+    Ok(Json(RichQueryResponse { contract, entries, next: page.next }))
 }
 
 async fn block(

@@ -12,7 +12,8 @@ use streamledger_core::crypto::Signer;
 use streamledger_core::model::Proposal;
 
 use crate::api::{
-    BlockResponse, ErrorBody, PeerQuery, RangeQuery, RangeResponse, SignedProposalRequest, StateEntry, StatusResponse,
+    BlockResponse, ErrorBody, PeerQuery, RangeQuery, RangeResponse, RichQueryRequest, RichQueryResponse, SignedProposalRequest,
+    StateEntry, StatusResponse,
     SubmitRequest, TxStatusResponse,
 };
 
@@ -159,6 +160,11 @@ impl Client {
 
     pub async fn range(&self, contract: &str, query: &RangeQuery) -> Result<RangeResponse, ClientError> {
         self.get(self.url(&["v1", "state", contract]), query).await
+    }
+
+    /// A Mango selector over a contract's state (CouchDB state only; 501 on the embedded store).
+    pub async fn rich_query(&self, contract: &str, query: &RichQueryRequest) -> Result<RichQueryResponse, ClientError> {
+        self.call(Method::POST, self.url(&["v1", "query", contract]), Some(query), &(), &[StatusCode::OK], REQUEST_TIMEOUT).await
     }
 
     pub async fn block(&self, number: i64, peer: Option<&str>) -> Result<BlockResponse, ClientError> {

@@ -77,6 +77,11 @@ impl Up {
     /// Starts `up` on `<dir>/data` (created on first start, reused after) with the API on a free
     /// port, and waits for its one stdout line.
     pub fn start(dir: &Path) -> Up {
+        Up::start_with(dir, &[])
+    }
+
+    /// [`Up::start`] with more flags for `up` (e.g. `--state URL`).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Up {
         let data_dir = dir.join("data");
         let log = dir.join("up.log");
         let mut log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open the node's log file");
@@ -87,6 +92,7 @@ impl Up {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--http", "127.0.0.1:0", "--no-progress"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -20,8 +20,13 @@ use streamledger_core::write_rules::CouchDbRules;
 use streamledger_couch::{CouchConfig, CouchStore};
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 
+/// tests/couchdb.sh at the repository root, found from whichever crate includes this harness.
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/couchdb.sh")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|dir| dir.join("tests/couchdb.sh"))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| PathBuf::from("tests/couchdb.sh"))
 }
 
 fn couchdb_sh(args: &[&str]) -> Result<String, String> {
