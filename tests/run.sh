@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 echo "== install what the tests need"
 # Debian's prometheus package (prometheus, promtool) for the monitoring tests; nothing when present.
 bash tests/prometheus.sh
+# The tansu Kafka-protocol broker for the Kafka adapter's tests: built from crates.io once (about
+# 13 minutes on 2 cores) and cached in ~/.cache/streamledger; nothing when cached.
+bash tests/tansu.sh install
+# pouchdb-server (a CouchDB-API server) for the CouchDB store's tests, from npm, cached in .cache/.
+bash tests/couchdb.sh install
 
 echo "== build (all targets, locked dependencies)"
 cargo build --workspace --all-targets --locked

@@ -1,0 +1,295 @@
+//! librdkafka properties, passed through unchanged from a properties file and the environment.
+//!
+//! Any property librdkafka knows (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`,
+//! `linger.ms`, `session.timeout.ms`, ...) can be set, and librdkafka itself validates names and
+//! values when a client is created. Only the few properties the ledger's guarantees rest on are
+//! fixed by the adapter; setting one of them to another value is refused with an error naming it
+//! rather than silently overridden (see [`KafkaConfig::validate`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+/// Environment variables `STREAMLEDGER_KAFKA_<PROPERTY>` set a property: the rest of the name,
+/// lower-cased, with `_` for `.` (`STREAMLEDGER_KAFKA_BOOTSTRAP_SERVERS` → `bootstrap.servers`).
+/// librdkafka property names contain no `_`, so the mapping is unambiguous.
+pub const ENV_PREFIX: &str = "STREAMLEDGER_KAFKA_";
+
+/// Reserved for the path of the properties file (for the CLI's flag), so it is not read as a
+/// property: librdkafka has no `config` property.
+pub const CONFIG_FILE_ENV: &str = "STREAMLEDGER_KAFKA_CONFIG";
+
+/// Properties under this prefix configure the adapter itself and are not passed to librdkafka.
+pub const ADAPTER_PREFIX: &str = "streamledger.";
+
+/// Adapter option: the `retention.ms` value written when a topic definition says `-1` (keep
+/// forever). Default `-1`, what Apache Kafka expects. The other accepted value is
+/// `9223372036854775807` (Long.MAX_VALUE, which Kafka also treats as "never delete"): tansu 0.6.0
+/// needs it, because its retention pass deletes **every** record of a `cleanup.policy=delete`
+/// topic whose `retention.ms` is `-1` (it compares a record's age with `-1`), at start and every
+/// ten minutes. `topics check` treats both values as the same.
+pub const INFINITE_RETENTION: &str = "streamledger.infinite.retention.ms";
+
+/// Kafka's Long.MAX_VALUE as a retention: never delete.
+pub const RETENTION_MAX: &str = "9223372036854775807";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("kafka config: {0}")]
+pub struct ConfigError(pub String);
+
+/// librdkafka properties for every client the adapter creates (producer, consumers, admin).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaConfig {
+    properties: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    /// Redacts secrets (`sasl.password`, `ssl.key.password`, ...), since configs end up in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: BTreeMap<&str, &str> =
+            self.properties.iter().map(|(k, v)| (k.as_str(), if is_secret(k) { "***" } else { v.as_str() })).collect();
+        f.debug_struct("KafkaConfig").field("properties", &shown).finish()
+    }
+}
+
+fn is_secret(key: &str) -> bool {
+    ["password", "secret", "token", "sasl.jaas.config", "ssl.key.pem", "ssl_key"].iter().any(|s| key.contains(s))
+}
+
+impl KafkaConfig {
+    /// A config with only `bootstrap.servers`.
+    pub fn bootstrap(servers: &str) -> Self {
+        Self::default().with("bootstrap.servers", servers)
+    }
+
+    /// Reads the properties file at `path` (when given), then `STREAMLEDGER_KAFKA_*` environment
+    /// variables, which override the file. Checks the result with [`KafkaConfig::validate`].
+    pub fn from_file_and_env(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read properties file {}: {e}", path.display())))?;
+                Some((path.display().to_string(), text))
+            }
+            None => None,
+        };
+        let mut env = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if !name.starts_with(ENV_PREFIX) || name == CONFIG_FILE_ENV {
+                continue;
+            }
+            let value = value.into_string().map_err(|_| ConfigError(format!("{name} is not valid UTF-8")))?;
+            env.push((name.to_string(), value));
+        }
+        let config = Self::from_sources(file.as_ref().map(|(name, text)| (name.as_str(), text.as_str())), env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The pure part of [`KafkaConfig::from_file_and_env`]: a properties file's `(name, text)` and
+    /// environment variables. Variables without the prefix are ignored.
+    pub fn from_sources(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut config = Self::default();
+        if let Some((name, text)) = file {
+            for (key, value) in parse_properties(name, text)? {
+                config.properties.insert(key, value);
+            }
+        }
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+            if var == CONFIG_FILE_ENV {
+                continue;
+            }
+            if rest.is_empty() {
+                return Err(ConfigError(format!("{var}: no property name after the prefix")));
+            }
+            config.properties.insert(rest.to_ascii_lowercase().replace('_', "."), value);
+        }
+        Ok(config)
+    }
+
+    /// Sets a property (replacing any earlier value).
+    pub fn set(&mut self, key: &str, value: &str) -> &mut Self {
+        self.properties.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    pub fn with(mut self, key: &str, value: &str) -> Self {
+        self.set(key, value);
+        self
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.properties.get(key).map(String::as_str)
+    }
+
+    pub fn properties(&self) -> &BTreeMap<String, String> {
+        &self.properties
+    }
+
+    /// The librdkafka properties: everything but the adapter's own options.
+    pub fn librdkafka_properties(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.properties.iter().filter(|(k, _)| !k.starts_with(ADAPTER_PREFIX)).map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The `retention.ms` to write for "keep forever" (see [`INFINITE_RETENTION`]).
+    pub fn infinite_retention_ms(&self) -> &str {
+        self.get(INFINITE_RETENTION).unwrap_or("-1")
+    }
+
+    /// `bootstrap.servers` (or librdkafka's alias `metadata.broker.list`).
+    pub fn bootstrap_servers(&self) -> Option<&str> {
+        self.get("bootstrap.servers").or_else(|| self.get("metadata.broker.list")).filter(|s| !s.trim().is_empty())
+    }
+
+    /// Refuses a config without brokers, and values that would break what the ledger relies on:
+    /// - `enable.idempotence=true` and `acks=all`: an append is durable and not duplicated by the
+    ///   producer's own retries when it returns;
+    /// - `enable.auto.commit=false`: a group's offsets move only after the stage's outputs are
+    ///   durable, so a crash re-delivers and never skips;
+    /// - `auto.offset.reset=earliest` (for groups): a new group reads the ledger from the start;
+    /// - no `group.id`: each stage names its own group (one per org for endorsers);
+    /// - no `transactional.id`: nothing relies on broker transactions (DESIGN.md, invariant 4).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.bootstrap_servers().is_none() {
+            return Err(ConfigError(format!(
+                "bootstrap.servers is not set: put `bootstrap.servers=HOST:PORT[,HOST:PORT...]` in the properties file \
+                 or set {ENV_PREFIX}BOOTSTRAP_SERVERS"
+            )));
+        }
+        for key in self.properties.keys().filter(|k| k.starts_with(ADAPTER_PREFIX)) {
+            if key != INFINITE_RETENTION {
+                return Err(ConfigError(format!("{key} is not an option of the adapter (known: {INFINITE_RETENTION})")));
+            }
+        }
+        let infinite = self.infinite_retention_ms();
+        if infinite != "-1" && infinite != RETENTION_MAX {
+            return Err(ConfigError(format!("{INFINITE_RETENTION}={infinite}: use -1 (Apache Kafka) or {RETENTION_MAX} (tansu 0.6.0)")));
+        }
+        let refuse = |key: &str, allowed: &[&str], why: &str| -> Result<(), ConfigError> {
+            match self.get(key) {
+                Some(v) if !allowed.iter().any(|a| a.eq_ignore_ascii_case(v.trim())) => Err(ConfigError(format!(
+                    "{key}={v} is not supported: the adapter sets {key}={} because {why}",
+                    allowed[0]
+                ))),
+                _ => Ok(()),
+            }
+        };
+        refuse("enable.idempotence", &["true"], "appends must not be duplicated by producer retries")?;
+        refuse("acks", &["all", "-1"], "an append must be durable on every in-sync replica when it returns")?;
+        refuse("request.required.acks", &["all", "-1"], "an append must be durable on every in-sync replica when it returns")?;
+        refuse("enable.auto.commit", &["false"], "offsets are committed only after a stage's outputs are durable")?;
+        refuse("auto.offset.reset", &["earliest", "smallest", "beginning"], "a new consumer group reads the ledger from its start")?;
+        for key in ["group.id", "transactional.id"] {
+            if let Some(v) = self.get(key) {
+                let why = if key == "group.id" {
+                    "each stage chooses its consumer group (endorsers use one per org)"
+                } else {
+                    "nothing relies on broker transactions"
+                };
+                return Err(ConfigError(format!("{key}={v} must not be set: {why}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Java-style `.properties`, the subset clients' config files use: `key=value` lines (whitespace
+/// around key and value trimmed), `#` and `!` comments, blank lines.
+fn parse_properties(name: &str, text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| ConfigError(format!("{name}:{}: expected `key=value`, got {line:?}", i + 1)))?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(ConfigError(format!("{name}:{}: empty property name", i + 1)));
+        }
+        out.push((key.to_string(), value.trim().to_string()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn file_then_environment_with_dots_for_underscores() {
+        let file = "# a comment\n! another\n\nbootstrap.servers = file:9092\nlinger.ms=5\nsasl.password=hunter2\n";
+        let c = KafkaConfig::from_sources(
+            Some(("client.properties", file)),
+            env(&[
+                ("STREAMLEDGER_KAFKA_BOOTSTRAP_SERVERS", "env:9092"),
+                ("STREAMLEDGER_KAFKA_SOCKET_KEEPALIVE_ENABLE", "true"),
+                ("STREAMLEDGER_KAFKA_CONFIG", "/etc/kafka.properties"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.get("bootstrap.servers"), Some("env:9092"), "the environment overrides the file");
+        assert_eq!(c.get("linger.ms"), Some("5"));
+        assert_eq!(c.get("socket.keepalive.enable"), Some("true"));
+        assert_eq!(c.properties().len(), 4, "{c:?}");
+        assert!(!format!("{c:?}").contains("hunter2"), "secrets are redacted");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_property() {
+        let err = KafkaConfig::from_sources(Some(("f.properties", "a=1\nnot a property\n")), vec![]).unwrap_err();
+        assert!(err.to_string().contains("f.properties:2"), "{err}");
+        let err = KafkaConfig::default().with("linger.ms", "1").validate().unwrap_err();
+        assert!(err.to_string().contains("bootstrap.servers is not set"), "{err}");
+        for (key, value) in [
+            ("enable.idempotence", "false"),
+            ("acks", "1"),
+            ("enable.auto.commit", "true"),
+            ("auto.offset.reset", "latest"),
+            ("group.id", "mine"),
+            ("transactional.id", "t"),
+        ] {
+            let err = KafkaConfig::bootstrap("b:9092").with(key, value).validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("{key}={value}")), "{err}");
+        }
+        KafkaConfig::bootstrap("b:9092").with("acks", "-1").with("enable.idempotence", "TRUE").validate().unwrap();
+        let err = KafkaConfig::bootstrap("b:9092").with("streamledger.nope", "1").validate().unwrap_err().to_string();
+        assert!(err.contains("streamledger.nope"), "{err}");
+        let err = KafkaConfig::bootstrap("b:9092").with(INFINITE_RETENTION, "5").validate().unwrap_err().to_string();
+        assert!(err.contains(INFINITE_RETENTION), "{err}");
+    }
+
+    #[test]
+    fn reads_a_properties_file_and_names_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.properties");
+        std::fs::write(&path, "bootstrap.servers=a:9092,b:9092\nclient.id=streamledger\n").unwrap();
+        let c = KafkaConfig::from_file_and_env(Some(&path)).unwrap();
+        assert_eq!(c.get("client.id"), Some("streamledger"));
+        let err = KafkaConfig::from_file_and_env(Some(&dir.path().join("nope.properties"))).unwrap_err().to_string();
+        assert!(err.contains("nope.properties"), "{err}");
+    }
+
+    #[test]
+    fn adapter_options_are_not_librdkafka_properties() {
+        let env = env(&[("STREAMLEDGER_KAFKA_STREAMLEDGER_INFINITE_RETENTION_MS", RETENTION_MAX), ("STREAMLEDGER_KAFKA_BOOTSTRAP_SERVERS", "b:1")]);
+        let c = KafkaConfig::from_sources(None, env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.infinite_retention_ms(), RETENTION_MAX);
+        assert_eq!(c.librdkafka_properties().collect::<Vec<_>>(), vec![("bootstrap.servers", "b:1")]);
+        assert_eq!(KafkaConfig::bootstrap("b:1").infinite_retention_ms(), "-1");
+    }
+}
