@@ -50,6 +50,34 @@ struct UpArgs {
     /// CouchDB URL, `couchdb://user:pass@host:5984` or `http://host:5984`.
     #[arg(long, env = "STREAMLEDGER_STATE", default_value = "embedded", value_parser = streamledger_node::up::StateBackend::parse)]
     state: streamledger_node::up::StateBackend,
+    /// CouchDB: retries of a request that may succeed later (Fabric's couchDBConfig.maxRetries).
+    #[arg(long, env = "STREAMLEDGER_COUCHDB_MAX_RETRIES", default_value_t = 3)]
+    couchdb_max_retries: u32,
+    /// CouchDB: the same while the store opens (Fabric's maxRetriesOnStartup).
+    #[arg(long, env = "STREAMLEDGER_COUCHDB_MAX_RETRIES_ON_STARTUP", default_value_t = 10)]
+    couchdb_max_retries_on_startup: u32,
+    /// CouchDB: time limit of one request, in milliseconds (Fabric's requestTimeout, 35s).
+    #[arg(long, env = "STREAMLEDGER_COUCHDB_REQUEST_TIMEOUT_MS", default_value_t = 35_000)]
+    couchdb_request_timeout_ms: u64,
+    /// CouchDB: documents per _bulk_docs request and keys per bulk read (Fabric's maxBatchUpdateSize).
+    #[arg(long, env = "STREAMLEDGER_COUCHDB_MAX_BATCH_UPDATE_SIZE", default_value_t = 1000)]
+    couchdb_max_batch_update_size: usize,
+}
+
+impl UpArgs {
+    /// The state backend with the CouchDB settings applied, checked as a whole.
+    fn state(&self) -> Result<streamledger_node::up::StateBackend, CliError> {
+        use streamledger_node::up::StateBackend;
+        let mut state = self.state.clone();
+        if let StateBackend::CouchDb(c) = &mut state {
+            c.max_retries = self.couchdb_max_retries;
+            c.max_retries_on_startup = self.couchdb_max_retries_on_startup;
+            c.request_timeout = std::time::Duration::from_millis(self.couchdb_request_timeout_ms);
+            c.max_batch_update_size = self.couchdb_max_batch_update_size;
+            c.validate().map_err(|message| CliError::Config { path: PathBuf::from("--state"), message })?;
+        }
+        Ok(state)
+    }
 }
 
 #[derive(clap::Args)]
@@ -186,12 +214,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 async fn up(args: UpArgs) -> Result<(), CliError> {
     use std::io::IsTerminal;
     let config = streamledger_node::up::UpConfig {
+        state: args.state()?,
         data_dir: args.data_dir.clone(),
         http: args.http,
         client: args.client,
         progress: !args.no_progress && std::io::stderr().is_terminal(),
         signature_checks: Default::default(),
-        state: args.state,
     };
     let node = streamledger_node::up::start(config).await?;
     // On stdout, one line, so that scripts and tests can find the API.
@@ -247,4 +275,34 @@ async fn replay(args: ReplayArgs) -> Result<(), CliError> {
         None => println!("no live store for peer {} to compare with", args.peer),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up_args(args: &[&str]) -> UpArgs {
+        match Cli::try_parse_from(["streamledger", "up"].iter().chain(args)).expect("parses").command {
+            Command::Up(a) => a,
+            _ => panic!("not up"),
+        }
+    }
+
+    #[test]
+    fn couchdb_settings_reach_the_store_config_and_bad_ones_are_named() {
+        use streamledger_node::up::StateBackend;
+        let a = up_args(&["--state", "couchdb://u:p@db:5984", "--couchdb-max-retries", "7", "--couchdb-request-timeout-ms", "1500"]);
+        match a.state().unwrap() {
+            StateBackend::CouchDb(c) => {
+                assert_eq!(c.max_retries, 7);
+                assert_eq!(c.request_timeout, std::time::Duration::from_millis(1500));
+                assert_eq!(c.max_batch_update_size, 1000);
+            }
+            other => panic!("expected CouchDB, got {other:?}"),
+        }
+        assert!(matches!(up_args(&[]).state().unwrap(), StateBackend::Embedded));
+        let err = up_args(&["--state", "http://db:5984", "--couchdb-max-batch-update-size", "0"]).state().unwrap_err().to_string();
+        assert!(err.contains("maxBatchUpdateSize"), "{err}");
+        assert!(Cli::try_parse_from(["streamledger", "up", "--state", "ftp://x"]).is_err());
+    }
 }
