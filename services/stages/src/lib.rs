@@ -12,6 +12,7 @@ pub mod orderer;
 pub mod validator;
 
 pub mod metrics;
+pub mod testkit;
 
 mod common;
 

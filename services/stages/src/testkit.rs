@@ -1,0 +1,230 @@
+//! Support for tests (like the core's `fixtures`): every stage of a network in one process over
+//! any log, and scenarios that run unchanged on each log adapter, so that the embedded log and
+//! Kafka are held to the same behaviour by the same code. Assertions panic, as tests expect.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use streamledger_core::codec;
+use streamledger_core::contract::Registry;
+use streamledger_core::fixtures::Fixture;
+use streamledger_core::model::{Block, DeadLetter, Proposal, Rejection};
+use streamledger_core::network::Network;
+use streamledger_core::validation::TxValidationCode;
+use streamledger_core::write_rules::CouchDbRules;
+use streamledger_ports::log::{Log, OutRecord, Subscription};
+use streamledger_ports::store::PeerStore;
+use streamledger_ports::topics::{names, Topics};
+use tokio::sync::watch;
+
+use crate::validator::PeerProgress;
+use crate::{endorser, gateway, orderer, validator};
+
+pub struct Options {
+    /// The channel, hence the topic names (a shared broker needs one per test).
+    pub channel: String,
+    pub batch_timeout_ms: u64,
+    /// The orderer replicas to run.
+    pub orderers: Vec<String>,
+    pub takeover_after: Duration,
+    /// How long `codes` waits for every peer to commit.
+    pub verdict_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            channel: "mychannel".into(),
+            // Short, so that tests do not wait on it.
+            batch_timeout_ms: 20,
+            orderers: vec!["orderer0".into(), "orderer1".into()],
+            takeover_after: Duration::from_millis(500),
+            verdict_timeout: Duration::from_secs(45),
+        }
+    }
+}
+
+/// The sample network's stages running over `log`: an endorser and a validator per org (on the
+/// given stores, one per org), the gateway and the orderer replicas.
+pub struct TestNetwork {
+    pub f: Fixture,
+    pub log: Arc<dyn Log>,
+    pub topics: Topics,
+    pub stores: Vec<Arc<dyn PeerStore>>,
+    options: Options,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl TestNetwork {
+    pub async fn start(log: Arc<dyn Log>, stores: Vec<Arc<dyn PeerStore>>, options: Options) -> Self {
+        let mut f = Fixture::new();
+        let mut config = f.network.config().clone();
+        config.channel = options.channel.clone();
+        config.batch.batch_timeout_ms = options.batch_timeout_ms;
+        f.network = Network::new(config).expect("the test network is valid");
+        let network = Arc::new(f.network.clone());
+        let topics = Topics::default_for(network.channel());
+        for spec in topics.all() {
+            log.ensure_topic(spec).await.expect("topics are created");
+        }
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let registry = Arc::new(Registry::builtin());
+        assert_eq!(stores.len(), 2, "one store per org of the sample network");
+        for (i, org) in ["Org1", "Org2"].into_iter().enumerate() {
+            let store = stores[i].clone();
+            let mut cfg = endorser::EndorserConfig::new(network.clone(), topics.clone(), f.peers[i].clone());
+            // Groups named per channel, so tests sharing a broker do not share groups.
+            cfg.group = format!("{}.{}", network.channel(), cfg.group);
+            let (l, s, r, sd) = (log.clone(), store.clone(), registry.clone(), rx.clone());
+            tasks.push(tokio::spawn(async move { endorser::run(cfg, l, s, r, sd).await.expect("endorser runs") }));
+            let cfg = validator::ValidatorConfig::new(format!("{org}.peer0"), network.clone(), topics.clone(), Arc::new(CouchDbRules));
+            let (l, sd) = (log.clone(), rx.clone());
+            tasks.push(tokio::spawn(async move { validator::run(cfg, l, store, Arc::new(PeerProgress::new()), sd).await.expect("validator runs") }));
+        }
+        let mut cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
+        cfg.group = format!("{}.{}", network.channel(), cfg.group);
+        let (l, sd) = (log.clone(), rx.clone());
+        tasks.push(tokio::spawn(async move { gateway::run(cfg, l, sd).await.expect("gateway runs") }));
+        for id in &options.orderers {
+            let signer = f.keys.signer(&format!("orderer/{id}")).expect("orderer key");
+            let mut cfg = orderer::OrdererConfig::new(id, signer, network.clone(), topics.clone());
+            cfg.takeover_after = options.takeover_after;
+            let (l, sd) = (log.clone(), rx.clone());
+            tasks.push(tokio::spawn(async move { orderer::run(cfg, l, sd).await.expect("orderer runs") }));
+        }
+        Self { f, log, topics, stores, options, shutdown, tasks }
+    }
+
+    /// Appends proposals to the proposals topic, as an outside producer would.
+    pub async fn submit(&self, proposals: &[Proposal]) {
+        let records = proposals.iter().map(|p| OutRecord::keyed(p.tx_id.as_bytes(), codec::encode(p).expect("encodes"))).collect();
+        self.log.append(self.topics.name(names::PROPOSALS), records).await.expect("append");
+    }
+
+    /// Waits until every peer has a code for every tx id, and returns peer 0's codes.
+    pub async fn codes(&self, tx_ids: &[&str]) -> Vec<TxValidationCode> {
+        let deadline = Instant::now() + self.options.verdict_timeout;
+        loop {
+            let all = self.stores.iter().all(|s| tx_ids.iter().all(|id| s.tx_location(id).expect("read").is_some()));
+            if all {
+                return tx_ids
+                    .iter()
+                    .map(|id| TxValidationCode::from_i32(self.stores[0].tx_location(id).expect("read").expect("indexed").code).expect("a known code"))
+                    .collect();
+            }
+            assert!(Instant::now() < deadline, "transactions were not committed on every peer in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A `transfer` account's balance on peer 0.
+    pub fn balance(&self, account: &str) -> u64 {
+        let v = self.stores[0].get("transfer", account).expect("read").expect("account exists");
+        let json: serde_json::Value = serde_json::from_slice(&v.value).expect("JSON account");
+        json["balance"].as_u64().expect("a balance")
+    }
+
+    /// Every record of partition 0 of a topic, decoded.
+    pub async fn read_all<T: codec::Record>(&self, suffix: &str) -> Vec<T> {
+        let topic = self.topics.name(suffix);
+        let end = self.log.end_offset(topic, 0).await.expect("end offset");
+        let mut c = self.log.consumer(Subscription::Assign { positions: vec![(topic.to_string(), 0, 0)] }).await.expect("consumer");
+        let mut out = Vec::new();
+        while (out.len() as i64) < end {
+            let batch = c.poll(1000, Duration::from_secs(5)).await.expect("poll");
+            assert!(!batch.is_empty(), "{topic}: records below the end offset could not be read");
+            out.extend(batch.into_iter().map(|r| codec::decode::<T>(&r.value).expect("decodes")));
+        }
+        out
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.send(true).expect("stages listen");
+        for t in self.tasks {
+            tokio::time::timeout(Duration::from_secs(15), t).await.expect("stage stops").expect("stage ends cleanly");
+        }
+    }
+}
+
+/// The scenarios every log adapter must pass.
+pub mod scenarios {
+    use super::*;
+
+    /// Transfers commit on every peer with equal state hashes; of five transfers from one account
+    /// sent at once, those endorsed on a stale state get MVCC_READ_CONFLICT and the balances show
+    /// exactly the others (on the embedded log all five are endorsed on one state, so exactly one
+    /// commits; on Kafka they spread over partitions); two orderer replicas make one chain.
+    pub async fn transfers_and_conflicts(net: &TestNetwork) {
+        let f = &net.f;
+        let create = [f.proposal("transfer", "create", &["alice", "100"]), f.proposal("transfer", "create", &["bob", "0"])];
+        net.submit(&create).await;
+        let ids: Vec<&str> = create.iter().map(|p| p.tx_id.as_str()).collect();
+        assert_eq!(net.codes(&ids).await, [TxValidationCode::Valid, TxValidationCode::Valid]);
+
+        let spends: Vec<Proposal> = (0..5).map(|_| f.proposal("transfer", "transfer", &["alice", "bob", "10"])).collect();
+        net.submit(&spends).await;
+        let ids: Vec<&str> = spends.iter().map(|p| p.tx_id.as_str()).collect();
+        let codes = net.codes(&ids).await;
+        let valid = codes.iter().filter(|c| **c == TxValidationCode::Valid).count() as u64;
+        let conflicts = codes.iter().filter(|c| **c == TxValidationCode::MvccReadConflict).count() as u64;
+        assert!(valid >= 1 && valid + conflicts == 5, "{codes:?}");
+        assert_eq!((net.balance("alice"), net.balance("bob")), (100 - 10 * valid, 10 * valid));
+
+        for _ in 0..3 {
+            let p = f.proposal("transfer", "transfer", &["alice", "bob", "5"]);
+            net.submit(std::slice::from_ref(&p)).await;
+            assert_eq!(net.codes(&[&p.tx_id]).await, [TxValidationCode::Valid]);
+        }
+        assert_eq!((net.balance("alice"), net.balance("bob")), (85 - 10 * valid, 15 + 10 * valid));
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let sps: Vec<_> = net.stores.iter().map(|s| s.savepoint().expect("read").expect("committed")).collect();
+            if sps[0].block == sps[1].block {
+                assert_eq!(sps[0].state_hash, sps[1].state_hash, "peers at one height disagree");
+                break;
+            }
+            assert!(Instant::now() < deadline, "peers did not reach one height");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let blocks = net.read_all::<Block>(names::BLOCKS).await;
+        let mut numbers: Vec<i64> = blocks.iter().map(|b| b.header.number).collect();
+        numbers.dedup();
+        assert_eq!(numbers, (0..numbers.len() as i64).collect::<Vec<_>>(), "one chain, no gap");
+    }
+
+    /// Garbage on the proposals topic is dead-lettered by each stage that reads it, an unknown
+    /// contract and a failing call are rejected with their reasons, and a good transaction still
+    /// commits.
+    pub async fn bad_input(net: &TestNetwork) {
+        let f = &net.f;
+        let proposals = net.topics.name(names::PROPOSALS).to_string();
+        net.log.append(&proposals, vec![OutRecord::keyed(&b"junk"[..], b"not avro".to_vec())]).await.expect("append");
+        let unknown = f.proposal("nosuch", "x", &[]);
+        let failing = f.proposal("transfer", "transfer", &["nobody", "bob", "1"]);
+        net.submit(&[unknown.clone(), failing.clone()]).await;
+        let good = f.proposal("kv", "put", &["k", "v"]);
+        net.submit(std::slice::from_ref(&good)).await;
+        assert_eq!(net.codes(&[&good.tx_id]).await, [TxValidationCode::Valid]);
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let rejections = loop {
+            let r = net.read_all::<Rejection>(names::REJECTIONS).await;
+            if r.len() >= 2 || Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let reason = |id: &str| rejections.iter().find(|r| r.tx_id == id).map(|r| r.reason.clone()).unwrap_or_default();
+        assert!(reason(&unknown.tx_id).contains("not deployed"), "{rejections:?}");
+        assert!(reason(&failing.tx_id).contains("nobody"), "{rejections:?}");
+        let letters = net.read_all::<DeadLetter>(names::DEAD_LETTERS).await;
+        let mut stages: Vec<&str> = letters.iter().map(|l| l.stage.as_str()).collect();
+        stages.sort();
+        assert_eq!(stages, ["endorser", "endorser", "gateway"], "{letters:?}");
+        assert!(letters.iter().all(|l| l.source_topic == proposals && l.payload == b"not avro" && l.reason.contains("Proposal")));
+    }
+}
