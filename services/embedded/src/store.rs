@@ -358,36 +358,10 @@ mod tests {
 
     use super::*;
 
-    fn savepoint(block: i64) -> Savepoint {
-        Savepoint { block, block_hash: vec![1, block as u8], state_hash: vec![2, block as u8], blocks_offset: 100 + block }
-    }
-
-    fn stored(number: i64) -> StoredBlock {
-        StoredBlock { number, bytes: format!("block {number}").into_bytes(), codes: vec![0, 11, number as i32] }
-    }
+    use streamledger_ports::conformance::{self, batch, keys, savepoint, stored};
 
     fn commit(store: &EmbeddedStore, batch: &WriteBatch) -> StateResult<()> {
-        let block = stored(batch.block);
-        let sp = savepoint(batch.block);
-        store.commit(BlockCommit { block: &block, batch, savepoint: &sp })
-    }
-
-    fn batch(block: i64, writes: &[(&str, &str, Option<&str>)], txs: &[(&str, i32)]) -> WriteBatch {
-        let mut b = WriteBatch { block, ..Default::default() };
-        for (i, (ns, key, value)) in writes.iter().enumerate() {
-            b.writes.insert(
-                (ns.to_string(), key.to_string()),
-                (value.map(|v| v.as_bytes().to_vec()), Version::new(block, i as i32)),
-            );
-        }
-        for (id, position) in txs {
-            b.tx_index.push((id.to_string(), TxLocation { block, position: *position, code: 0 }));
-        }
-        b
-    }
-
-    fn keys(found: Vec<(String, VersionedValue)>) -> Vec<String> {
-        found.into_iter().map(|(k, _)| k).collect()
+        conformance::commit(store, batch)
     }
 
     #[test]
@@ -438,56 +412,14 @@ mod tests {
     fn duplicate_gap_and_inconsistent_commits_are_refused_and_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap();
-
-        let err = commit(&store, &batch(1, &[("ns", "k", Some("early"))], &[])).unwrap_err();
-        assert!(!err.retryable);
-        assert!(err.message.contains("block 1") && err.message.contains("block 0"), "{err}");
-        assert_eq!(store.savepoint().unwrap(), None);
-
-        commit(&store, &batch(0, &[("ns", "k", Some("v0"))], &[("t0", 0)])).unwrap();
-        commit(&store, &batch(1, &[("ns", "k", Some("v1"))], &[("t1", 0)])).unwrap();
-
-        // Block 1 delivered again, with different content: refused, nothing changes.
-        let mut again = batch(1, &[("ns", "k", Some("twice")), ("ns", "new", Some("n"))], &[("t9", 0)]);
-        again.tx_index.push(("t1".into(), TxLocation { block: 1, position: 7, code: 9 }));
-        let err = commit(&store, &again).unwrap_err();
-        assert!(!err.retryable);
-        assert!(err.message.contains("block 1 is already committed") && err.message.contains("peer.redb"), "{err}");
-
-        // A gap: block 3 after block 1.
-        let err = commit(&store, &batch(3, &[("ns", "k", Some("gap"))], &[("t3", 0)])).unwrap_err();
-        assert!(!err.retryable);
-        assert!(err.message.contains("block 3") && err.message.contains("block 1") && err.message.contains("expected block 2"), "{err}");
-
-        // Block, batch and savepoint disagreeing on the number.
-        let (block, b, sp) = (stored(2), batch(2, &[("ns", "k", Some("odd"))], &[]), savepoint(3));
-        let err = store.commit(BlockCommit { block: &block, batch: &b, savepoint: &sp }).unwrap_err();
-        assert!(!err.retryable && err.message.contains("inconsistent"), "{err}");
-
-        assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"v1");
-        assert_eq!(store.get("ns", "new").unwrap(), None);
-        assert_eq!(store.tx_location("t9").unwrap(), None);
-        assert_eq!(store.tx_location("t3").unwrap(), None);
-        assert_eq!(store.tx_location("t1").unwrap(), Some(TxLocation { block: 1, position: 0, code: 0 }));
-        assert_eq!(store.savepoint().unwrap(), Some(savepoint(1)));
-        assert_eq!(store.block(1).unwrap(), Some(stored(1)));
-        assert_eq!(store.block(3).unwrap(), None);
-        // The refusals did not wedge the store.
-        commit(&store, &batch(2, &[], &[])).unwrap();
+        conformance::duplicate_gap_and_inconsistent_commits_are_refused(&store, "peer.redb");
     }
 
     #[test]
     fn tx_index_keeps_the_first_occurrence() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap();
-        let mut b0 = batch(0, &[], &[("dup", 0), ("dup", 1)]);
-        b0.tx_index[1].1.code = 9;
-        commit(&store, &b0).unwrap();
-        assert_eq!(store.tx_location("dup").unwrap(), Some(TxLocation { block: 0, position: 0, code: 0 }));
-        let mut b1 = batch(1, &[], &[("dup", 4)]);
-        b1.tx_index[0].1.code = 9;
-        commit(&store, &b1).unwrap();
-        assert_eq!(store.tx_location("dup").unwrap(), Some(TxLocation { block: 0, position: 0, code: 0 }));
+        conformance::tx_index_keeps_the_first_occurrence(&store);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`store`]: a peer's committed world state, tx-id index, block store and savepoint;
 //! - [`topics`]: the channel's topic definitions from `topics/topics.toml`.
 
+pub mod conformance;
 pub mod log;
 pub mod store;
 pub mod topics;
