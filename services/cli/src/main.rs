@@ -30,6 +30,53 @@ enum Command {
     /// Network configuration: generate keys and a network, or check one.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// The channel's topics on a Kafka cluster, from topics/topics.toml.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create the missing topics and report drift of existing ones (which are never changed).
+    Apply(TopicsArgs),
+    /// Report missing topics and drift, changing nothing.
+    Check(TopicsArgs),
+}
+
+#[derive(clap::Args)]
+struct TopicsArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[arg(long, env = "STREAMLEDGER_CHANNEL", default_value = "mychannel")]
+    channel: String,
+    /// Topic definitions (default: the shipped topics/topics.toml).
+    #[arg(long, env = "STREAMLEDGER_TOPICS")]
+    topics: Option<PathBuf>,
+}
+
+/// Where the Kafka cluster is and how to talk to it.
+#[derive(clap::Args)]
+struct KafkaArgs {
+    /// Kafka bootstrap servers, e.g. `broker1:9092,broker2:9092`. (Not `STREAMLEDGER_KAFKA_*`:
+    /// those variables are librdkafka properties.)
+    #[arg(long = "kafka", env = "STREAMLEDGER_BROKERS")]
+    brokers: Option<String>,
+    /// A librdkafka properties file (`key=value` lines), passed through unchanged; properties can
+    /// also come from `STREAMLEDGER_KAFKA_<PROPERTY>` variables (dots as underscores).
+    #[arg(long, env = "STREAMLEDGER_KAFKA_CONFIG")]
+    kafka_config: Option<PathBuf>,
+}
+
+impl KafkaArgs {
+    /// The client configuration, or `None` when no brokers are given.
+    fn config(&self) -> Result<Option<streamledger_kafka::KafkaConfig>, CliError> {
+        let Some(brokers) = &self.brokers else { return Ok(None) };
+        let bad = |message: String| CliError::Config { path: self.kafka_config.clone().unwrap_or_else(|| PathBuf::from("--kafka")), message };
+        let mut config = streamledger_kafka::KafkaConfig::load(self.kafka_config.as_deref()).map_err(|e| bad(e.to_string()))?;
+        config.set("bootstrap.servers", brokers);
+        config.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(Some(config))
+    }
 }
 
 #[derive(clap::Args)]
@@ -62,6 +109,9 @@ struct UpArgs {
     /// CouchDB: documents per _bulk_docs request and keys per bulk read (Fabric's maxBatchUpdateSize).
     #[arg(long, env = "STREAMLEDGER_COUCHDB_MAX_BATCH_UPDATE_SIZE", default_value_t = 1000)]
     couchdb_max_batch_update_size: usize,
+    /// Run on a Kafka cluster (`--kafka BROKERS`) instead of the embedded log.
+    #[command(flatten)]
+    kafka: KafkaArgs,
 }
 
 impl UpArgs {
@@ -160,6 +210,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Replay(args) => runtime()?.block_on(replay(args)),
         Command::Bench(args) => Ok(runtime()?.block_on(bench::run(args))?),
         Command::Client(command) => Ok(clients::run(command)?),
+        Command::Topics(command) => runtime()?.block_on(topics(command)),
         Command::Network(NetworkCommand::Init { dir, channel, orgs, orderers }) => network_init(&dir, channel, orgs, orderers),
         Command::Network(NetworkCommand::Check { file }) => {
             let text = std::fs::read_to_string(&file).map_err(io_err(&file))?;
@@ -207,6 +258,31 @@ fn network_init(dir: &Path, channel: String, orgs: Vec<String>, orderers: Vec<St
     Ok(())
 }
 
+/// `topics apply|check`: prints one line per topic; fails when a topic is missing or drifted.
+async fn topics(command: TopicsCommand) -> Result<(), CliError> {
+    let (apply, args) = match command {
+        TopicsCommand::Apply(a) => (true, a),
+        TopicsCommand::Check(a) => (false, a),
+    };
+    let config = args.kafka.config()?.ok_or_else(|| CliError::Config { path: "--kafka".into(), message: "no Kafka brokers given (--kafka or STREAMLEDGER_BROKERS)".into() })?;
+    let topics = match &args.topics {
+        None => streamledger_ports::topics::Topics::default_for(&args.channel),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+            streamledger_ports::topics::Topics::parse(&args.channel, &text).map_err(|e| CliError::Config { path: path.clone(), message: e.to_string() })?
+        }
+    };
+    let admin = streamledger_kafka::KafkaAdmin::connect(&config).await.map_err(|e| CliError::Config { path: "--kafka".into(), message: e.to_string() })?;
+    let report = if apply { streamledger_kafka::topics::apply(&admin, &topics).await } else { streamledger_kafka::topics::check(&admin, &topics).await }
+        .map_err(|e| CliError::Config { path: "--kafka".into(), message: e.to_string() })?;
+    println!("{report}");
+    if report.is_clean() {
+        Ok(())
+    } else {
+        Err(CliError::Config { path: "--kafka".into(), message: "topics are missing or differ from the definitions (see above)".into() })
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Runtime::new().map_err(|source| CliError::Io { path: PathBuf::from("<tokio runtime>"), source })
 }
@@ -215,11 +291,10 @@ async fn up(args: UpArgs) -> Result<(), CliError> {
     use std::io::IsTerminal;
     let config = streamledger_node::up::UpConfig {
         state: args.state()?,
-        data_dir: args.data_dir.clone(),
-        http: args.http,
-        client: args.client,
+        kafka: args.kafka.config()?,
+        client: args.client.clone(),
         progress: !args.no_progress && std::io::stderr().is_terminal(),
-        signature_checks: Default::default(),
+        ..streamledger_node::up::UpConfig::new(args.data_dir.clone(), args.http)
     };
     let node = streamledger_node::up::start(config).await?;
     // On stdout, one line, so that scripts and tests can find the API.

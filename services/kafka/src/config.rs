@@ -65,6 +65,14 @@ impl KafkaConfig {
     /// Reads the properties file at `path` (when given), then `STREAMLEDGER_KAFKA_*` environment
     /// variables, which override the file. Checks the result with [`KafkaConfig::validate`].
     pub fn from_file_and_env(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = Self::load(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`KafkaConfig::from_file_and_env`] without the final check, for callers that add
+    /// properties (such as `bootstrap.servers` from a flag) before validating.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let file = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -82,9 +90,7 @@ impl KafkaConfig {
             let value = value.into_string().map_err(|_| ConfigError(format!("{name} is not valid UTF-8")))?;
             env.push((name.to_string(), value));
         }
-        let config = Self::from_sources(file.as_ref().map(|(name, text)| (name.as_str(), text.as_str())), env)?;
-        config.validate()?;
-        Ok(config)
+        Self::from_sources(file.as_ref().map(|(name, text)| (name.as_str(), text.as_str())), env)
     }
 
     /// The pure part of [`KafkaConfig::from_file_and_env`]: a properties file's `(name, text)` and

@@ -1542,7 +1542,7 @@ async fn run_embedded(config: &BenchConfig, calibration: Calibration) -> Result<
     let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let signature_checks = if config.no_signature_checks { SignatureChecks::Off } else { SignatureChecks::On };
     let node =
-        up::start(UpConfig { data_dir: dir.path.clone(), http: any_port, client: config.client.clone(), progress: false, state: Default::default(), signature_checks }).await?;
+        up::start(UpConfig { client: config.client.clone(), signature_checks, ..UpConfig::new(dir.path.clone(), any_port) }).await?;
     let (_, keys) = up::load_or_create_network(&dir.path.join("network"))?;
     let signer = keys.signer(&config.client).map_err(|e| BenchError::Config(format!("--client: {e}")))?;
     let network = (*node.network).clone();
@@ -2051,14 +2051,7 @@ mod tests {
     async fn http_transfer_round_against_a_running_node() {
         let dir = tempfile::tempdir().unwrap();
         let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        let config = UpConfig {
-            data_dir: dir.path().to_path_buf(),
-            http: any,
-            client: "Org1/client0".into(),
-            progress: false,
-            signature_checks: SignatureChecks::On,
-            state: Default::default(),
-        };
+        let config = UpConfig::new(dir.path().to_path_buf(), any);
         let node = up::start(config).await.unwrap();
         let url = format!("http://{}", node.api_addr);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

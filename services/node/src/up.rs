@@ -65,6 +65,25 @@ pub struct UpConfig {
     pub signature_checks: streamledger_core::crypto::SignatureChecks,
     /// Where the peers keep world state.
     pub state: StateBackend,
+    /// Run on a Kafka cluster instead of the embedded log (librdkafka properties, with
+    /// `bootstrap.servers` set).
+    pub kafka: Option<streamledger_kafka::KafkaConfig>,
+}
+
+impl UpConfig {
+    /// The defaults: the sample network's Org1 client signs API submissions, embedded log and
+    /// state, signature checks on, no progress line.
+    pub fn new(data_dir: PathBuf, http: SocketAddr) -> Self {
+        Self {
+            data_dir,
+            http,
+            client: "Org1/client0".into(),
+            progress: false,
+            signature_checks: Default::default(),
+            state: StateBackend::Embedded,
+            kafka: None,
+        }
+    }
 }
 
 /// Where a peer's world state, tx index, blocks and savepoint live.
@@ -124,7 +143,7 @@ pub struct Node {
     pub api_addr: SocketAddr,
     pub network: Arc<Network>,
     pub peers: Vec<Peer>,
-    pub log: Arc<EmbeddedLog>,
+    pub log: Arc<dyn Log>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<(String, Result<(), StageError>)>,
 }
@@ -183,11 +202,18 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
     let (network, keys) = load_or_create_network(&config.data_dir.join("network"))?;
     let network = Arc::new(network);
     let topics = Topics::default_for(network.channel());
-    let log = EmbeddedLog::open(&config.data_dir.join("log"))?;
+    let log: Arc<dyn Log> = match &config.kafka {
+        None => EmbeddedLog::open(&config.data_dir.join("log"))?,
+        Some(kafka) => {
+            tracing::info!(brokers = kafka.bootstrap_servers().unwrap_or("?"), "running on Kafka");
+            streamledger_kafka::KafkaLog::connect(kafka.clone()).await?
+        }
+    };
+    // Creates what is missing; an existing topic is left as it is (`topics check` reports drift).
     for spec in topics.all() {
         log.ensure_topic(spec).await?;
     }
-    let dyn_log: Arc<dyn Log> = log.clone();
+    let dyn_log = log.clone();
     let (shutdown_tx, shutdown) = watch::channel(false);
     let registry = Arc::new(Registry::builtin());
     // One Prometheus registry for the whole process, injected into every stage.

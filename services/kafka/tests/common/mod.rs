@@ -15,8 +15,13 @@ use streamledger_kafka::config::{INFINITE_RETENTION, RETENTION_MAX};
 use streamledger_kafka::{KafkaConfig, KafkaLog};
 use streamledger_ports::log::{Consumer, Record};
 
+/// The repository root (it holds tests/tansu.sh), found from whichever crate includes this
+/// harness.
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .find(|dir| dir.join("tests/tansu.sh").exists())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 fn script() -> PathBuf {
