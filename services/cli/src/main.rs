@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use streamledger_core::network::{Network, NetworkSpec};
+use streamledger_node::stage::StageKind;
 
 #[derive(Parser)]
 #[command(name = "streamledger", version, about = "A Fabric-style permissioned ledger on Kafka streams")]
@@ -33,6 +34,54 @@ enum Command {
     /// The channel's topics on a Kafka cluster, from topics/topics.toml.
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// Run an org's endorser on a Kafka cluster (with its own replica of the org's state).
+    Endorser {
+        /// The org, e.g. Org1.
+        #[arg(long, env = "STREAMLEDGER_ORG")]
+        org: String,
+        #[command(flatten)]
+        common: StageArgs,
+    },
+    /// Run the gateway on a Kafka cluster.
+    Gateway {
+        #[command(flatten)]
+        common: StageArgs,
+    },
+    /// Run an orderer replica on a Kafka cluster.
+    Orderer {
+        /// The orderer id, e.g. orderer0.
+        #[arg(long, env = "STREAMLEDGER_ORDERER_ID")]
+        id: String,
+        #[command(flatten)]
+        common: StageArgs,
+    },
+    /// Run a peer's validator on a Kafka cluster.
+    Validator {
+        /// The peer, e.g. Org1.peer0.
+        #[arg(long, env = "STREAMLEDGER_PEER")]
+        peer: String,
+        #[command(flatten)]
+        common: StageArgs,
+    },
+}
+
+/// What every stage process takes.
+#[derive(clap::Args)]
+struct StageArgs {
+    /// Holds network.toml and keys.toml (from `streamledger network init`).
+    #[arg(long, env = "STREAMLEDGER_NETWORK_DIR", default_value = "network")]
+    network_dir: PathBuf,
+    /// The stage's own files (peer stores of validators and endorser replicas).
+    #[arg(long, env = "STREAMLEDGER_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "STREAMLEDGER_LISTEN", default_value = "127.0.0.1:9464")]
+    listen: SocketAddr,
+    /// World state: `embedded` or a CouchDB URL (validators and endorser replicas).
+    #[arg(long, env = "STREAMLEDGER_STATE", default_value = "embedded", value_parser = streamledger_node::up::StateBackend::parse)]
+    state: streamledger_node::up::StateBackend,
+    #[command(flatten)]
+    kafka: KafkaArgs,
 }
 
 #[derive(Subcommand)]
@@ -211,6 +260,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Bench(args) => Ok(runtime()?.block_on(bench::run(args))?),
         Command::Client(command) => Ok(clients::run(command)?),
         Command::Topics(command) => runtime()?.block_on(topics(command)),
+        Command::Endorser { org, common } => runtime()?.block_on(stage(StageKind::Endorser { org }, common)),
+        Command::Gateway { common } => runtime()?.block_on(stage(StageKind::Gateway, common)),
+        Command::Orderer { id, common } => runtime()?.block_on(stage(StageKind::Orderer { id }, common)),
+        Command::Validator { peer, common } => runtime()?.block_on(stage(StageKind::Validator { peer }, common)),
         Command::Network(NetworkCommand::Init { dir, channel, orgs, orderers }) => network_init(&dir, channel, orgs, orderers),
         Command::Network(NetworkCommand::Check { file }) => {
             let text = std::fs::read_to_string(&file).map_err(io_err(&file))?;
@@ -255,6 +308,21 @@ fn network_init(dir: &Path, channel: String, orgs: Vec<String>, orderers: Vec<St
     std::fs::write(&network_file, net.to_toml()).map_err(io_err(&network_file))?;
     streamledger_node::up::write_private(&keys_file, keys.to_toml().as_bytes())?;
     tracing::info!(network = %network_file.display(), keys = %keys_file.display(), "network generated");
+    Ok(())
+}
+
+/// One stage as its own process on Kafka.
+async fn stage(kind: StageKind, args: StageArgs) -> Result<(), CliError> {
+    let kafka = args.kafka.config()?.ok_or_else(|| CliError::Config { path: "--kafka".into(), message: "a stage process runs on Kafka: give --kafka BROKERS (or STREAMLEDGER_BROKERS)".into() })?;
+    let config = streamledger_node::stage::StageConfig {
+        kind,
+        network_dir: args.network_dir,
+        data_dir: args.data_dir,
+        kafka,
+        listen: args.listen,
+        state: args.state,
+    };
+    streamledger_node::stage::run(config, stop_signal()).await?;
     Ok(())
 }
 

@@ -7,4 +7,5 @@ pub mod ops;
 pub mod status;
 pub mod bench;
 pub mod replay;
+pub mod stage;
 pub mod up;

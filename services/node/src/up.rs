@@ -117,11 +117,11 @@ pub struct Peer {
     pub progress: Arc<PeerProgress>,
 }
 
-/// Opens a peer's store on the chosen backend.
-async fn open_store(config: &UpConfig, network: &Network, peer: &str) -> Result<Arc<dyn PeerStore>, NodeError> {
-    match &config.state {
+/// Opens a peer's store on the chosen backend (embedded: `<data_dir>/peers/<peer>.redb`).
+pub(crate) async fn open_store(state: &StateBackend, data_dir: &Path, network: &Network, peer: &str) -> Result<Arc<dyn PeerStore>, NodeError> {
+    match state {
         StateBackend::Embedded => {
-            let path = config.data_dir.join("peers").join(format!("{peer}.redb"));
+            let path = data_dir.join("peers").join(format!("{peer}.redb"));
             Ok(Arc::new(EmbeddedStore::open(&path)?))
         }
         StateBackend::CouchDb(couch) => {
@@ -159,6 +159,13 @@ pub fn load_or_create_network(dir: &Path) -> Result<(Network, KeyStore), NodeErr
         std::fs::write(&network_file, net.to_toml()).map_err(file_err(&network_file))?;
         tracing::info!(network = %network_file.display(), "generated the sample network");
     }
+    load_network(dir)
+}
+
+/// Reads `network.toml` and `keys.toml` from `dir`.
+pub fn load_network(dir: &Path) -> Result<(Network, KeyStore), NodeError> {
+    let network_file = dir.join("network.toml");
+    let keys_file = dir.join("keys.toml");
     let text = std::fs::read_to_string(&network_file).map_err(file_err(&network_file))?;
     let net = Network::from_toml(&text).map_err(|e| NodeError::File { path: network_file.clone(), message: e.to_string() })?;
     let text = std::fs::read_to_string(&keys_file).map_err(file_err(&keys_file))?;
@@ -187,7 +194,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
 }
 
 /// The peer that endorses and validates for `org`: its first member with the peer role.
-fn peer_of(network: &Network, org: &str) -> Result<String, NodeError> {
+pub(crate) fn peer_of(network: &Network, org: &str) -> Result<String, NodeError> {
     network
         .config()
         .orgs
@@ -226,7 +233,7 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
     for org in network.org_names().map(str::to_string).collect::<Vec<_>>() {
         let member = peer_of(&network, &org)?;
         let name = format!("{org}.{member}");
-        let store = open_store(&config, &network, &name).await?;
+        let store = open_store(&config.state, &config.data_dir, &network, &name).await?;
         let progress = Arc::new(PeerProgress::new());
         let peer_signer = signer(&format!("{org}/{member}"))?;
 
@@ -319,20 +326,30 @@ async fn start_api(
 impl Node {
     /// Runs until `stop` resolves (Ctrl-C, SIGTERM) or a stage fails; then stops every stage and
     /// waits for them. A failed stage is returned as the error.
-    pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
-        let mut failure = None;
-        tokio::select! {
-            _ = stop => tracing::info!("stopping"),
-            Some(joined) = self.tasks.join_next() => failure = failed(joined),
-        }
-        let _ = self.shutdown.send(true);
-        while let Some(joined) = self.tasks.join_next().await {
-            if failure.is_none() {
-                failure = failed(joined);
-            }
-        }
-        failure.map_or(Ok(()), Err)
+    pub async fn run_until(self, stop: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+        supervise(self.tasks, self.shutdown, stop).await
     }
+}
+
+/// Runs tasks until `stop` resolves or one of them ends; then signals `shutdown` and waits for
+/// the rest. A failed task is returned as the error.
+pub(crate) async fn supervise(
+    mut tasks: JoinSet<(String, Result<(), StageError>)>,
+    shutdown: watch::Sender<bool>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let mut failure = None;
+    tokio::select! {
+        _ = stop => tracing::info!("stopping"),
+        Some(joined) = tasks.join_next() => failure = failed(joined),
+    }
+    let _ = shutdown.send(true);
+    while let Some(joined) = tasks.join_next().await {
+        if failure.is_none() {
+            failure = failed(joined);
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 fn failed(joined: Result<(String, Result<(), StageError>), tokio::task::JoinError>) -> Option<NodeError> {
