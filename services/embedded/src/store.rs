@@ -350,7 +350,6 @@ impl PeerStore for EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
     use proptest::prelude::*;
@@ -426,50 +425,9 @@ mod tests {
     fn readers_never_see_half_a_block() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<EmbeddedStore>();
-
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap());
-        let done = Arc::new(AtomicBool::new(false));
-        // Every block writes the same value to x and y: a reader seeing them differ saw half a
-        // block.
-        let readers: Vec<_> = (0..2)
-            .map(|_| {
-                let (store, done) = (store.clone(), done.clone());
-                std::thread::spawn(move || {
-                    let mut reads = 0;
-                    let mut last_block = -1;
-                    while !done.load(Ordering::Relaxed) {
-                        let both = store.range("ns", "x", "", None).unwrap();
-                        if let [(_, x), (_, y)] = both.as_slice() {
-                            assert_eq!(x, y);
-                        } else {
-                            assert!(both.is_empty(), "{both:?}");
-                        }
-                        let v = store.versions(&[("ns", "x"), ("ns", "y")]).unwrap();
-                        assert_eq!(v[0], v[1]);
-                        let block = store.savepoint().unwrap().map_or(-1, |s| s.block);
-                        assert!(block >= last_block, "savepoint went back from {last_block} to {block}");
-                        last_block = block;
-                        reads += 1;
-                    }
-                    reads
-                })
-            })
-            .collect();
-        for n in 0..40 {
-            let v = n.to_string();
-            let mut b = batch(n, &[("ns", "x", Some(&v)), ("ns", "y", Some(&v))], &[]);
-            // Same version on both keys, so `versions` can compare them too.
-            for (_, version) in b.writes.values_mut() {
-                *version = Version::new(n, 0);
-            }
-            commit(&store, &b).unwrap();
-        }
-        done.store(true, Ordering::Relaxed);
-        for r in readers {
-            assert!(r.join().unwrap() > 0);
-        }
-        assert_eq!(store.get("ns", "y").unwrap().unwrap().value, b"39");
+        conformance::readers_never_see_half_a_block(store, 40);
     }
 
     #[test]

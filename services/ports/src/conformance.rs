@@ -2,6 +2,9 @@
 //! it stores on, so the embedded store and CouchDB are held to the same rules by the same code.
 //! Assertions panic, as tests expect.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use streamledger_core::model::Version;
 use streamledger_core::state::{StateResult, TxLocation, VersionedValue, WriteBatch};
 
@@ -90,4 +93,48 @@ pub fn tx_index_keeps_the_first_occurrence(store: &dyn PeerStore) {
     b1.tx_index[0].1.code = 9;
     commit(store, &b1).unwrap();
     assert_eq!(store.tx_location("dup").unwrap(), Some(TxLocation { block: 0, position: 0, code: 0 }));
+}
+
+/// On a fresh store: while `blocks` blocks commit (each writing the same value and version to `x`
+/// and `y`), two reader threads never see the two differ (half a block) nor the savepoint go back.
+pub fn readers_never_see_half_a_block(store: Arc<dyn PeerStore>, blocks: i64) {
+    let done = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, done) = (store.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                let mut last_block = -1;
+                while !done.load(Ordering::Relaxed) {
+                    let both = store.range("ns", "x", "", None).unwrap();
+                    if let [(_, x), (_, y)] = both.as_slice() {
+                        assert_eq!(x, y);
+                    } else {
+                        assert!(both.is_empty(), "{both:?}");
+                    }
+                    let v = store.versions(&[("ns", "x"), ("ns", "y")]).unwrap();
+                    assert_eq!(v[0], v[1]);
+                    let block = store.savepoint().unwrap().map_or(-1, |s| s.block);
+                    assert!(block >= last_block, "savepoint went back from {last_block} to {block}");
+                    last_block = block;
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for n in 0..blocks {
+        let v = n.to_string();
+        let mut b = batch(n, &[("ns", "x", Some(&v)), ("ns", "y", Some(&v))], &[]);
+        // Same version on both keys, so `versions` can compare them too.
+        for (_, version) in b.writes.values_mut() {
+            *version = Version::new(n, 0);
+        }
+        commit(store.as_ref(), &b).unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    assert_eq!(store.get("ns", "y").unwrap().unwrap().value, (blocks - 1).to_string().as_bytes());
 }
