@@ -449,3 +449,151 @@ mod tests {
         assert!(Cli::try_parse_from(["streamledger", "up", "--state", "ftp://x"]).is_err());
     }
 }
+
+/// docker-compose.yaml, checked statically (no Docker engine runs here): every streamledger
+/// service's command line parses with this binary's own parser, every STREAMLEDGER_ variable is
+/// one the binary reads, every mounted file exists, every dependency and volume is declared, and
+/// Prometheus scrapes exactly the stage services on the port they listen on.
+#[cfg(test)]
+mod compose_tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    use clap::{CommandFactory, Parser};
+    use yaml_rust2::{Yaml, YamlLoader};
+
+    use super::Cli;
+
+    fn repo() -> &'static Path {
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+    }
+
+    fn load(file: &str) -> Yaml {
+        let text = std::fs::read_to_string(repo().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}")).remove(0)
+    }
+
+    /// A service with its YAML merge keys (`<<: *anchor`) applied, as Compose applies them.
+    fn merged(service: &Yaml) -> BTreeMap<String, Yaml> {
+        let mut out = BTreeMap::new();
+        if let Some(map) = service.as_hash() {
+            if let Some(base) = map.get(&Yaml::String("<<".into())) {
+                out = merged(base);
+            }
+            for (k, v) in map {
+                if let Some(k) = k.as_str().filter(|k| *k != "<<") {
+                    out.insert(k.to_string(), v.clone());
+                }
+            }
+        }
+        out
+    }
+
+    fn strings(y: &Yaml) -> Vec<String> {
+        y.as_vec().map(|v| v.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default()
+    }
+
+    /// Every environment variable any streamledger command reads.
+    fn known_env() -> BTreeSet<String> {
+        fn walk(c: &clap::Command, out: &mut BTreeSet<String>) {
+            for a in c.get_arguments() {
+                if let Some(e) = a.get_env() {
+                    out.insert(e.to_string_lossy().into_owned());
+                }
+            }
+            for s in c.get_subcommands() {
+                walk(s, out);
+            }
+        }
+        let mut out = BTreeSet::new();
+        walk(&Cli::command(), &mut out);
+        out
+    }
+
+    #[test]
+    fn the_compose_file_refers_only_to_real_things() {
+        let compose = load("docker-compose.yaml");
+        let services = compose["services"].as_hash().expect("services");
+        let volumes: BTreeSet<String> = compose["volumes"].as_hash().expect("volumes").keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+        let names: BTreeSet<String> = services.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+        let env_known = known_env();
+        let mut host_ports = BTreeSet::new();
+        let mut ours = 0;
+        for (name, service) in services {
+            let name = name.as_str().unwrap();
+            let s = merged(service);
+            let image = s.get("image").and_then(Yaml::as_str).unwrap_or_else(|| panic!("{name}: no image"));
+            if image.starts_with("streamledger") {
+                ours += 1;
+                assert_eq!(s.get("build").and_then(Yaml::as_str), Some("."), "{name}: our image is built from the Dockerfile");
+                assert!(repo().join("Dockerfile").exists());
+                let mut lines: Vec<Vec<String>> = Vec::new();
+                if let Some(cmd) = s.get("command") {
+                    lines.push(strings(cmd));
+                }
+                // A shell entrypoint: each `streamledger ...` it runs.
+                for script in s.get("entrypoint").map(strings).unwrap_or_default() {
+                    for part in script.split("&&").flat_map(|p| p.split("||")) {
+                        if let Some(rest) = part.trim().strip_prefix("streamledger ") {
+                            lines.push(rest.split_whitespace().map(str::to_string).collect());
+                        }
+                    }
+                }
+                assert!(!lines.is_empty(), "{name}: runs no streamledger command");
+                for line in lines {
+                    let argv = std::iter::once("streamledger".to_string()).chain(line.clone());
+                    if let Err(e) = Cli::try_parse_from(argv) {
+                        panic!("{name}: `streamledger {}` is refused by the binary: {e}", line.join(" "));
+                    }
+                }
+                if let Some(env) = s.get("environment").map(merged) {
+                    for key in env.keys().filter(|k| k.starts_with("STREAMLEDGER_")) {
+                        assert!(env_known.contains(key), "{name}: {key} is read by no streamledger command");
+                    }
+                }
+            } else {
+                let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+                assert!(!tag.is_empty() && tag != "latest", "{name}: pin the image {image} to a version");
+            }
+            for v in s.get("volumes").map(strings).unwrap_or_default() {
+                let source = v.split(':').next().unwrap();
+                if source.starts_with("./") {
+                    assert!(repo().join(source).exists(), "{name}: mounts {source}, which does not exist");
+                } else {
+                    assert!(volumes.contains(source), "{name}: volume {source} is not declared");
+                }
+            }
+            for p in s.get("ports").map(strings).unwrap_or_default() {
+                let host = p.split(':').next().unwrap().to_string();
+                assert!(host_ports.insert(host.clone()), "{name}: host port {host} is used twice");
+            }
+            match s.get("depends_on") {
+                Some(Yaml::Array(list)) => list.iter().filter_map(Yaml::as_str).for_each(|d| assert!(names.contains(d), "{name}: depends on unknown {d}")),
+                Some(Yaml::Hash(map)) => map.keys().filter_map(Yaml::as_str).for_each(|d| assert!(names.contains(d), "{name}: depends on unknown {d}")),
+                _ => {}
+            }
+        }
+        assert!(ours >= 9, "the stages, the topic setup and the network setup run the streamledger image");
+
+        // Prometheus scrapes each stage service on the port the stages listen on.
+        let listen = merged(&compose["x-stage"]).get("environment").map(merged).and_then(|e| e.get("STREAMLEDGER_LISTEN").and_then(Yaml::as_str).map(str::to_string)).expect("STREAMLEDGER_LISTEN");
+        let port = listen.rsplit(':').next().unwrap();
+        let prometheus = load("prometheus/prometheus.yml");
+        let mut scraped = BTreeSet::new();
+        for job in prometheus["scrape_configs"].as_vec().unwrap() {
+            for sc in job["static_configs"].as_vec().unwrap() {
+                for t in strings(&sc["targets"]) {
+                    if let Some((host, p)) = t.split_once(':') {
+                        if host != "localhost" {
+                            assert_eq!(p, port, "{t}: the stages listen on {port}");
+                            scraped.insert(host.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        let stages: BTreeSet<String> =
+            services.iter().filter(|(_, s)| merged(s).contains_key("healthcheck") && merged(s).get("image").and_then(Yaml::as_str) == Some("streamledger:latest")).filter_map(|(n, _)| n.as_str().map(str::to_string)).collect();
+        assert_eq!(scraped, stages, "Prometheus scrapes exactly the stage services");
+    }
+}

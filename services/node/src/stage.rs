@@ -66,7 +66,9 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
         StageKind::Endorser { org } => {
             let member = peer_of(&network, org)?;
             let peer = format!("{org}.{member}");
-            let store = open_store(&config.state, &config.data_dir, &network, &peer).await?;
+            // Its own store, apart from the org validator's (a store has one writer): on CouchDB a
+            // prefix like `org1-peer0-endorser`.
+            let store = open_store(&config.state, &config.data_dir, &network, &format!("{peer}-endorser")).await?;
             let mut replica = validator::ValidatorConfig::new(format!("{peer} (endorser replica)"), network.clone(), topics.clone(), Arc::new(CouchDbRules));
             replica.read_only = true;
             replica.metrics = metrics.clone();
