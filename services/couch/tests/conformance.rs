@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::*;
 use proptest::prelude::*;
 use streamledger_core::model::Version;
-use streamledger_core::state::{CommittedState, MemState, StateResult, TxLocation, VersionedValue, WriteBatch};
+use streamledger_core::state::{CommittedState, StateResult, TxLocation, VersionedValue, WriteBatch};
 use streamledger_couch::CouchStore;
 use streamledger_ports::store::PeerStore;
 
@@ -197,7 +197,7 @@ fn tx_id() -> impl Strategy<Value = String> {
     (0..6u8).prop_map(|i| format!("tx{i}"))
 }
 
-type Block = (Vec<(String, String, Option<Vec<u8>>)>, Vec<(String, i32, i32)>);
+type Block = conformance::RandomBlock;
 
 fn value() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
@@ -213,7 +213,7 @@ fn block() -> impl Strategy<Value = Block> {
     )
 }
 
-type Query = (String, String, String, Option<usize>);
+type Query = conformance::RandomQuery;
 
 fn query() -> impl Strategy<Value = Query> {
     (namespace(), text(), text(), prop::option::of(0..4usize))
@@ -229,34 +229,6 @@ proptest! {
         config.internal_query_limit = 2;
         config.max_batch_update_size = 3;
         let store = CouchStore::open(config, &channel("prop")).unwrap();
-        let mut model = MemState::new();
-        for (n, (writes, txs)) in blocks.into_iter().enumerate() {
-            let n = n as i64;
-            let mut b = WriteBatch { block: n, ..Default::default() };
-            for (i, (ns, key, value)) in writes.into_iter().enumerate() {
-                b.writes.insert((ns, key), (value, Version::new(n, i as i32)));
-            }
-            for (id, position, code) in txs {
-                b.tx_index.push((id, TxLocation { block: n, position, code }));
-            }
-            commit(&store, &b).unwrap();
-            model.apply(&b);
-
-            for (ns, start, end, limit) in &queries {
-                prop_assert_eq!(store.get(ns, start)?, model.get(ns, start)?);
-                prop_assert_eq!(store.range(ns, start, end, *limit)?, model.range(ns, start, end, *limit)?);
-                prop_assert_eq!(store.range(ns, start, end, None)?, model.range(ns, start, end, None)?);
-            }
-            for ns in ["a", "ab", "a\0", "b", "", "c"] {
-                prop_assert_eq!(store.range(ns, "", "", None)?, model.range(ns, "", "", None)?);
-            }
-            let probe: Vec<(&str, &str)> = queries.iter().flat_map(|(ns, s, e, _)| [(ns.as_str(), s.as_str()), (ns.as_str(), e.as_str())]).collect();
-            prop_assert_eq!(store.versions(&probe)?, model.versions(&probe)?);
-            for i in 0..7 {
-                let id = format!("tx{i}");
-                prop_assert_eq!(store.tx_location(&id)?, model.tx_location(&id)?);
-            }
-            prop_assert_eq!(store.savepoint()?.map(|s| s.block), model.height());
-        }
+        conformance::agrees_with_the_reference(&store, blocks, &queries);
     }
 }
