@@ -654,11 +654,7 @@ impl Consumer for EmbeddedConsumer {
 
     async fn commit(&mut self, processed: &[(Arc<str>, i32, i64)]) -> LogResult<()> {
         let Some(group) = self.group.clone() else {
-            return Err(LogError::new(
-                "commit",
-                "an assigned consumer has no group to commit for: keep its restart point in the stage's own store",
-                false,
-            ));
+            return Err(LogError::no_group_to_commit());
         };
         let mut commits = Vec::with_capacity(processed.len());
         for (topic, partition, offset) in processed {
@@ -710,18 +706,6 @@ mod tests {
         log
     }
 
-    fn to(partition: i32, value: &[u8]) -> OutRecord {
-        OutRecord { key: None, value: value.to_vec(), partition: Some(partition) }
-    }
-
-    fn assign(topic: &str, partition: i32, offset: i64) -> Subscription {
-        Subscription::Assign { positions: vec![(topic.to_string(), partition, offset)] }
-    }
-
-    fn group(group: &str, topic: &str) -> Subscription {
-        Subscription::Group { group: group.into(), topics: vec![topic.into()] }
-    }
-
     /// Polls until `n` records came or nothing more comes within a short wait.
     async fn drain(c: &mut Box<dyn Consumer>, n: usize) -> Vec<Record> {
         let mut out = Vec::new();
@@ -747,7 +731,7 @@ mod tests {
             OutRecord::unkeyed(Vec::new()),
         ];
         assert_eq!(log.append("t", sent.clone()).await.unwrap(), vec![(0, 0), (0, 1), (0, 2), (0, 3)]);
-        let mut c = log.consumer(assign("t", 0, 0)).await.unwrap();
+        let mut c = log.consumer(Subscription::assign("t", 0, 0)).await.unwrap();
         let got = drain(&mut c, 10).await;
         assert_eq!(got.len(), 4);
         for (i, (r, s)) in got.iter().zip(&sent).enumerate() {
@@ -774,13 +758,13 @@ mod tests {
     async fn offsets_are_contiguous_per_partition() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), &[("t", 3)]).await;
-        let first = log.append("t", vec![to(0, b"a"), to(2, b"b"), to(0, b"c")]).await.unwrap();
+        let first = log.append("t", vec![OutRecord::to_partition(0, b"a"), OutRecord::to_partition(2, b"b"), OutRecord::to_partition(0, b"c")]).await.unwrap();
         assert_eq!(first, vec![(0, 0), (2, 0), (0, 1)]);
-        let second = log.append("t", vec![to(2, b"d"), to(0, b"e"), to(1, b"f")]).await.unwrap();
+        let second = log.append("t", vec![OutRecord::to_partition(2, b"d"), OutRecord::to_partition(0, b"e"), OutRecord::to_partition(1, b"f")]).await.unwrap();
         assert_eq!(second, vec![(2, 1), (0, 2), (1, 0)]);
         let ends = [log.end_offset("t", 0).await.unwrap(), log.end_offset("t", 1).await.unwrap(), log.end_offset("t", 2).await.unwrap()];
         assert_eq!(ends, [3, 1, 2]);
-        let mut c = log.consumer(assign("t", 0, 0)).await.unwrap();
+        let mut c = log.consumer(Subscription::assign("t", 0, 0)).await.unwrap();
         let values: Vec<_> = drain(&mut c, 10).await.into_iter().map(|r| (r.offset, r.value)).collect();
         assert_eq!(values, vec![(0, b"a".to_vec()), (1, b"c".to_vec()), (2, b"e".to_vec())]);
     }
@@ -805,11 +789,11 @@ mod tests {
     async fn a_tailing_consumer_wakes_on_append() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), &[("t", 2)]).await;
-        let mut c = log.consumer(group("g", "t")).await.unwrap();
+        let mut c = log.consumer(Subscription::group("g", "t")).await.unwrap();
         let appender = log.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            appender.append("t", vec![to(1, b"late")]).await.unwrap();
+            appender.append("t", vec![OutRecord::to_partition(1, b"late")]).await.unwrap();
         });
         let started = std::time::Instant::now();
         let got = c.poll(10, Duration::from_secs(20)).await.unwrap();
@@ -826,11 +810,11 @@ mod tests {
     async fn group_commit_persists_and_a_new_member_resumes_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), &[("t", 2)]).await;
-        log.append("t", (0..5).map(|i| to(0, &[i])).chain((0..3).map(|i| to(1, &[i]))).collect()).await.unwrap();
-        let mut c = log.consumer(group("g", "t")).await.unwrap();
+        log.append("t", (0..5).map(|i| OutRecord::to_partition(0, &[i])).chain((0..3).map(|i| OutRecord::to_partition(1, &[i]))).collect()).await.unwrap();
+        let mut c = log.consumer(Subscription::group("g", "t")).await.unwrap();
         assert_eq!(c.assignment(), vec![("t".to_string(), 0), ("t".to_string(), 1)]);
         assert_eq!(drain(&mut c, 8).await.len(), 8);
-        assert!(log.consumer(group("g", "t")).await.err().unwrap().message.contains("one member per group"));
+        assert!(log.consumer(Subscription::group("g", "t")).await.err().unwrap().message.contains("one member per group"));
         assert_eq!(log.committed_offset("g", "t", 0).await.unwrap(), None);
         let t: Arc<str> = "t".into();
         c.commit(&[(t.clone(), 0, 2), (t.clone(), 1, 0)]).await.unwrap();
@@ -838,14 +822,14 @@ mod tests {
         assert_eq!(log.committed_offset("g", "t", 1).await.unwrap(), Some(1));
         assert!(c.commit(&[(t.clone(), 0, 5)]).await.unwrap_err().message.contains("no such record"));
         drop(c);
-        let mut c = log.consumer(group("g", "t")).await.unwrap();
+        let mut c = log.consumer(Subscription::group("g", "t")).await.unwrap();
         let got: BTreeSet<(i32, i64)> = drain(&mut c, 8).await.iter().map(|r| (r.partition, r.offset)).collect();
         assert_eq!(got, BTreeSet::from([(0, 3), (0, 4), (1, 1), (1, 2)]));
         // Another group starts from the beginning.
-        let mut other = log.consumer(group("other", "t")).await.unwrap();
+        let mut other = log.consumer(Subscription::group("other", "t")).await.unwrap();
         assert_eq!(drain(&mut other, 8).await.len(), 8);
         // Assigned consumers have no group to commit for.
-        let mut assigned = log.consumer(assign("t", 0, 0)).await.unwrap();
+        let mut assigned = log.consumer(Subscription::assign("t", 0, 0)).await.unwrap();
         assert!(assigned.commit(&[(t, 0, 0)]).await.is_err());
     }
 
@@ -854,8 +838,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let log = log_with(dir.path(), &[("t", 2)]).await;
-            log.append("t", vec![to(0, b"a"), to(0, b"b"), to(1, b"c")]).await.unwrap();
-            let mut c = log.consumer(group("g", "t")).await.unwrap();
+            log.append("t", vec![OutRecord::to_partition(0, b"a"), OutRecord::to_partition(0, b"b"), OutRecord::to_partition(1, b"c")]).await.unwrap();
+            let mut c = log.consumer(Subscription::group("g", "t")).await.unwrap();
             c.commit(&[("t".into(), 0, 0)]).await.unwrap();
         }
         let log = EmbeddedLog::open(dir.path()).unwrap();
@@ -863,8 +847,8 @@ mod tests {
         assert_eq!(log.end_offset("t", 0).await.unwrap(), 2);
         assert_eq!(log.end_offset("t", 1).await.unwrap(), 1);
         assert_eq!(log.committed_offset("g", "t", 0).await.unwrap(), Some(1));
-        assert_eq!(log.append("t", vec![to(0, b"d"), to(1, b"e")]).await.unwrap(), vec![(0, 2), (1, 1)]);
-        let mut c = log.consumer(group("g", "t")).await.unwrap();
+        assert_eq!(log.append("t", vec![OutRecord::to_partition(0, b"d"), OutRecord::to_partition(1, b"e")]).await.unwrap(), vec![(0, 2), (1, 1)]);
+        let mut c = log.consumer(Subscription::group("g", "t")).await.unwrap();
         let got: Vec<(i32, i64, Vec<u8>)> = drain(&mut c, 10).await.into_iter().map(|r| (r.partition, r.offset, r.value)).collect();
         let got: BTreeSet<_> = got.into_iter().collect();
         assert_eq!(
@@ -891,7 +875,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut placed = Vec::new();
                     for batch in 0..25u8 {
-                        let records = (0..4u8).map(|i| to((i % 2) as i32, &[writer, batch, i])).collect();
+                        let records = (0..4u8).map(|i| OutRecord::to_partition((i % 2) as i32, &[writer, batch, i])).collect();
                         placed.extend(log.append("t", records).await.unwrap());
                     }
                     placed
@@ -907,7 +891,7 @@ mod tests {
             offsets.sort();
             assert_eq!(offsets, (0..100).collect::<Vec<i64>>(), "partition {p}");
             assert_eq!(log.end_offset("t", p).await.unwrap(), 100);
-            let mut c = log.consumer(assign("t", p, 0)).await.unwrap();
+            let mut c = log.consumer(Subscription::assign("t", p, 0)).await.unwrap();
             let values: BTreeSet<Vec<u8>> = drain(&mut c, 200).await.into_iter().map(|r| r.value).collect();
             assert_eq!(values.len(), 100, "every record readable once in partition {p}");
         }
@@ -917,12 +901,12 @@ mod tests {
     async fn ensure_topic_is_idempotent_and_keeps_data() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), &[("t", 2)]).await;
-        log.append("t", vec![to(1, b"kept")]).await.unwrap();
+        log.append("t", vec![OutRecord::to_partition(1, b"kept")]).await.unwrap();
         log.ensure_topic(&spec("t", 2)).await.unwrap();
         log.ensure_topic(&spec("t", 5)).await.unwrap();
         assert_eq!(log.partition_count("t").await.unwrap(), 2, "an existing topic is left as it is");
         assert_eq!(log.end_offset("t", 1).await.unwrap(), 1);
-        let mut c = log.consumer(assign("t", 1, 0)).await.unwrap();
+        let mut c = log.consumer(Subscription::assign("t", 1, 0)).await.unwrap();
         assert_eq!(drain(&mut c, 5).await[0].value, b"kept");
         assert!(log.ensure_topic(&spec("bad name!", 1)).await.unwrap_err().context.contains("bad name!"));
         assert!(log.ensure_topic(&spec("zero", 0)).await.unwrap_err().message.contains("partitions"));
@@ -933,10 +917,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), &[("t", 2)]).await;
         for err in [
-            log.append("missing.topic", vec![to(0, b"x")]).await.unwrap_err(),
+            log.append("missing.topic", vec![OutRecord::to_partition(0, b"x")]).await.unwrap_err(),
             log.end_offset("missing.topic", 0).await.unwrap_err(),
             log.partition_count("missing.topic").await.unwrap_err(),
-            log.consumer(group("g", "missing.topic")).await.err().unwrap(),
+            log.consumer(Subscription::group("g", "missing.topic")).await.err().unwrap(),
         ] {
             assert!(err.to_string().contains("missing.topic"), "{err}");
             assert!(!err.retryable);
@@ -944,10 +928,10 @@ mod tests {
         let big = vec![0u8; MAX_RECORD_BYTES + 1];
         let err = log.append("t", vec![OutRecord::unkeyed(big)]).await.unwrap_err().to_string();
         assert!(err.contains("topic t") && err.contains(&(MAX_RECORD_BYTES + 1).to_string()), "{err}");
-        let err = log.append("t", vec![to(2, b"x")]).await.unwrap_err().to_string();
+        let err = log.append("t", vec![OutRecord::to_partition(2, b"x")]).await.unwrap_err().to_string();
         assert!(err.contains("partition 2 of topic t"), "{err}");
         assert_eq!(log.end_offset("t", 0).await.unwrap(), 0, "a refused batch appends nothing");
-        let err = log.consumer(assign("t", 0, 1)).await.err().unwrap().to_string();
+        let err = log.consumer(Subscription::assign("t", 0, 1)).await.err().unwrap().to_string();
         assert!(err.contains("offset 1"), "{err}");
     }
 
@@ -955,9 +939,9 @@ mod tests {
     async fn poll_round_robins_across_partitions() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), &[("t", 3)]).await;
-        log.append("t", (0..1000).map(|_| to(0, b"busy")).collect()).await.unwrap();
-        log.append("t", (0..3).flat_map(|_| [to(1, b"one"), to(2, b"two")]).collect()).await.unwrap();
-        let mut c = log.consumer(group("g", "t")).await.unwrap();
+        log.append("t", (0..1000).map(|_| OutRecord::to_partition(0, b"busy")).collect()).await.unwrap();
+        log.append("t", (0..3).flat_map(|_| [OutRecord::to_partition(1, b"one"), OutRecord::to_partition(2, b"two")]).collect()).await.unwrap();
+        let mut c = log.consumer(Subscription::group("g", "t")).await.unwrap();
         let batch = c.poll(9, Duration::from_secs(1)).await.unwrap();
         assert_eq!(batch.len(), 9);
         let per_partition = |recs: &[Record], p| recs.iter().filter(|r| r.partition == p).count();

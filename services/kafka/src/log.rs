@@ -639,11 +639,7 @@ impl Consumer for KafkaConsumer {
 
     async fn commit(&mut self, processed: &[(Arc<str>, i32, i64)]) -> LogResult<()> {
         let Some(group) = self.group.clone() else {
-            return Err(LogError::new(
-                "commit",
-                "an assigned consumer has no group to commit for: keep its restart point in the stage's own store",
-                false,
-            ));
+            return Err(LogError::no_group_to_commit());
         };
         let mut next: BTreeMap<Tp, i64> = BTreeMap::new();
         for (topic, partition, offset) in processed {

@@ -33,18 +33,6 @@ async fn topic(log: &KafkaLog, partitions: i32) -> String {
     name
 }
 
-fn to(partition: i32, value: &[u8]) -> OutRecord {
-    OutRecord { key: None, value: value.to_vec(), partition: Some(partition) }
-}
-
-fn assign(topic: &str, partition: i32, offset: i64) -> Subscription {
-    Subscription::Assign { positions: vec![(topic.to_string(), partition, offset)] }
-}
-
-fn group(group: &str, topic: &str) -> Subscription {
-    Subscription::Group { group: group.into(), topics: vec![topic.into()] }
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -113,9 +101,9 @@ async fn offsets_are_contiguous_per_partition_and_end_offsets_follow() {
     let broker = Broker::start();
     let log = broker.log().await;
     let t = topic(&log, 3).await;
-    let first = log.append(&t, vec![to(0, b"a"), to(2, b"b"), to(0, b"c")]).await.unwrap();
+    let first = log.append(&t, vec![OutRecord::to_partition(0, b"a"), OutRecord::to_partition(2, b"b"), OutRecord::to_partition(0, b"c")]).await.unwrap();
     assert_eq!(first, vec![(0, 0), (2, 0), (0, 1)]);
-    let second = log.append(&t, vec![to(2, b"d"), to(0, b"e"), to(1, b"f")]).await.unwrap();
+    let second = log.append(&t, vec![OutRecord::to_partition(2, b"d"), OutRecord::to_partition(0, b"e"), OutRecord::to_partition(1, b"f")]).await.unwrap();
     assert_eq!(second, vec![(2, 1), (0, 2), (1, 0)]);
     let mut ends = Vec::new();
     for p in 0..3 {
@@ -129,7 +117,7 @@ async fn offsets_are_contiguous_per_partition_and_end_offsets_follow() {
             tokio::spawn(async move {
                 let mut placed = Vec::new();
                 for b in 0..10u8 {
-                    placed.extend(log.append(&t, vec![to(1, &[w, b, 0]), to(1, &[w, b, 1])]).await.unwrap());
+                    placed.extend(log.append(&t, vec![OutRecord::to_partition(1, &[w, b, 0]), OutRecord::to_partition(1, &[w, b, 1])]).await.unwrap());
                 }
                 placed
             })
@@ -142,7 +130,7 @@ async fn offsets_are_contiguous_per_partition_and_end_offsets_follow() {
     offsets.sort();
     assert_eq!(offsets, (1..41).collect::<Vec<i64>>());
     assert_eq!(log.end_offset(&t, 1).await.unwrap(), 41);
-    let mut c = log.consumer(assign(&t, 0, 0)).await.unwrap();
+    let mut c = log.consumer(Subscription::assign(&t, 0, 0)).await.unwrap();
     let values: Vec<_> = read_n(&mut c, 3, Duration::from_secs(20)).await.into_iter().map(|r| (r.offset, r.value)).collect();
     assert_eq!(values, vec![(0, b"a".to_vec()), (1, b"c".to_vec()), (2, b"e".to_vec())]);
 }
@@ -152,7 +140,7 @@ async fn a_tailing_consumer_wakes_when_a_record_arrives() {
     let broker = Broker::start();
     let log = broker.log().await;
     let t = topic(&log, 2).await;
-    for sub in [assign(&t, 1, 0), group(&unique("g"), &t)] {
+    for sub in [Subscription::assign(&t, 1, 0), Subscription::group(&unique("g"), &t)] {
         let mut c = log.consumer(sub.clone()).await.unwrap();
         // Let the consumer settle (a group joins first), then append while it waits.
         assert!(c.poll(10, Duration::from_millis(500)).await.unwrap().is_empty() || matches!(sub, Subscription::Group { .. }));
@@ -160,7 +148,7 @@ async fn a_tailing_consumer_wakes_when_a_record_arrives() {
         let t2 = t.clone();
         let appended = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            appender.append(&t2, vec![to(1, b"late")]).await.unwrap();
+            appender.append(&t2, vec![OutRecord::to_partition(1, b"late")]).await.unwrap();
             Instant::now()
         });
         let mut got = Vec::new();
@@ -176,7 +164,7 @@ async fn a_tailing_consumer_wakes_when_a_record_arrives() {
         assert!(latency < Duration::from_secs(2), "woke {latency:?} after the append");
     }
     // With nothing appended, poll returns empty once the wait is over.
-    let mut c = log.consumer(assign(&t, 0, 0)).await.unwrap();
+    let mut c = log.consumer(Subscription::assign(&t, 0, 0)).await.unwrap();
     let started = Instant::now();
     assert!(c.poll(10, Duration::from_millis(300)).await.unwrap().is_empty());
     assert!(started.elapsed() >= Duration::from_millis(300));
@@ -188,8 +176,8 @@ async fn a_group_commits_and_a_new_member_resumes_after_the_commit() {
     let log = broker.log().await;
     let t = topic(&log, 2).await;
     let g = unique("g");
-    log.append(&t, (0..5).map(|i| to(0, &[i])).chain((0..3).map(|i| to(1, &[i]))).collect()).await.unwrap();
-    let mut c = log.consumer(group(&g, &t)).await.unwrap();
+    log.append(&t, (0..5).map(|i| OutRecord::to_partition(0, &[i])).chain((0..3).map(|i| OutRecord::to_partition(1, &[i]))).collect()).await.unwrap();
+    let mut c = log.consumer(Subscription::group(&g, &t)).await.unwrap();
     assert_eq!(read_n(&mut c, 8, Duration::from_secs(30)).await.len(), 8);
     assert_eq!(c.assignment(), vec![(t.clone(), 0), (t.clone(), 1)]);
     assert_eq!(log.committed_offset(&g, &t, 0).await.unwrap(), None);
@@ -199,15 +187,15 @@ async fn a_group_commits_and_a_new_member_resumes_after_the_commit() {
     assert_eq!(log.committed_offset(&g, &t, 1).await.unwrap(), Some(1));
     assert!(c.commit(&[(topic.clone(), 0, -1)]).await.is_err());
     drop(c);
-    let mut c = log.consumer(group(&g, &t)).await.unwrap();
+    let mut c = log.consumer(Subscription::group(&g, &t)).await.unwrap();
     let got: BTreeSet<(i32, i64)> = read_n(&mut c, 4, Duration::from_secs(30)).await.iter().map(|r| (r.partition, r.offset)).collect();
     assert_eq!(got, BTreeSet::from([(0, 3), (0, 4), (1, 1), (1, 2)]));
     expect_nothing(&mut c, Duration::from_millis(500)).await;
     // Another group starts from the beginning.
-    let mut other = log.consumer(group(&unique("g"), &t)).await.unwrap();
+    let mut other = log.consumer(Subscription::group(&unique("g"), &t)).await.unwrap();
     assert_eq!(read_n(&mut other, 8, Duration::from_secs(30)).await.len(), 8);
     // Assigned consumers have no group to commit for.
-    let mut assigned = log.consumer(assign(&t, 0, 0)).await.unwrap();
+    let mut assigned = log.consumer(Subscription::assign(&t, 0, 0)).await.unwrap();
     let err = assigned.commit(&[(topic, 0, 0)]).await.unwrap_err();
     assert!(err.message.contains("no group"), "{err}");
 }
@@ -218,8 +206,8 @@ async fn two_members_of_one_group_split_four_partitions() {
     let log = broker.log().await;
     let t = topic(&log, 4).await;
     let g = unique("g");
-    let mut a = log.consumer(group(&g, &t)).await.unwrap();
-    let mut b = log.consumer(group(&g, &t)).await.unwrap();
+    let mut a = log.consumer(Subscription::group(&g, &t)).await.unwrap();
+    let mut b = log.consumer(Subscription::group(&g, &t)).await.unwrap();
     // Poll both until the group settles with each member owning two partitions.
     let deadline = Instant::now() + Duration::from_secs(45);
     let mut early: Vec<Record> = Vec::new();
@@ -234,7 +222,7 @@ async fn two_members_of_one_group_split_four_partitions() {
     assert!(early.is_empty());
     let owned: BTreeSet<(String, i32)> = a.assignment().into_iter().chain(b.assignment()).collect();
     assert_eq!(owned.len(), 4, "disjoint and covering: {:?} / {:?}", a.assignment(), b.assignment());
-    log.append(&t, (0..4).flat_map(|p| (0..5u8).map(move |i| to(p, &[p as u8, i]))).collect()).await.unwrap();
+    log.append(&t, (0..4).flat_map(|p| (0..5u8).map(move |i| OutRecord::to_partition(p, &[p as u8, i]))).collect()).await.unwrap();
     let mut seen: BTreeMap<(i32, i64), usize> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while seen.len() < 20 {
@@ -254,9 +242,9 @@ async fn assign_from_an_offset_end_offset_and_lag() {
     let broker = Broker::start();
     let log = broker.log().await;
     let t = topic(&log, 1).await;
-    log.append(&t, (0..10u8).map(|i| to(0, &[i])).collect()).await.unwrap();
+    log.append(&t, (0..10u8).map(|i| OutRecord::to_partition(0, &[i])).collect()).await.unwrap();
     assert_eq!(log.end_offset(&t, 0).await.unwrap(), 10);
-    let mut c = log.consumer(assign(&t, 0, 3)).await.unwrap();
+    let mut c = log.consumer(Subscription::assign(&t, 0, 3)).await.unwrap();
     assert_eq!(c.assignment(), vec![(t.clone(), 0)]);
     assert_eq!(c.lag(), vec![(t.clone(), 0, 7)], "lag before reading");
     let got = read_n(&mut c, 4, Duration::from_secs(20)).await;
@@ -266,7 +254,7 @@ async fn assign_from_an_offset_end_offset_and_lag() {
     read_n(&mut c, 3, Duration::from_secs(20)).await;
     assert_eq!(c.lag(), vec![(t.clone(), 0, 0)]);
     // New records show as lag once the watermarks are refreshed (at most a second old).
-    log.append(&t, vec![to(0, b"x"), to(0, b"y")]).await.unwrap();
+    log.append(&t, vec![OutRecord::to_partition(0, b"x"), OutRecord::to_partition(0, b"y")]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while c.lag() != vec![(t.clone(), 0, 2)] {
@@ -275,12 +263,12 @@ async fn assign_from_an_offset_end_offset_and_lag() {
         c.poll(0, Duration::from_millis(100)).await.unwrap();
     }
     // The end is a valid start (tail); past it is refused, naming the offset.
-    assert!(log.consumer(assign(&t, 0, 12)).await.is_ok());
-    let err = log.consumer(assign(&t, 0, 13)).await.err().expect("out of range").to_string();
+    assert!(log.consumer(Subscription::assign(&t, 0, 12)).await.is_ok());
+    let err = log.consumer(Subscription::assign(&t, 0, 13)).await.err().expect("out of range").to_string();
     assert!(err.contains("offset 13") && err.contains(&t), "{err}");
     // A group member's lag counts from the group's committed offset.
     let g = unique("g");
-    let mut m = log.consumer(group(&g, &t)).await.unwrap();
+    let mut m = log.consumer(Subscription::group(&g, &t)).await.unwrap();
     assert_eq!(m.lag(), vec![(t.clone(), 0, 12)], "before the group assigns anything, the group's lag");
     let first = read_n(&mut m, 1, Duration::from_secs(30)).await;
     assert_eq!(first[0].offset, 0);
@@ -303,19 +291,19 @@ async fn errors_name_the_topic_and_partition() {
     let log = broker.log().await;
     let t = topic(&log, 2).await;
     for err in [
-        log.append("missing.topic", vec![to(0, b"x")]).await.unwrap_err(),
+        log.append("missing.topic", vec![OutRecord::to_partition(0, b"x")]).await.unwrap_err(),
         log.end_offset("missing.topic", 0).await.unwrap_err(),
         log.partition_count("missing.topic").await.unwrap_err(),
-        log.consumer(group("g", "missing.topic")).await.err().unwrap(),
+        log.consumer(Subscription::group("g", "missing.topic")).await.err().unwrap(),
     ] {
         assert!(err.to_string().contains("missing.topic"), "{err}");
         assert!(!err.retryable, "{err}");
     }
-    let err = log.append(&t, vec![to(2, b"x")]).await.unwrap_err().to_string();
+    let err = log.append(&t, vec![OutRecord::to_partition(2, b"x")]).await.unwrap_err().to_string();
     assert!(err.contains(&format!("partition 2 of topic {t}")), "{err}");
     assert_eq!(log.end_offset(&t, 0).await.unwrap(), 0, "a refused batch appends nothing");
     // ensure_topic on an existing topic leaves it alone.
-    log.append(&t, vec![to(1, b"kept")]).await.unwrap();
+    log.append(&t, vec![OutRecord::to_partition(1, b"kept")]).await.unwrap();
     log.ensure_topic(&spec(&t, 5)).await.unwrap();
     assert_eq!(log.partition_count(&t).await.unwrap(), 2);
     assert_eq!(log.end_offset(&t, 1).await.unwrap(), 1);
@@ -387,20 +375,20 @@ async fn acknowledged_records_and_group_offsets_survive_a_broker_kill_9() {
         let records = (0..10).map(|i| OutRecord::keyed(format!("tx-{batch}-{i}"), vec![batch, i])).collect();
         placed.extend(log.append(&proposals, records).await.unwrap());
     }
-    log.append(&blocks, (0..5u8).map(|i| to(0, &[i])).collect()).await.unwrap();
+    log.append(&blocks, (0..5u8).map(|i| OutRecord::to_partition(0, &[i])).collect()).await.unwrap();
     {
-        let mut c = log.consumer(group(&g, &blocks)).await.unwrap();
+        let mut c = log.consumer(Subscription::group(&g, &blocks)).await.unwrap();
         let got = read_n(&mut c, 5, Duration::from_secs(30)).await;
         c.commit(&[(got[2].topic.clone(), 0, 2)]).await.unwrap();
     }
-    let mut tail = log.consumer(assign(&blocks, 0, 5)).await.unwrap();
+    let mut tail = log.consumer(Subscription::assign(&blocks, 0, 5)).await.unwrap();
     // The same retention.ms=-1 written as is (Apache Kafka's spelling): tansu 0.6.0's retention
     // pass, which runs at start, deletes every record of such a topic. This is why the tests
     // (and any tansu deployment) set streamledger.infinite.retention.ms.
     let plain = KafkaLog::connect(streamledger_kafka::KafkaConfig::bootstrap(&broker.bootstrap())).await.unwrap();
     let wiped = unique("minus-one");
     plain.ensure_topic(&spec(&wiped, 1)).await.unwrap();
-    plain.append(&wiped, (0..3u8).map(|i| to(0, &[i])).collect()).await.unwrap();
+    plain.append(&wiped, (0..3u8).map(|i| OutRecord::to_partition(0, &[i])).collect()).await.unwrap();
 
     broker.kill9();
     broker.restart();
@@ -415,16 +403,16 @@ async fn acknowledged_records_and_group_offsets_survive_a_broker_kill_9() {
     let back: BTreeSet<(i32, i64)> = read_n(&mut c, 100, Duration::from_secs(30)).await.iter().map(|r| (r.partition, r.offset)).collect();
     assert_eq!(back, placed.iter().copied().collect::<BTreeSet<_>>(), "every acknowledged record is back");
     assert_eq!(fresh.committed_offset(&g, &blocks, 0).await.unwrap(), Some(3));
-    let mut c = fresh.consumer(group(&g, &blocks)).await.unwrap();
+    let mut c = fresh.consumer(Subscription::group(&g, &blocks)).await.unwrap();
     let resumed = read_n(&mut c, 2, Duration::from_secs(30)).await;
     assert_eq!(resumed.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![3, 4]);
     // The clients that lived through the crash go on: the idempotent producer appends where the
     // log was, and a consumer assigned before the crash reads it.
-    assert_eq!(log.append(&blocks, vec![to(0, b"after")]).await.unwrap(), vec![(0, 5)]);
+    assert_eq!(log.append(&blocks, vec![OutRecord::to_partition(0, b"after")]).await.unwrap(), vec![(0, 5)]);
     let after = read_n(&mut tail, 1, Duration::from_secs(30)).await;
     assert_eq!((after[0].offset, after[0].value.as_slice()), (5, &b"after"[..]));
 
     assert_eq!(fresh.end_offset(&wiped, 0).await.unwrap(), 0, "tansu 0.6.0 wiped the retention.ms=-1 topic (and reports end offset 0)");
     // ...though its next offset is still 3: the broker's watermarks are wrong for a wiped topic.
-    assert_eq!(plain.append(&wiped, vec![to(0, b"x")]).await.unwrap(), vec![(0, 3)]);
+    assert_eq!(plain.append(&wiped, vec![OutRecord::to_partition(0, b"x")]).await.unwrap(), vec![(0, 3)]);
 }

@@ -37,6 +37,11 @@ impl OutRecord {
     pub fn unkeyed(value: Vec<u8>) -> Self {
         Self { key: None, value, partition: None }
     }
+
+    /// A record for an explicit partition.
+    pub fn to_partition(partition: i32, value: impl Into<Vec<u8>>) -> Self {
+        Self { key: None, value: value.into(), partition: Some(partition) }
+    }
 }
 
 /// Where a consumer reads from.
@@ -48,6 +53,18 @@ pub enum Subscription {
     /// Explicit partitions from explicit offsets. For stages whose restart point is part of their
     /// own state (orderer, validator), as Fabric kept orderer offsets in block metadata.
     Assign { positions: Vec<(String, i32, i64)> },
+}
+
+impl Subscription {
+    /// One partition of one topic, from `offset`.
+    pub fn assign(topic: &str, partition: i32, offset: i64) -> Self {
+        Self::Assign { positions: vec![(topic.to_string(), partition, offset)] }
+    }
+
+    /// A group over one topic.
+    pub fn group(group: &str, topic: &str) -> Self {
+        Self::Group { group: group.to_string(), topics: vec![topic.to_string()] }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +80,11 @@ pub struct LogError {
 impl LogError {
     pub fn new(context: impl Into<String>, message: impl ToString, retryable: bool) -> Self {
         Self { context: context.into(), message: message.to_string(), retryable }
+    }
+
+    /// `commit` on a consumer with assigned partitions: there is no group to commit for.
+    pub fn no_group_to_commit() -> Self {
+        Self::new("commit", "an assigned consumer has no group to commit for: keep its restart point in the stage's own store", false)
     }
 }
 
