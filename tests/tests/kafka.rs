@@ -130,7 +130,7 @@ async fn every_stage_as_its_own_process_on_kafka() {
         let batches = [vec![proposal(1, "create", &["alice", "100"]), proposal(2, "create", &["bob", "0"])], vec![proposal(3, "transfer", &["alice", "bob", "25"])]];
         let want: Vec<String> = batches.iter().flatten().map(|p| p.tx_id.clone()).collect();
         let validated = format!("{}.validated-blocks", network.channel());
-        let mut verdicts = log.consumer(Subscription::Assign { positions: vec![(validated.clone(), 0, 0)] }).await.unwrap();
+        let mut verdicts = log.consumer(Subscription::assign(&validated, 0, 0)).await.unwrap();
         let mut codes: BTreeMap<(String, String), i32> = BTreeMap::new();
         let mut hashes: BTreeMap<(String, i64), Vec<u8>> = BTreeMap::new();
         for batch in &batches {

@@ -400,7 +400,7 @@ async fn remember_tail(log: &Arc<dyn Log>, ordered: &str, rejections: &str, max:
 pub(crate) async fn read_tail(log: &Arc<dyn Log>, topic: &str, max: usize) -> StageResult<Vec<Record>> {
     let end = log.end_offset(topic, 0).await?;
     let start = (end - max as i64).max(0);
-    let mut consumer = log.consumer(Subscription::Assign { positions: vec![(topic.to_string(), 0, start)] }).await?;
+    let mut consumer = log.consumer(Subscription::assign(topic, 0, start)).await?;
     let mut out = Vec::new();
     let mut next = start;
     while next < end {

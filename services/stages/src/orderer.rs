@@ -59,7 +59,7 @@ impl OrdererConfig {
 /// and the offset after it.
 pub async fn chain_tip(log: &Arc<dyn Log>, blocks_topic: &str, network: &Network) -> StageResult<(Option<Block>, i64)> {
     let end = log.end_offset(blocks_topic, 0).await?;
-    let mut consumer = log.consumer(Subscription::Assign { positions: vec![(blocks_topic.to_string(), 0, 0)] }).await?;
+    let mut consumer = log.consumer(Subscription::assign(blocks_topic, 0, 0)).await?;
     let mut last: Option<Block> = None;
     let mut next = 0;
     while next < end {
@@ -180,11 +180,10 @@ pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
     let tip = last.as_ref().map_or_else(ChainTip::genesis, ChainTip::after);
     let markers_from = last.as_ref().map_or(0, |b| b.metadata.cut_marker_offset + 1);
     tracing::info!(id = %config.id, next_block = tip.next_block, next_offset = tip.next_offset, markers_from, "orderer started");
-    let assign = |topic: &str, offset: i64| Subscription::Assign { positions: vec![(topic.to_string(), 0, offset)] };
     let lag = Some((metrics.clone(), counters.clone()));
-    let (mut ordered_rx, _h1) = forward(log.consumer(assign(&ordered_topic, tip.next_offset)).await?, 1024, lag.clone(), shutdown.clone());
-    let (mut markers_rx, _h2) = forward(log.consumer(assign(&markers_topic, markers_from)).await?, 256, lag.clone(), shutdown.clone());
-    let (mut blocks_rx, _h3) = forward(log.consumer(assign(&blocks_topic, blocks_end)).await?, 64, lag.clone(), shutdown.clone());
+    let (mut ordered_rx, _h1) = forward(log.consumer(Subscription::assign(&ordered_topic, 0, tip.next_offset)).await?, 1024, lag.clone(), shutdown.clone());
+    let (mut markers_rx, _h2) = forward(log.consumer(Subscription::assign(&markers_topic, 0, markers_from)).await?, 256, lag.clone(), shutdown.clone());
+    let (mut blocks_rx, _h3) = forward(log.consumer(Subscription::assign(&blocks_topic, 0, blocks_end)).await?, 64, lag.clone(), shutdown.clone());
 
     let mut replica = Replica {
         cutter: Cutter::new(config.network.config().batch.clone(), &config.id, tip.clone()),

@@ -130,7 +130,7 @@ impl TestNetwork {
     pub async fn read_all<T: codec::Record>(&self, suffix: &str) -> Vec<T> {
         let topic = self.topics.name(suffix);
         let end = self.log.end_offset(topic, 0).await.expect("end offset");
-        let mut c = self.log.consumer(Subscription::Assign { positions: vec![(topic.to_string(), 0, 0)] }).await.expect("consumer");
+        let mut c = self.log.consumer(Subscription::assign(topic, 0, 0)).await.expect("consumer");
         let mut out = Vec::new();
         while (out.len() as i64) < end {
             let batch = c.poll(1000, Duration::from_secs(5)).await.expect("poll");

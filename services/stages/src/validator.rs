@@ -131,7 +131,7 @@ pub async fn run(
     }
     let from = config.start_offset.unwrap_or(from);
     tracing::info!(peer = %config.peer, height = position.height, from_offset = from, "validator started");
-    let mut consumer = log.consumer(Subscription::Assign { positions: vec![(blocks_topic, 0, from)] }).await?;
+    let mut consumer = log.consumer(Subscription::assign(&blocks_topic, 0, from)).await?;
     while !*shutdown.borrow() {
         let records = tokio::select! {
             r = consumer.poll(32, Duration::from_millis(200)) => r?,
