@@ -140,9 +140,14 @@ impl TestNetwork {
         out
     }
 
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    /// Stops every stage but keeps the log, the stores and the fixture, for checks after a run.
+    pub async fn halt(&mut self) {
         self.shutdown.send(true).expect("stages listen");
-        for t in self.tasks {
+        for t in self.tasks.drain(..) {
             tokio::time::timeout(Duration::from_secs(15), t).await.expect("stage stops").expect("stage ends cleanly");
         }
     }
