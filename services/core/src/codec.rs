@@ -93,10 +93,12 @@ record!(DeadLetter, "dead-letters");
 record!(Rejection, "rejections");
 
 /// Every topic's schema, for tools that walk them all (drift tests, registration, docs).
-pub fn all_schemas() -> [&'static RecordSchema; 8] {
+pub fn all_schemas() -> [&'static RecordSchema; 10] {
     [
         Proposal::schema(),
         EndorsementResult::schema(),
+record!(StateChange, "state-changes");
+record!(TxResultRow, "tx-results");
         OrderedTx::schema(),
         CutMarker::schema(),
         Block::schema(),
@@ -109,6 +111,8 @@ pub fn all_schemas() -> [&'static RecordSchema; 8] {
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("cannot decode {schema} (schemas/{file}) at byte offset {at_byte}: {reason}")]
+        StateChange::schema(),
+        TxResultRow::schema(),
     Decode { schema: String, file: &'static str, at_byte: usize, reason: String },
     #[error("cannot encode {schema}: {reason}")]
     Encode { schema: String, reason: String },

@@ -16,6 +16,7 @@ pub mod model;
 pub mod network;
 pub mod policy;
 pub mod simulation;
+pub mod publish;
 pub mod state;
 pub mod validation;
 pub mod write_rules;

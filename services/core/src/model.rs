@@ -244,3 +244,45 @@ pub struct Rejection {
     /// Offset of the proposal in its `proposals` partition, -1 if unknown.
     pub source_offset: i64,
 }
+
+/// One key written by a VALID transaction, as the publishing peer committed it (topic
+/// `state-changes`): what a read-side copy of world state folds, key by key, in commit order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    pub channel: String,
+    pub block_number: i64,
+    /// Position in the block of the transaction that wrote the value.
+    pub tx_index: i32,
+    pub tx_id: String,
+    /// The contract.
+    pub namespace: String,
+    pub key: String,
+    /// `None` when the key was deleted.
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+    pub is_delete: bool,
+    /// The key's new version: the height `(block_number, tx_index)`.
+    pub version: Version,
+}
+
+/// One transaction with its verdict as a flat row (topic `tx-results`), for sinks that cannot
+/// write the nested arrays of `validated-blocks` (a JDBC sink upserting on `tx_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxResultRow {
+    pub tx_id: String,
+    pub channel: String,
+    pub block_number: i64,
+    pub tx_index: i32,
+    /// A Fabric `TxValidationCode` number, and its name.
+    pub validation_code: i32,
+    pub validation_code_name: String,
+    pub contract: String,
+    pub function: String,
+    pub creator_org: String,
+    /// Hex of the block header hash.
+    pub block_hash: String,
+    /// The publishing peer.
+    pub peer: String,
+    /// The publishing peer's clock when it validated the block (informational).
+    pub commit_timestamp_ms: i64,
+}

@@ -117,6 +117,10 @@ pub struct BlockValidation {
     pub contracts: Vec<String>,
     /// Per transaction, the client's proposal timestamp (-1 where undecodable): for latency.
     pub timestamps_ms: Vec<i64>,
+    /// Per transaction, the function called and the creator's org (empty where undecodable):
+    /// for the `tx-results` rows a publishing peer writes.
+    pub functions: Vec<String>,
+    pub creator_orgs: Vec<String>,
     /// What to commit atomically: the valid transactions' final writes and the tx-id index.
     pub batch: WriteBatch,
     /// The running state hash after this block.
@@ -207,10 +211,12 @@ pub fn validate_block_with(
     let field = |f: fn(&OrderedTx) -> String| checked.iter().map(|c| c.tx.as_ref().map(f).unwrap_or_default()).collect();
     let tx_ids = field(|t| t.proposal.tx_id.clone());
     let contracts = field(|t| t.proposal.contract.clone());
+    let functions = field(|t| t.proposal.function.clone());
+    let creator_orgs = field(|t| t.proposal.creator.org.clone());
     let timestamps_ms = checked.iter().map(|c| c.tx.as_ref().map_or(-1, |t| t.proposal.timestamp_ms)).collect();
     let batch = WriteBatch { block: number, writes: updates, tx_index };
     let state_hash = next_state_hash(previous_state_hash, block, &codes, &batch);
-    Ok(BlockValidation { codes, tx_ids, contracts, timestamps_ms, batch, state_hash })
+    Ok(BlockValidation { codes, tx_ids, contracts, timestamps_ms, functions, creator_orgs, batch, state_hash })
 }
 
 /// The per-transaction checks, which depend on nothing but the transaction and the config, so

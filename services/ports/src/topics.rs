@@ -18,6 +18,9 @@ pub mod names {
     pub const VALIDATED_BLOCKS: &str = "validated-blocks";
     pub const REJECTIONS: &str = "rejections";
     pub const DEAD_LETTERS: &str = "dead-letters";
+    /// Written only by a validator that publishes changes (`--publish-changes`).
+    pub const STATE_CHANGES: &str = "state-changes";
+    pub const TX_RESULTS: &str = "tx-results";
 }
 
 /// One topic, fully resolved for a channel.
@@ -99,7 +102,7 @@ impl Topics {
         }
         let topics = Self { channel: channel.to_string(), specs };
         use names::*;
-        for suffix in [PROPOSALS, ENDORSEMENT_RESULTS, ORDERED_TX, CUT_MARKERS, BLOCKS, VALIDATED_BLOCKS, REJECTIONS, DEAD_LETTERS] {
+        for suffix in [PROPOSALS, ENDORSEMENT_RESULTS, ORDERED_TX, CUT_MARKERS, BLOCKS, VALIDATED_BLOCKS, REJECTIONS, DEAD_LETTERS, STATE_CHANGES, TX_RESULTS] {
             if !topics.specs.contains_key(suffix) {
                 return Err(TopicsError(format!("topic {suffix} is not defined")));
             }

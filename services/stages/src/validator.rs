@@ -3,6 +3,15 @@
 //! commits state, tx index, block and savepoint atomically, then produces the verdict to
 //! `validated-blocks`.
 //!
+//! A validator started with `publish_changes` also writes, for Kafka Connect sinks and other
+//! readers, each block's world-state changes to `state-changes` and one row per transaction to
+//! `tx-results` (see `streamledger_core::publish`). Only one peer of a deployment should: every
+//! peer commits the same changes, and two publishers would interleave versions of one key. It
+//! appends them after validating the block and BEFORE committing it (state and savepoint are one
+//! commit): a crash in between restarts from the previous savepoint, re-validates the block and
+//! appends the same records again. So the topics are at-least-once and in order per key, never
+//! missing a committed change; a duplicate only re-applies a version a sink already holds.
+//!
 //! Restart point: the savepoint in its own store. A copy of a block already committed (another
 //! orderer replica took over) is skipped when it is identical, and reported loudly as a fork when
 //! it is not. A block that does not chain or is not signed by an orderer is dead-lettered; a good
@@ -16,6 +25,7 @@ use std::time::Duration;
 use streamledger_core::codec;
 use streamledger_core::crypto::block_header_hash;
 use streamledger_core::model::{Block, BlockHeader, OrderedTx, TxResult, ValidatedBlock};
+use streamledger_core::publish;
 use streamledger_core::network::Network;
 use streamledger_core::crypto::SignatureChecks;
 use streamledger_core::validation::{check_block, check_block_signature, validate_block_with, BlockRejection, BlockValidation, WriteRules, GENESIS_STATE_HASH};
@@ -24,7 +34,7 @@ use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 use streamledger_ports::topics::{names, Topics};
 
 use crate::common::{retry, DeadLetters, Shutdown, StageError, StageResult};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StageCounters};
 
 pub struct ValidatorConfig {
     /// The peer's name, e.g. `Org1.peer0`: stamped on every verdict.
@@ -41,12 +51,15 @@ pub struct ValidatorConfig {
     pub metrics: Arc<Metrics>,
     /// `Off` only for benchmarks (see `SignatureChecks`); block signatures are still checked.
     pub signature_checks: SignatureChecks,
+    /// Write `state-changes` and `tx-results` (one peer per deployment; see the module docs).
+    /// Ignored when `read_only`.
+    pub publish_changes: bool,
 }
 
 impl ValidatorConfig {
     pub fn new(peer: String, network: Arc<Network>, topics: Topics, rules: Arc<dyn WriteRules + Send + Sync>) -> Self {
         let metrics = Metrics::detached(network.channel());
-        Self { peer, network, topics, rules, read_only: false, start_offset: None, stop_after_offset: None, metrics, signature_checks: SignatureChecks::On }
+        Self { peer, network, topics, rules, read_only: false, start_offset: None, stop_after_offset: None, metrics, signature_checks: SignatureChecks::On, publish_changes: false }
     }
 }
 
@@ -158,10 +171,18 @@ pub async fn run(
             let started = std::time::Instant::now();
             let (validation, commit_seconds) = retry("validating and committing", &shutdown, || {
                 let (cfg, st, prev_hash, block, record) = (cfg.clone(), st.clone(), prev_hash.clone(), block.clone(), record.clone());
+                let (log, counters) = (log.clone(), counters.clone());
                 async move {
-                    tokio::task::spawn_blocking(move || validate_and_commit(&cfg, st.as_ref(), &block, &record, &prev_hash))
-                        .await
-                        .map_err(|e| StageError::Fatal(format!("validator task panicked: {e}")))?
+                    let (c, s, b) = (cfg.clone(), st.clone(), block.clone());
+                    let validation = Arc::new(blocking(move || validate(&c, s.as_ref(), &b, &prev_hash)).await?);
+                    if cfg.publish_changes && !cfg.read_only {
+                        // Before the commit: see the module docs.
+                        publish_changes(&cfg, &log, &block, &validation, &counters).await?;
+                    }
+                    let v = validation.clone();
+                    let seconds = blocking(move || commit(st.as_ref(), &block, &record, &v)).await?;
+                    let validation = Arc::try_unwrap(validation).map_err(|_| StageError::Fatal("validation still shared after commit".into()))?;
+                    Ok((validation, seconds))
                 }
             })
             .await
@@ -263,15 +284,45 @@ fn observe_commit(metrics: &Metrics, peer: &str, number: i64, v: &BlockValidatio
     metrics.committed(peer, number, &hex::encode(v.state_hash));
 }
 
-/// Validates a block and commits it; returns the validation and the seconds the commit took.
-fn validate_and_commit(
-    config: &ValidatorConfig,
-    store: &dyn PeerStore,
-    block: &Block,
-    record: &Record,
-    previous_state_hash: &[u8],
-) -> StageResult<(BlockValidation, f64)> {
-    let validation = validate_block_with(&config.network, config.rules.as_ref(), store, block, previous_state_hash, config.signature_checks)?;
+/// Runs blocking store and CPU work off the async threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> StageResult<T> + Send + 'static) -> StageResult<T> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| StageError::Fatal(format!("validator task panicked: {e}")))?
+}
+
+/// Validates a block against the committed state.
+fn validate(config: &ValidatorConfig, store: &dyn PeerStore, block: &Block, previous_state_hash: &[u8]) -> StageResult<BlockValidation> {
+    Ok(validate_block_with(&config.network, config.rules.as_ref(), store, block, previous_state_hash, config.signature_checks)?)
+}
+
+/// Appends a validated block's state changes and tx-result rows, counted as the stage's records
+/// out. A failure goes back to the caller's retry, which validates and appends again.
+async fn publish_changes(config: &ValidatorConfig, log: &Arc<dyn Log>, block: &Block, validation: &BlockValidation, counters: &StageCounters) -> StageResult<()> {
+    let channel = config.network.channel();
+    let encode = |r: Result<Vec<u8>, codec::CodecError>| r.map_err(|e| StageError::Fatal(e.to_string()));
+    let changes = publish::state_changes(channel, validation)
+        .iter()
+        .map(|c| Ok(OutRecord::keyed(publish::state_change_key(&c.namespace, &c.key), encode(codec::encode(c))?)))
+        .collect::<StageResult<Vec<_>>>()?;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let rows = publish::tx_results(channel, &config.peer, &block_header_hash(&block.header), validation, now_ms)
+        .iter()
+        .map(|r| Ok(OutRecord::keyed(r.tx_id.as_bytes(), encode(codec::encode(r))?)))
+        .collect::<StageResult<Vec<_>>>()?;
+    let number = block.header.number;
+    for (suffix, records) in [(names::STATE_CHANGES, changes), (names::TX_RESULTS, rows)] {
+        if records.is_empty() {
+            continue;
+        }
+        let n = records.len() as u64;
+        log.append(config.topics.name(suffix), records).await?;
+        counters.records_out.inc_by(n);
+        tracing::debug!(peer = %config.peer, block = number, topic = suffix, records = n, "published");
+    }
+    Ok(())
+}
+
+/// Commits a validated block (state, tx index, block and savepoint); returns the seconds it took.
+fn commit(store: &dyn PeerStore, block: &Block, record: &Record, validation: &BlockValidation) -> StageResult<f64> {
     let number = block.header.number;
     let stored = StoredBlock { number, bytes: record.value.clone(), codes: validation.codes.iter().map(|c| *c as i32).collect() };
     let savepoint = Savepoint {
@@ -282,7 +333,7 @@ fn validate_and_commit(
     };
     let started = std::time::Instant::now();
     store.commit(BlockCommit { block: &stored, batch: &validation.batch, savepoint: &savepoint })?;
-    Ok((validation, started.elapsed().as_secs_f64()))
+    Ok(started.elapsed().as_secs_f64())
 }
 
 fn verdict_of(peer: &str, block: &Block, codes: &[i32], state_hash: &[u8]) -> ValidatedBlock {
