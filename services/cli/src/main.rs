@@ -60,6 +60,11 @@ enum Command {
         /// The peer, e.g. Org1.peer0.
         #[arg(long, env = "STREAMLEDGER_PEER")]
         peer: String,
+        /// Also write each committed block's world-state changes and per-transaction rows to
+        /// `state-changes` and `tx-results`, for Kafka Connect sinks. Give it to ONE validator of
+        /// the deployment, from its first block on.
+        #[arg(long, env = "STREAMLEDGER_PUBLISH_CHANGES")]
+        publish_changes: bool,
         #[command(flatten)]
         common: StageArgs,
     },
@@ -158,6 +163,10 @@ struct UpArgs {
     /// CouchDB: documents per _bulk_docs request and keys per bulk read (Fabric's maxBatchUpdateSize).
     #[arg(long, env = "STREAMLEDGER_COUCHDB_MAX_BATCH_UPDATE_SIZE", default_value_t = 1000)]
     couchdb_max_batch_update_size: usize,
+    /// The peer (e.g. Org1.peer0) whose validator also writes world-state changes and
+    /// per-transaction rows to `state-changes` and `tx-results`, for Kafka Connect sinks.
+    #[arg(long, env = "STREAMLEDGER_PUBLISH_CHANGES_PEER")]
+    publish_changes: Option<String>,
     /// Run on a Kafka cluster (`--kafka BROKERS`) instead of the embedded log.
     #[command(flatten)]
     kafka: KafkaArgs,
@@ -263,7 +272,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Endorser { org, common } => runtime()?.block_on(stage(StageKind::Endorser { org }, common)),
         Command::Gateway { common } => runtime()?.block_on(stage(StageKind::Gateway, common)),
         Command::Orderer { id, common } => runtime()?.block_on(stage(StageKind::Orderer { id }, common)),
-        Command::Validator { peer, common } => runtime()?.block_on(stage(StageKind::Validator { peer }, common)),
+        Command::Validator { peer, publish_changes, common } => runtime()?.block_on(stage(StageKind::Validator { peer, publish_changes }, common)),
         Command::Network(NetworkCommand::Init { dir, channel, orgs, orderers }) => network_init(&dir, channel, orgs, orderers),
         Command::Network(NetworkCommand::Check { file }) => {
             let text = std::fs::read_to_string(&file).map_err(io_err(&file))?;
@@ -362,6 +371,7 @@ async fn up(args: UpArgs) -> Result<(), CliError> {
         kafka: args.kafka.config()?,
         client: args.client.clone(),
         progress: !args.no_progress && std::io::stderr().is_terminal(),
+        publish_changes: args.publish_changes.clone(),
         ..streamledger_node::up::UpConfig::new(args.data_dir.clone(), args.http)
     };
     let node = streamledger_node::up::start(config).await?;

@@ -30,8 +30,9 @@ pub enum StageKind {
     Endorser { org: String },
     Gateway,
     Orderer { id: String },
-    /// `peer` is `Org.member`, e.g. `Org1.peer0`.
-    Validator { peer: String },
+    /// `peer` is `Org.member`, e.g. `Org1.peer0`. `publish_changes`: this validator also writes
+    /// `state-changes` and `tx-results` (one validator per deployment should).
+    Validator { peer: String, publish_changes: bool },
 }
 
 #[derive(Debug, Clone)]
@@ -92,10 +93,11 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
             let (l, sd) = (log.clone(), shutdown.clone());
             tasks.spawn(async move { ("orderer".into(), orderer::run(cfg, l, sd).await) });
         }
-        StageKind::Validator { peer } => {
+        StageKind::Validator { peer, publish_changes } => {
             let store = open_store(&config.state, &config.data_dir, &network, peer).await?;
             let mut cfg = validator::ValidatorConfig::new(peer.clone(), network.clone(), topics.clone(), Arc::new(CouchDbRules));
             cfg.metrics = metrics.clone();
+            cfg.publish_changes = *publish_changes;
             let (l, sd) = (log.clone(), shutdown.clone());
             tasks.spawn(async move { ("validator".into(), validator::run(cfg, l, store, Arc::new(PeerProgress::new()), sd).await) });
         }

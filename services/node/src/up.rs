@@ -68,6 +68,9 @@ pub struct UpConfig {
     /// Run on a Kafka cluster instead of the embedded log (librdkafka properties, with
     /// `bootstrap.servers` set).
     pub kafka: Option<streamledger_kafka::KafkaConfig>,
+    /// The one peer (e.g. `Org1.peer0`) whose validator writes `state-changes` and `tx-results`
+    /// for Kafka Connect sinks; `None`: no peer does.
+    pub publish_changes: Option<String>,
 }
 
 impl UpConfig {
@@ -82,6 +85,7 @@ impl UpConfig {
             signature_checks: Default::default(),
             state: StateBackend::Embedded,
             kafka: None,
+            publish_changes: None,
         }
     }
 }
@@ -230,6 +234,12 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
     let mut tasks = JoinSet::new();
     let mut peers = Vec::new();
 
+    if let Some(publisher) = &config.publish_changes {
+        let names = network.org_names().map(|org| Ok(format!("{org}.{}", peer_of(&network, org)?))).collect::<Result<Vec<_>, NodeError>>()?;
+        if !names.contains(publisher) {
+            return Err(NodeError::Network(format!("--publish-changes {publisher:?}: no such peer (the peers are {})", names.join(", "))));
+        }
+    }
     for org in network.org_names().map(str::to_string).collect::<Vec<_>>() {
         let member = peer_of(&network, &org)?;
         let name = format!("{org}.{member}");
@@ -249,6 +259,7 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
         let mut cfg = validator::ValidatorConfig::new(name.clone(), network.clone(), topics.clone(), Arc::new(CouchDbRules));
         cfg.metrics = metrics.clone();
         cfg.signature_checks = config.signature_checks;
+        cfg.publish_changes = config.publish_changes.as_ref() == Some(&name);
         let (l, s, p, sd) = (dyn_log.clone(), store.clone(), progress.clone(), shutdown.clone());
         let stage = format!("validator {name}");
         tasks.spawn(async move { (stage, validator::run(cfg, l, s, p, sd).await) });
