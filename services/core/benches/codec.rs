@@ -42,6 +42,7 @@ fn bench(c: &mut Criterion) {
         payload: vec![0; 200],
         stage: "endorser".into(),
         reason: "cannot decode".into(),
+        instance: Some("Org1".into()),
     });
 }
 

@@ -30,13 +30,17 @@ pub struct RecordSchema {
     pub schema: &'static Schema,
     /// The single-object header: magic and fingerprint.
     pub header: Vec<u8>,
+    /// The schema file's text, as registered with a schema registry.
+    pub text: &'static str,
+    /// Readers for records written with earlier published versions (see [`crate::schema_history`]).
+    older: Vec<crate::schema_history::OlderWriter>,
     // Built once: resolving a schema's names is far costlier than encoding a small record.
     writer: GenericDatumWriter<'static>,
     reader: GenericDatumReader<'static>,
 }
 
 impl RecordSchema {
-    fn parse(file: &'static str, text: &str) -> Self {
+    fn parse(file: &'static str, text: &'static str) -> Self {
         // The schema files are compiled in; a parse failure is a build defect caught by the tests.
         let schema = Schema::parse_str(text)
             .unwrap_or_else(|e| panic!("schemas/{file} is not a valid Avro schema: {e}"));
@@ -50,7 +54,9 @@ impl RecordSchema {
         let schema: &'static Schema = Box::leak(Box::new(schema));
         let writer = GenericDatumWriter::builder(schema).build().expect("schema resolves");
         let reader = GenericDatumReader::builder(schema).build().expect("schema resolves");
-        Self { file, full_name, schema, header, writer, reader }
+        let fingerprint = header[2..SINGLE_OBJECT_HEADER_LEN].try_into().expect("header is 10 bytes");
+        let older = crate::schema_history::older_writers(file.trim_end_matches(".avsc"), schema, fingerprint);
+        Self { file, full_name, schema, header, text, older, writer, reader }
     }
 
     /// The 8-byte Rabin fingerprint, as carried in the single-object header.
@@ -91,28 +97,28 @@ record!(Block, "blocks");
 record!(ValidatedBlock, "validated-blocks");
 record!(DeadLetter, "dead-letters");
 record!(Rejection, "rejections");
+record!(StateChange, "state-changes");
+record!(TxResultRow, "tx-results");
 
 /// Every topic's schema, for tools that walk them all (drift tests, registration, docs).
 pub fn all_schemas() -> [&'static RecordSchema; 10] {
     [
         Proposal::schema(),
         EndorsementResult::schema(),
-record!(StateChange, "state-changes");
-record!(TxResultRow, "tx-results");
         OrderedTx::schema(),
         CutMarker::schema(),
         Block::schema(),
         ValidatedBlock::schema(),
         DeadLetter::schema(),
         Rejection::schema(),
+        StateChange::schema(),
+        TxResultRow::schema(),
     ]
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("cannot decode {schema} (schemas/{file}) at byte offset {at_byte}: {reason}")]
-        StateChange::schema(),
-        TxResultRow::schema(),
     Decode { schema: String, file: &'static str, at_byte: usize, reason: String },
     #[error("cannot encode {schema}: {reason}")]
     Encode { schema: String, reason: String },
@@ -144,10 +150,23 @@ pub fn decode<T: Record>(bytes: &[u8]) -> Result<T, CodecError> {
         at_byte,
         reason,
     };
+    if let Some(id) = confluent_schema_id(bytes) {
+        return Err(fail(0, format!(
+            "Confluent wire format with schema id {id}, not converted to single-object: the Kafka adapter converts it only \
+             when a schema registry URL is configured (--schema-registry / STREAMLEDGER_SCHEMA_REGISTRY_URL) and the \
+             registry's schema {id} is a published version of a schema under schemas/"
+        )));
+    }
     if bytes.len() < SINGLE_OBJECT_HEADER_LEN || bytes[..2] != SINGLE_OBJECT_MAGIC {
         return Err(fail(0, "not an Avro single-object record (expected magic C3 01)".into()));
     }
     if bytes[..SINGLE_OBJECT_HEADER_LEN] != rs.header[..] {
+        // Off the hot path: a record written with an earlier published version of the schema.
+        if let Some(old) = rs.older.iter().find(|o| bytes[2..SINGLE_OBJECT_HEADER_LEN] == o.fingerprint) {
+            return decode_older(old, &bytes[SINGLE_OBJECT_HEADER_LEN..]).map_err(|(at, reason)| {
+                fail(SINGLE_OBJECT_HEADER_LEN + at, format!("written with schemas/{} (v{}): {reason}", old.file, old.version))
+            });
+        }
         return Err(fail(
             2,
             format!(
@@ -161,6 +180,19 @@ pub fn decode<T: Record>(bytes: &[u8]) -> Result<T, CodecError> {
         .map_err(|(at, reason)| fail(SINGLE_OBJECT_HEADER_LEN + at, reason))
 }
 
+/// Confluent's wire format opens with this byte, then the 4-byte big-endian schema id.
+pub const CONFLUENT_MAGIC: u8 = 0;
+/// Magic byte and schema id.
+pub const CONFLUENT_HEADER_LEN: usize = 5;
+
+/// The schema id of a record in Confluent's wire format (magic byte 0, then the id).
+pub fn confluent_schema_id(bytes: &[u8]) -> Option<u32> {
+    match bytes {
+        [CONFLUENT_MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
 /// Decodes a bare datum; on failure returns the byte offset reached and the reason.
 fn decode_datum<T: Record>(datum: &[u8]) -> Result<T, (usize, String)> {
     let rs = T::schema();
@@ -169,10 +201,26 @@ fn decode_datum<T: Record>(datum: &[u8]) -> Result<T, (usize, String)> {
         .reader
         .read_deser::<T>(&mut reader)
         .map_err(|e| (reader.read, e.to_string()))?;
-    if reader.read != datum.len() {
-        return Err((reader.read, format!("{} trailing bytes after the record", datum.len() - reader.read)));
-    }
+    all_read(reader.read, datum)?;
     Ok(value)
+}
+
+/// Decodes a datum written with an older schema version, resolved to the current schema. (The
+/// schema-aware deserializer cannot resolve yet, so this goes through a `Value`: slower, and only
+/// for records older than the current schema.)
+fn decode_older<T: Record>(old: &crate::schema_history::OlderWriter, datum: &[u8]) -> Result<T, (usize, String)> {
+    let mut reader = CountingReader { inner: datum, read: 0 };
+    let value = old.reader.read_value(&mut reader).map_err(|e| (reader.read, e.to_string()))?;
+    all_read(reader.read, datum)?;
+    apache_avro::from_value::<T>(&value).map_err(|e| (reader.read, e.to_string()))
+}
+
+/// Refuses bytes left over after a record: they mean a wrong schema or a corrupt record.
+fn all_read(read: usize, datum: &[u8]) -> Result<(), (usize, String)> {
+    if read == datum.len() {
+        return Ok(());
+    }
+    Err((read, format!("{} trailing bytes after the record", datum.len() - read)))
 }
 
 /// Counts bytes consumed, so that a decoding error can say where it stopped.

@@ -6,6 +6,7 @@
 //! orderer, validator) wrap these functions with the log and state ports.
 
 pub mod codec;
+pub mod schema_history;
 pub mod contract;
 pub mod contracts;
 pub mod crypto;
@@ -15,8 +16,8 @@ pub mod fixtures;
 pub mod model;
 pub mod network;
 pub mod policy;
-pub mod simulation;
 pub mod publish;
+pub mod simulation;
 pub mod state;
 pub mod validation;
 pub mod write_rules;

@@ -231,6 +231,12 @@ pub struct DeadLetter {
     pub payload: Vec<u8>,
     pub stage: String,
     pub reason: String,
+    /// The stage instance that dead-lettered it (the endorser's org, the orderer's id, the
+    /// validator's peer, the gateway's group): one bad proposal is dead-lettered by every org's
+    /// endorser, and this tells the letters apart. Added in schema v2; `None` when read from a v1
+    /// record.
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 /// A proposal refused before ordering (topic `rejections`), so that the client and any auditor

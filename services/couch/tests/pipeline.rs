@@ -42,3 +42,10 @@ async fn bad_input_on_couchdb_state() {
     scenarios::bad_input(&net).await;
     net.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_every_input_topic_on_couchdb_state() {
+    let (net, _dir) = on_couchdb("garbage").await;
+    scenarios::garbage_on_every_input_topic(&net).await;
+    net.stop().await;
+}

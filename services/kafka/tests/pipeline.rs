@@ -37,3 +37,11 @@ async fn bad_input_is_dead_lettered_or_rejected_and_the_pipeline_goes_on() {
     scenarios::bad_input(&net).await;
     net.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_every_input_topic_is_dead_lettered_and_the_pipeline_goes_on() {
+    let broker = Broker::start();
+    let (net, _dir) = on_kafka(&broker).await;
+    scenarios::garbage_on_every_input_topic(&net).await;
+    net.stop().await;
+}

@@ -60,6 +60,7 @@ impl DeadLetters {
             payload: record.value.clone(),
             stage: self.stage.to_string(),
             reason,
+            instance: Some(self.counters.instance().to_string()),
         };
         let bytes = codec::encode(&letter).map_err(|e| StageError::Fatal(e.to_string()))?;
         self.log.append(&self.topic, vec![OutRecord::unkeyed(bytes)]).await?;

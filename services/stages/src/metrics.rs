@@ -218,6 +218,13 @@ pub struct StageCounters {
     instance: String,
 }
 
+impl StageCounters {
+    /// The stage instance these count for (an org, a peer, an orderer id, a gateway group).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use streamledger_core::codec;
 use streamledger_core::crypto::Signer;
 use streamledger_core::cutter::{build_block, sign_block, ChainTip, Cutter, MarkerVerdict};
-use streamledger_core::model::{Block, BlockHeader, CutMarker};
+use streamledger_core::model::{Block, BlockHeader, CutMarker, OrderedTx};
 use streamledger_core::network::Network;
 use streamledger_core::validation::check_block;
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
@@ -250,6 +250,7 @@ pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
             counters.records_out.inc();
             tracing::debug!(block = number, txs = block.transactions.len(), "block written");
             replica.written = replica.written.max(number);
+            report_undecodable(&block, &ordered_topic, &dead).await?;
         }
     }
     tracing::info!(id = %replica.config.id, "orderer stopped");
@@ -268,6 +269,23 @@ async fn judge_marker(replica: &mut Replica, r: &Record, dead: &DeadLetters) -> 
         // rejected marker: its author, or for a marker no orderer wrote, the first orderer listed.
         MarkerVerdict::Rejected(why) if responsible_for(replica, &marker) => dead.send(r, why).await?,
         MarkerVerdict::Rejected(why) => tracing::debug!(offset = r.offset, %why, "cut marker rejected"),
+    }
+    Ok(())
+}
+
+/// Dead-letters the transactions of a block just written that do not decode as `OrderedTx`
+/// (written to `ordered-tx` by something other than the gateway). They stay in the block, which
+/// must hold exactly the records its marker names, and the validators flag them BAD_PAYLOAD; the
+/// letter tells the operator where they came from. Only the writer of a block reports, so the
+/// report survives the death of any one replica (a copy written twice in a takeover race reports
+/// twice, which is harmless). The key is not kept with buffered records, so the letter has none.
+async fn report_undecodable(block: &Block, ordered_topic: &str, dead: &DeadLetters) -> StageResult<()> {
+    let topic: Arc<str> = Arc::from(ordered_topic);
+    for (offset, bytes) in (block.metadata.first_offset..).zip(&block.transactions) {
+        if let Err(e) = codec::decode::<OrderedTx>(bytes) {
+            let record = Record { topic: topic.clone(), partition: 0, offset, key: None, value: bytes.to_vec(), timestamp_ms: 0 };
+            dead.send(&record, format!("in block {}: {e}", block.header.number)).await?;
+        }
     }
     Ok(())
 }

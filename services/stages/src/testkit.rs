@@ -140,6 +140,20 @@ impl TestNetwork {
         out
     }
 
+    /// Waits until both peers stand at one height, and asserts that their state hashes are equal.
+    pub async fn peers_agree(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let sps: Vec<_> = self.stores.iter().map(|s| s.savepoint().expect("read").expect("committed")).collect();
+            if sps[0].block == sps[1].block {
+                assert_eq!(sps[0].state_hash, sps[1].state_hash, "peers at one height disagree");
+                return;
+            }
+            assert!(Instant::now() < deadline, "peers did not reach one height");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn stop(mut self) {
         self.halt().await;
     }
@@ -184,16 +198,7 @@ pub mod scenarios {
         }
         assert_eq!((net.balance("alice"), net.balance("bob")), (85 - 10 * valid, 15 + 10 * valid));
 
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let sps: Vec<_> = net.stores.iter().map(|s| s.savepoint().expect("read").expect("committed")).collect();
-            if sps[0].block == sps[1].block {
-                assert_eq!(sps[0].state_hash, sps[1].state_hash, "peers at one height disagree");
-                break;
-            }
-            assert!(Instant::now() < deadline, "peers did not reach one height");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        net.peers_agree().await;
 
         let blocks = net.read_all::<Block>(names::BLOCKS).await;
         let mut numbers: Vec<i64> = blocks.iter().map(|b| b.header.number).collect();
@@ -231,5 +236,106 @@ pub mod scenarios {
         stages.sort();
         assert_eq!(stages, ["endorser", "endorser", "gateway"], "{letters:?}");
         assert!(letters.iter().all(|l| l.source_topic == proposals && l.payload == b"not avro" && l.reason.contains("Proposal")));
+    }
+
+    /// Garbage on every input topic: undecodable bytes, a truncated record of the topic's own
+    /// schema, and a valid record of another schema, each on `proposals`, `endorsement-results`,
+    /// `ordered-tx`, `cut-markers` and `blocks`. Each is dead-lettered (naming its topic, partition
+    /// and offset, with a reason) by every stage that reads it, the transactions around it commit,
+    /// and the peers agree. Garbage on `ordered-tx` also stays in its block, flagged BAD_PAYLOAD
+    /// (blocks hold exactly the records their marker names).
+    pub async fn garbage_on_every_input_topic(net: &TestNetwork) {
+        use streamledger_core::cutter::GENESIS_PREVIOUS_HASH;
+        use streamledger_core::endorsement::endorse;
+        use streamledger_core::model::{CutMarker, CutReason, Response, RwSet, ValidatedBlock};
+
+        let f = &net.f;
+        let before = f.proposal("kv", "put", &["before", "1"]);
+        net.submit(std::slice::from_ref(&before)).await;
+        assert_eq!(net.codes(&[&before.tx_id]).await, [TxValidationCode::Valid]);
+
+        // Well-formed records of each schema, only ever written cut short or to the wrong topic.
+        let p = f.proposal("kv", "put", &["never", "1"]);
+        let ok = Response { status: 200, message: String::new(), payload: Vec::new() };
+        let result = endorse(&f.peers[0], &p, ok, RwSet::default());
+        let tx = f.endorsed(p.clone(), RwSet::default());
+        let block = f.block(0, &GENESIS_PREVIOUS_HASH, std::slice::from_ref(&tx));
+        let marker = CutMarker { block_number: 0, first_offset: 0, last_offset: 0, cutter_id: "orderer0".into(), reason: CutReason::Timeout };
+        let (p_bytes, marker_bytes) = (codec::encode(&p).expect("encodes"), codec::encode(&marker).expect("encodes"));
+        let truncated = |bytes: Result<Vec<u8>, codec::CodecError>| {
+            let bytes = bytes.expect("encodes");
+            bytes[..bytes.len() / 2].to_vec()
+        };
+        // (topic, [truncated record of its schema, record of another schema], the stages that
+        // read it and how many instances of each: one endorser group per org, a validator per
+        // peer, every orderer replica reads cut markers, and the writer of a block reports the
+        // undecodable transactions in it).
+        let orderers = net.options.orderers.len();
+        let cases: [(&str, [Vec<u8>; 2], &[(&str, usize)]); 5] = [
+            (names::PROPOSALS, [truncated(Ok(p_bytes.clone())), marker_bytes.clone()], &[("endorser", 2), ("gateway", 1)]),
+            (names::ENDORSEMENT_RESULTS, [truncated(codec::encode(&result)), marker_bytes.clone()], &[("gateway", 1)]),
+            (names::ORDERED_TX, [truncated(codec::encode(&tx)), marker_bytes.clone()], &[("orderer", 1)]),
+            (names::CUT_MARKERS, [truncated(Ok(marker_bytes.clone())), p_bytes], &[("orderer", orderers)]),
+            (names::BLOCKS, [truncated(codec::encode(&block)), marker_bytes], &[("validator", 2)]),
+        ];
+        // Where each bad record landed, with its bytes and expected readers.
+        let mut written = Vec::new();
+        for (suffix, [cut_short, other_schema], readers) in &cases {
+            let topic = net.topics.name(suffix).to_string();
+            let values = [format!("garbage on {suffix}").into_bytes(), cut_short.clone(), other_schema.clone()];
+            for (i, value) in values.into_iter().enumerate() {
+                let record = OutRecord::keyed(format!("garbage-{suffix}-{i}").into_bytes(), value.clone());
+                let placed = net.log.append(&topic, vec![record]).await.expect("append");
+                written.push((topic.clone(), placed[0], value, *readers));
+            }
+        }
+
+        let after = f.proposal("kv", "put", &["after", "1"]);
+        net.submit(std::slice::from_ref(&after)).await;
+        assert_eq!(net.codes(&[&after.tx_id]).await, [TxValidationCode::Valid], "the pipeline goes on after the garbage");
+        net.peers_agree().await;
+
+        let missing = |letters: &[DeadLetter]| -> Vec<String> {
+            let mut missing = Vec::new();
+            for (topic, (partition, offset), value, readers) in &written {
+                let about: Vec<&DeadLetter> =
+                    letters.iter().filter(|l| l.source_topic == *topic && l.partition == *partition && l.offset == *offset).collect();
+                for l in &about {
+                    assert_eq!(&l.payload, value, "{topic}/{partition}@{offset}: the letter carries the record");
+                    assert!(!l.reason.is_empty(), "{topic}/{partition}@{offset}: a letter without a reason");
+                    assert!(readers.iter().any(|(stage, _)| *stage == l.stage), "{topic}: dead-lettered by {}, which does not read it", l.stage);
+                }
+                for (stage, n) in readers.iter() {
+                    let got = about.iter().filter(|l| l.stage == *stage).count();
+                    if got < *n {
+                        missing.push(format!("{topic}/{partition}@{offset}: {got} of {n} letters from {stage}"));
+                    }
+                }
+            }
+            missing
+        };
+        // Some letters follow the commit of `after`: an orderer reports after writing the block.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let letters = net.read_all::<DeadLetter>(names::DEAD_LETTERS).await;
+            let missing = missing(&letters);
+            if missing.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not dead-lettered: {missing:#?}\nletters: {letters:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // Each peer flagged every undecodable ordered-tx record BAD_PAYLOAD, once.
+        let ordered = net.topics.name(names::ORDERED_TX);
+        let undecodable = written.iter().filter(|(topic, ..)| topic == ordered).count();
+        let verdicts = net.read_all::<ValidatedBlock>(names::VALIDATED_BLOCKS).await;
+        for peer in ["Org1.peer0", "Org2.peer0"] {
+            let mut by_block: Vec<&ValidatedBlock> = verdicts.iter().filter(|v| v.peer == peer).collect();
+            by_block.sort_by_key(|v| v.block_number);
+            by_block.dedup_by_key(|v| v.block_number);
+            let bad = by_block.iter().flat_map(|v| &v.results).filter(|r| r.code == TxValidationCode::BadPayload as i32).count();
+            assert_eq!(bad, undecodable, "{peer}: the undecodable ordered-tx records are flagged BAD_PAYLOAD");
+        }
     }
 }

@@ -42,6 +42,13 @@ async fn bad_input_is_dead_lettered_or_rejected_and_the_pipeline_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_every_input_topic_is_dead_lettered_and_the_pipeline_goes_on() {
+    let (net, _dir) = embedded(Options::default()).await;
+    scenarios::garbage_on_every_input_topic(&net).await;
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_takes_over_a_block_whose_author_never_wrote_it() {
     use streamledger_core::model::{Block, CutMarker, CutReason};
     // Only orderer1 runs, with a long batch timeout so that it does not cut on its own first.
