@@ -1,5 +1,6 @@
 //! `streamledger`: one binary for every stage, the all-in-one network, clients and tools.
 
+mod audit;
 mod bench;
 mod clients;
 
@@ -26,6 +27,9 @@ enum Command {
     Replay(ReplayArgs),
     /// Run the built-in Caliper-style benchmark (setup round, then a measured round).
     Bench(bench::BenchArgs),
+    /// Check the ledger from its topics and stores: nothing lost, applied twice or invented, one
+    /// chain, peers and a replay from offset 0 agreeing, money conserved.
+    Audit(audit::AuditArgs),
     #[command(flatten)]
     Client(clients::ClientCommand),
     /// Network configuration: generate keys and a network, or check one.
@@ -238,6 +242,8 @@ enum CliError {
     Bench(#[from] streamledger_node::bench::BenchError),
     #[error("replay: the rebuilt state (block {height}, state hash {hash}) differs from the live peer's (block {live_height}, {live_hash})")]
     ReplayMismatch { height: i64, hash: String, live_height: i64, live_hash: String },
+    #[error("audit: {violations} violation(s) found")]
+    Audit { violations: usize },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
@@ -267,6 +273,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Up(args) => runtime()?.block_on(up(args)),
         Command::Replay(args) => runtime()?.block_on(replay(args)),
         Command::Bench(args) => Ok(runtime()?.block_on(bench::run(args))?),
+        Command::Audit(args) => runtime()?.block_on(audit::run(args)),
         Command::Client(command) => Ok(clients::run(command)?),
         Command::Topics(command) => runtime()?.block_on(topics(command)),
         Command::Endorser { org, common } => runtime()?.block_on(stage(StageKind::Endorser { org }, common)),
