@@ -123,6 +123,12 @@ struct KafkaArgs {
     /// also come from `STREAMLEDGER_KAFKA_<PROPERTY>` variables (dots as underscores).
     #[arg(long, env = "STREAMLEDGER_KAFKA_CONFIG")]
     kafka_config: Option<PathBuf>,
+    /// A Confluent Schema Registry URL (comma-separated for several): values on Kafka are then
+    /// framed in Confluent's wire format (magic byte and schema id), with each topic's schema
+    /// registered under `<topic>-value`. Without it, Avro single-object encoding. (Also the
+    /// `streamledger.schema.registry.url` property.)
+    #[arg(long = "schema-registry", env = "STREAMLEDGER_SCHEMA_REGISTRY_URL")]
+    schema_registry: Option<String>,
 }
 
 impl KafkaArgs {
@@ -132,6 +138,9 @@ impl KafkaArgs {
         let bad = |message: String| CliError::Config { path: self.kafka_config.clone().unwrap_or_else(|| PathBuf::from("--kafka")), message };
         let mut config = streamledger_kafka::KafkaConfig::load(self.kafka_config.as_deref()).map_err(|e| bad(e.to_string()))?;
         config.set("bootstrap.servers", brokers);
+        if let Some(url) = &self.schema_registry {
+            config.set(streamledger_kafka::config::REGISTRY_URL, url);
+        }
         config.validate().map_err(|e| bad(e.to_string()))?;
         Ok(Some(config))
     }

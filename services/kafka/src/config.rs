@@ -30,6 +30,11 @@ pub const ADAPTER_PREFIX: &str = "streamledger.";
 /// ten minutes. `topics check` treats both values as the same.
 pub const INFINITE_RETENTION: &str = "streamledger.infinite.retention.ms";
 
+/// Adapter option: the schema registry's URL (comma-separated for several). With it, values are
+/// framed in Confluent's wire format on Kafka (see [`crate::wire`]); without it, single-object.
+/// The CLI's `--schema-registry` / `STREAMLEDGER_SCHEMA_REGISTRY_URL` sets it.
+pub const REGISTRY_URL: &str = "streamledger.schema.registry.url";
+
 /// Kafka's Long.MAX_VALUE as a retention: never delete.
 pub const RETENTION_MAX: &str = "9223372036854775807";
 
@@ -147,6 +152,11 @@ impl KafkaConfig {
         self.get(INFINITE_RETENTION).unwrap_or("-1")
     }
 
+    /// The schema registry URL ([`REGISTRY_URL`]), when one is configured.
+    pub fn schema_registry_url(&self) -> Option<&str> {
+        self.get(REGISTRY_URL).map(str::trim).filter(|s| !s.is_empty())
+    }
+
     /// `bootstrap.servers` (or librdkafka's alias `metadata.broker.list`).
     pub fn bootstrap_servers(&self) -> Option<&str> {
         self.get("bootstrap.servers").or_else(|| self.get("metadata.broker.list")).filter(|s| !s.trim().is_empty())
@@ -168,8 +178,15 @@ impl KafkaConfig {
             )));
         }
         for key in self.properties.keys().filter(|k| k.starts_with(ADAPTER_PREFIX)) {
-            if key != INFINITE_RETENTION {
-                return Err(ConfigError(format!("{key} is not an option of the adapter (known: {INFINITE_RETENTION})")));
+            if key != INFINITE_RETENTION && key != REGISTRY_URL {
+                return Err(ConfigError(format!("{key} is not an option of the adapter (known: {INFINITE_RETENTION}, {REGISTRY_URL})")));
+            }
+        }
+        if let Some(url) = self.schema_registry_url() {
+            for one in url.split(',').map(str::trim) {
+                if !(one.starts_with("http://") || one.starts_with("https://")) {
+                    return Err(ConfigError(format!("{REGISTRY_URL}={url}: each URL must start with http:// or https://, got {one:?}")));
+                }
             }
         }
         let infinite = self.infinite_retention_ms();
@@ -297,5 +314,17 @@ mod tests {
         assert_eq!(c.infinite_retention_ms(), RETENTION_MAX);
         assert_eq!(c.librdkafka_properties().collect::<Vec<_>>(), vec![("bootstrap.servers", "b:1")]);
         assert_eq!(KafkaConfig::bootstrap("b:1").infinite_retention_ms(), "-1");
+    }
+
+    #[test]
+    fn the_schema_registry_url_is_an_adapter_option_checked_at_start() {
+        let env = env(&[("STREAMLEDGER_KAFKA_STREAMLEDGER_SCHEMA_REGISTRY_URL", "http://registry:8081"), ("STREAMLEDGER_KAFKA_BOOTSTRAP_SERVERS", "b:1")]);
+        let c = KafkaConfig::from_sources(None, env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.schema_registry_url(), Some("http://registry:8081"));
+        assert!(c.librdkafka_properties().all(|(k, _)| k != REGISTRY_URL), "not passed to librdkafka");
+        assert_eq!(KafkaConfig::bootstrap("b:1").schema_registry_url(), None);
+        let err = KafkaConfig::bootstrap("b:1").with(REGISTRY_URL, "http://a:8081,registry:8081").validate().unwrap_err().to_string();
+        assert!(err.contains(REGISTRY_URL) && err.contains("\"registry:8081\""), "{err}");
     }
 }

@@ -6,6 +6,8 @@
 //! - [`KafkaLog`]: [`Log`](streamledger_ports::log::Log) and its consumers on a Kafka cluster, with
 //!   the embedded log's partitions and offsets (keys are placed with Kafka's murmur2, as the
 //!   embedded log does). Nothing uses broker transactions (DESIGN.md, invariant 4).
+//! - [`wire`]: Confluent's wire format (magic byte and schema id) on Kafka when a schema registry
+//!   is configured, single-object encoding otherwise; consumers accept both.
 //! - [`topics::apply`] / [`topics::check`]: create the channel's topics, and report (never fix)
 //!   drift of existing ones.
 
@@ -14,6 +16,7 @@ pub mod config;
 mod error;
 pub mod log;
 pub mod topics;
+pub mod wire;
 
 pub use admin::KafkaAdmin;
 pub use config::{ConfigError, KafkaConfig};

@@ -33,6 +33,7 @@ use streamledger_ports::topics::TopicSpec;
 use crate::admin::{client_config, Creation, KafkaAdmin, CLIENT_DEFAULTS, REQUEST_TIMEOUT};
 use crate::config::KafkaConfig;
 use crate::error::{is_retryable, log_error, no_such_partition, task_failed};
+use crate::wire::Wire;
 
 /// A poll stops adding records past this many bytes (it always returns at least one), as the
 /// embedded log does.
@@ -62,6 +63,8 @@ pub struct KafkaLog {
     /// topic → (partition count, when it was read), for routing keys without a metadata request
     /// per append.
     partitions: Mutex<HashMap<String, (i32, Instant)>>,
+    /// Confluent framing on the wire when a schema registry is configured (shared with consumers).
+    wire: Arc<Wire>,
 }
 
 fn new_producer(config: &KafkaConfig) -> LogResult<FutureProducer> {
@@ -77,9 +80,19 @@ impl KafkaLog {
     /// Connects to the cluster named by `config` (`bootstrap.servers` is required; see
     /// [`KafkaConfig::from_file_and_env`]). Fails, retryably, when the cluster does not answer.
     pub async fn connect(config: KafkaConfig) -> LogResult<Arc<KafkaLog>> {
+        let wire = match config.schema_registry_url() {
+            Some(url) => Wire::with_registry(url)?,
+            None => Wire::single_object(),
+        };
         let admin = Arc::new(KafkaAdmin::connect(&config).await?);
         let producer = new_producer(&config)?;
-        Ok(Arc::new(KafkaLog { config, admin, producer: Mutex::new(producer), partitions: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(KafkaLog {
+            config,
+            admin,
+            producer: Mutex::new(producer),
+            partitions: Mutex::new(HashMap::new()),
+            wire: Arc::new(wire),
+        }))
     }
 
     /// If `used` has failed fatally, replaces it (unless another append already did) and says why.
@@ -105,6 +118,11 @@ impl KafkaLog {
 
     pub fn config(&self) -> &KafkaConfig {
         &self.config
+    }
+
+    /// The framing on the wire (and the registry, when one is configured).
+    pub fn wire(&self) -> &Wire {
+        &self.wire
     }
 
     /// The partition count, from the cache while it is fresh.
@@ -171,6 +189,9 @@ impl Log for KafkaLog {
             }
         }
         lock(&self.partitions).remove(&spec.name);
+        // Every stage ensures its topics at start: the schemas are registered then, not at the
+        // first record.
+        self.wire.register(&spec.name).await?;
         Ok(())
     }
 
@@ -197,12 +218,17 @@ impl Log for KafkaLog {
             }
             routed.push(partition);
         }
+        let mut framed = Vec::with_capacity(records.len());
+        for record in &records {
+            framed.push(self.wire.outbound(topic, &record.value).await?);
+        }
         // Enqueue in order (librdkafka keeps the order per partition, retries included, with
         // idempotence on), then wait for every delivery report: only then is the batch durable.
         let producer = lock(&self.producer).clone();
         let mut deliveries = Vec::with_capacity(records.len());
-        for (record, &partition) in records.iter().zip(&routed) {
-            let mut out = FutureRecord::<[u8], [u8]>::to(topic).partition(partition).payload(record.value.as_slice());
+        for ((record, &partition), framed) in records.iter().zip(&routed).zip(&framed) {
+            let value = framed.as_deref().unwrap_or(&record.value);
+            let mut out = FutureRecord::<[u8], [u8]>::to(topic).partition(partition).payload(value);
             if let Some(key) = &record.key {
                 out = out.key(key.as_slice());
             }
@@ -289,7 +315,7 @@ impl Log for KafkaLog {
                 let names: Vec<&str> = topics.iter().map(String::as_str).collect();
                 consumer.subscribe(&names).map_err(|e| log_error(ctx.clone(), &e))?;
                 tracing::debug!(group, ?topics, "consumer subscribed");
-                let mut c = KafkaConsumer::new(consumer, Some(group), Vec::new());
+                let mut c = KafkaConsumer::new(consumer, Some(group), Vec::new(), self.wire.clone());
                 c.subscribed = subscribed;
                 c.joined = joined;
                 // Until the group assigns this member its partitions, lag is the group's: seed it
@@ -327,7 +353,7 @@ impl Log for KafkaLog {
                 let consumer: StreamConsumer<Ctx> =
                     self.consumer_config(None).create_with_context(context).map_err(|e| log_error("create assigned consumer", &e))?;
                 consumer.assign(&tpl).map_err(|e| log_error("assign partitions", &e))?;
-                let mut c = KafkaConsumer::new(consumer, None, assigned);
+                let mut c = KafkaConsumer::new(consumer, None, assigned, self.wire.clone());
                 c.positions = c_positions;
                 // The watermarks just read are the first lag marks.
                 *lock(&c.lag) = LagMarks { marks, committed: HashMap::new(), refreshed: Some(Instant::now()) };
@@ -395,10 +421,14 @@ struct KafkaConsumer {
     closed: Arc<AtomicBool>,
     /// An error met after some records were gathered: returned by the next poll.
     pending_error: Option<LogError>,
+    wire: Arc<Wire>,
+    /// Records polled whose Confluent framing could not be resolved yet (the registry was
+    /// unreachable): returned, once resolved, before anything newer.
+    held: Vec<Record>,
 }
 
 impl KafkaConsumer {
-    fn new(consumer: StreamConsumer<Ctx>, group: Option<String>, assignment: Vec<Tp>) -> Self {
+    fn new(consumer: StreamConsumer<Ctx>, group: Option<String>, assignment: Vec<Tp>, wire: Arc<Wire>) -> Self {
         Self {
             consumer: Closing(Some(Arc::new(consumer))),
             group,
@@ -411,7 +441,21 @@ impl KafkaConsumer {
             refreshing: Arc::new(AtomicBool::new(false)),
             closed: Arc::new(AtomicBool::new(false)),
             pending_error: None,
+            wire,
+            held: Vec::new(),
         }
+    }
+
+    /// Puts Confluent-framed values back in single-object encoding, then does the bookkeeping. If
+    /// the registry cannot be reached, the records are held for the next poll and the error
+    /// (retryable) is returned: nothing is skipped, and nothing is dead-lettered for an outage.
+    async fn deliver(&mut self, mut records: Vec<Record>) -> LogResult<Vec<Record>> {
+        if let Err(e) = self.wire.inbound(&mut records).await {
+            self.held = records;
+            return Err(e);
+        }
+        self.after_poll(&records).await;
+        Ok(records)
     }
 
     /// The partitions lag is reported for: the assignment, or before a group member's first
@@ -571,6 +615,10 @@ impl KafkaConsumer {
 #[async_trait]
 impl Consumer for KafkaConsumer {
     async fn poll(&mut self, max: usize, wait: Duration) -> LogResult<Vec<Record>> {
+        if !self.held.is_empty() {
+            let held = std::mem::take(&mut self.held);
+            return self.deliver(held).await;
+        }
         if let Some(e) = self.pending_error.take() {
             return Err(e);
         }
@@ -633,8 +681,7 @@ impl Consumer for KafkaConsumer {
                 }
             }
         }
-        self.after_poll(&out).await;
-        Ok(out)
+        self.deliver(out).await
     }
 
     async fn commit(&mut self, processed: &[(Arc<str>, i32, i64)]) -> LogResult<()> {

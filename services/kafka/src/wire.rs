@@ -1,0 +1,329 @@
+//! Confluent's wire format at the Kafka boundary.
+//!
+//! Inside streamledger every value is Avro single-object encoded (`C3 01`, the 8-byte fingerprint
+//! of the writer schema, the datum): blocks hash transactions as stored, so the bytes a stage sees
+//! never depend on how they travelled. When a schema registry URL is configured
+//! ([`crate::config::REGISTRY_URL`]), the Kafka log speaks Confluent's framing on the wire instead, so that
+//! Confluent serializers, Kafka Connect and ksqlDB can read and write the topics:
+//!
+//! - each topic's current schema is registered under its TopicNameStrategy subject
+//!   (`<channel>.<topic>-value`) when the topic is ensured, or at its first append;
+//! - **produce**: the 10-byte single-object header is swapped for Confluent's 5 bytes (`0x00`,
+//!   then the 4-byte big-endian schema id); the datum is unchanged;
+//! - **consume**: a value opening with `0x00` has its schema fetched by id (cached), mapped by
+//!   fingerprint to a published version this build knows, and its header swapped back. An id the
+//!   registry does not know, or a schema this build does not know, is passed through unchanged:
+//!   the stage's decoder then refuses it naming the schema id, and the stage dead-letters it.
+//!
+//! Without a registry, values are produced single-object and a Confluent-framed value is passed
+//! through unchanged (dead-lettered by the stage, with a reason saying a registry URL is needed).
+//! The embedded log never sees Confluent framing.
+//!
+//! The registry is reached through `schema_registry_converter`'s async client (register:
+//! `POST /subjects/{subject}/versions`, by id: `GET /schemas/ids/{id}`). Its encoders are not used
+//! for the values themselves: they would rebuild every datum from a `Value` tree, while swapping
+//! headers keeps the bytes (and so the block hashes) exactly as written.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, post_schema, SrSettings};
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+use streamledger_core::codec::{self, all_schemas, RecordSchema, CONFLUENT_HEADER_LEN, CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC};
+use streamledger_core::schema_history;
+use streamledger_ports::log::{LogError, LogResult, Record};
+
+const SINGLE_OBJECT_HEADER_LEN: usize = 10;
+/// How long one registry request may take.
+const REGISTRY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A consumer retries an unreachable registry this many times (backing off up to a second) before
+/// returning a retryable error: its records are kept and returned by a later poll.
+const FETCH_ATTEMPTS: u32 = 5;
+
+/// A single-object value in Confluent's framing with schema `id`; `None` when `value` is not
+/// single-object encoded.
+pub fn to_confluent(value: &[u8], id: u32) -> Option<Vec<u8>> {
+    if value.len() < SINGLE_OBJECT_HEADER_LEN || value[..2] != SINGLE_OBJECT_MAGIC {
+        return None;
+    }
+    let mut out = Vec::with_capacity(value.len() - SINGLE_OBJECT_HEADER_LEN + CONFLUENT_HEADER_LEN);
+    out.push(CONFLUENT_MAGIC);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&value[SINGLE_OBJECT_HEADER_LEN..]);
+    Some(out)
+}
+
+/// A Confluent-framed value back in single-object encoding, for the schema with `fingerprint`;
+/// `None` when `value` is not Confluent-framed.
+pub fn to_single_object(value: &[u8], fingerprint: &[u8; 8]) -> Option<Vec<u8>> {
+    codec::confluent_schema_id(value)?;
+    let mut out = Vec::with_capacity(value.len() - CONFLUENT_HEADER_LEN + SINGLE_OBJECT_HEADER_LEN);
+    out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+    out.extend_from_slice(fingerprint);
+    out.extend_from_slice(&value[CONFLUENT_HEADER_LEN..]);
+    Some(out)
+}
+
+/// The schema of a topic `<channel>.<name>`, by its name suffix; `None` for a topic that is not
+/// one of the channel's (its values are passed through as they are).
+pub fn schema_of_topic(topic: &str) -> Option<&'static RecordSchema> {
+    all_schemas()
+        .into_iter()
+        .filter(|rs| topic.strip_suffix(rs.file.trim_end_matches(".avsc")).is_some_and(|channel| channel.ends_with('.')))
+        // `a.b-c` must not match a shorter name `c` registered by another topic.
+        .max_by_key(|rs| rs.file.len())
+}
+
+/// TopicNameStrategy: the value schema of topic `t` lives under subject `t-value`.
+pub fn subject(topic: &str) -> String {
+    format!("{topic}-value")
+}
+
+/// What a registry schema id stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdMeaning {
+    /// A published version this build knows: its fingerprint.
+    Known([u8; 8]),
+    /// The registry does not have the id, or its schema is none this build knows.
+    Unknown,
+}
+
+/// The Kafka log's framing, with or without a registry.
+pub struct Wire {
+    registry: Option<Registry>,
+}
+
+struct Registry {
+    url: String,
+    settings: SrSettings,
+    /// topic → the id its current schema is registered under.
+    ids: Mutex<HashMap<String, u32>>,
+    /// Schema ids seen on the wire, resolved once.
+    meanings: Mutex<HashMap<u32, IdMeaning>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Caches stay consistent if a holder panicked.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn registry_error(context: String, e: &SRCError) -> LogError {
+    LogError::new(context, e.to_string(), e.retriable)
+}
+
+impl Wire {
+    /// Single-object encoding only.
+    pub fn single_object() -> Wire {
+        Wire { registry: None }
+    }
+
+    /// Confluent framing through the registry at `url` (comma-separated URLs are tried in turn).
+    pub fn with_registry(url: &str) -> LogResult<Wire> {
+        let ctx = || format!("schema registry {url}");
+        let mut urls = url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(|u| u.trim_end_matches('/').to_string());
+        let first = urls.next().ok_or_else(|| LogError::new(ctx(), "empty URL", false))?;
+        let mut builder = SrSettings::new_builder(first);
+        for other in urls {
+            builder.add_url(other);
+        }
+        let settings = builder.set_timeout(REGISTRY_TIMEOUT).build().map_err(|e| registry_error(ctx(), &e))?;
+        Ok(Wire {
+            registry: Some(Registry {
+                url: url.to_string(),
+                settings,
+                ids: Mutex::new(HashMap::new()),
+                meanings: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn registry_url(&self) -> Option<&str> {
+        self.registry.as_ref().map(|r| r.url.as_str())
+    }
+
+    /// Registers `topic`'s current schema under its subject (idempotent: the registry returns the
+    /// existing id for a schema it has), and returns the id. `None` without a registry or for a
+    /// topic that is not one of the channel's.
+    pub async fn register(&self, topic: &str) -> LogResult<Option<u32>> {
+        let (Some(registry), Some(rs)) = (&self.registry, schema_of_topic(topic)) else { return Ok(None) };
+        if let Some(id) = lock(&registry.ids).get(topic) {
+            return Ok(Some(*id));
+        }
+        let subject = subject(topic);
+        let supplied = SuppliedSchema::new(Some(rs.full_name.clone()), SchemaType::Avro, rs.text.to_string());
+        let registered = post_schema(&registry.settings, subject.clone(), supplied)
+            .await
+            .map_err(|e| registry_error(format!("register schemas/{} under subject {subject} at {}", rs.file, registry.url), &e))?;
+        tracing::info!(subject, id = registered.id, schema = rs.file, registry = %registry.url, "schema registered");
+        lock(&registry.ids).insert(topic.to_string(), registered.id);
+        lock(&registry.meanings).insert(registered.id, IdMeaning::Known(rs.fingerprint()));
+        Ok(Some(registered.id))
+    }
+
+    /// The bytes to produce for `value` on `topic`: Confluent-framed when a registry is configured
+    /// and `value` is single-object encoded with the topic's current schema; otherwise unchanged.
+    pub async fn outbound(&self, topic: &str, value: &[u8]) -> LogResult<Option<Vec<u8>>> {
+        let Some(rs) = self.registry.as_ref().and_then(|_| schema_of_topic(topic)) else { return Ok(None) };
+        if value.len() < SINGLE_OBJECT_HEADER_LEN || value[..SINGLE_OBJECT_HEADER_LEN] != rs.header[..] {
+            return Ok(None);
+        }
+        let Some(id) = self.register(topic).await? else { return Ok(None) };
+        Ok(to_confluent(value, id))
+    }
+
+    /// Puts Confluent-framed values among `records` back in single-object encoding, where the
+    /// schema id maps to a published version this build knows; leaves every other value as it is
+    /// (see the module documentation). Fails, retryably, only when the registry cannot be reached.
+    pub async fn inbound(&self, records: &mut [Record]) -> LogResult<()> {
+        for r in records.iter_mut() {
+            let Some(id) = codec::confluent_schema_id(&r.value) else { continue };
+            let Some(registry) = &self.registry else {
+                tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, schema_id = id,
+                    "a Confluent-framed record arrived but no schema registry URL is configured (--schema-registry); passed on as it is, to be dead-lettered");
+                continue;
+            };
+            match registry.meaning(id).await? {
+                IdMeaning::Known(fingerprint) => {
+                    if let Some(single) = to_single_object(&r.value, &fingerprint) {
+                        r.value = single;
+                    }
+                }
+                IdMeaning::Unknown => {
+                    tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, schema_id = id, registry = %registry.url,
+                        "schema id unknown to the registry, or not a schema this build knows; passed on as it is, to be dead-lettered");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Registry {
+    /// What schema `id` stands for, asking the registry once per id.
+    async fn meaning(&self, id: u32) -> LogResult<IdMeaning> {
+        if let Some(m) = lock(&self.meanings).get(&id) {
+            return Ok(*m);
+        }
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 1;
+        let fetched = loop {
+            match get_schema_by_id(id, &self.settings).await {
+                Ok(schema) => break Some(schema),
+                // Not found (or another answer that will not change): the id is unknown.
+                Err(e) if !e.retriable => {
+                    tracing::warn!(schema_id = id, registry = %self.url, error = %e, "schema id not resolved by the registry");
+                    break None;
+                }
+                Err(e) if attempt >= FETCH_ATTEMPTS => {
+                    return Err(registry_error(format!("fetch schema id {id} from {}", self.url), &e));
+                }
+                Err(e) => {
+                    tracing::warn!(schema_id = id, registry = %self.url, error = %e, retry_in_ms = delay.as_millis() as u64, "schema registry unreachable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                    attempt += 1;
+                }
+            }
+        };
+        let meaning = match fetched.map(|s| schema_history::fingerprint(&s.schema)) {
+            Some(Ok(fp)) if schema_history::by_fingerprint(&fp).is_some() => IdMeaning::Known(fp),
+            Some(Ok(fp)) => {
+                tracing::warn!(schema_id = id, fingerprint = %hex(&fp), "the registry's schema is not a published version of any schema under schemas/");
+                IdMeaning::Unknown
+            }
+            Some(Err(e)) => {
+                tracing::warn!(schema_id = id, error = %e, "the registry's schema does not parse as Avro");
+                IdMeaning::Unknown
+            }
+            None => IdMeaning::Unknown,
+        };
+        lock(&self.meanings).insert(id, meaning);
+        Ok(meaning)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streamledger_core::codec::Record as _;
+    use streamledger_core::model::{CutMarker, CutReason, DeadLetter};
+
+    fn marker() -> CutMarker {
+        CutMarker { block_number: 3, first_offset: 10, last_offset: 12, cutter_id: "orderer0".into(), reason: CutReason::Count }
+    }
+
+    #[test]
+    fn produce_swaps_the_single_object_header_for_the_schema_id_and_keeps_the_datum() {
+        let single = codec::encode(&marker()).unwrap();
+        let wire = to_confluent(&single, 0x0102_0304).unwrap();
+        assert_eq!(&wire[..5], &[0, 1, 2, 3, 4]);
+        assert_eq!(&wire[5..], &single[10..], "the datum is unchanged");
+        assert_eq!(codec::confluent_schema_id(&wire), Some(0x0102_0304));
+        assert_eq!(to_confluent(b"not avro at all", 7), None);
+        assert_eq!(to_confluent(&single[..9], 7), None, "shorter than a header");
+    }
+
+    #[test]
+    fn consume_swaps_back_to_the_exact_bytes_written() {
+        let single = codec::encode(&marker()).unwrap();
+        let fp = CutMarker::schema().fingerprint();
+        let back = to_single_object(&to_confluent(&single, 42).unwrap(), &fp).unwrap();
+        assert_eq!(back, single, "byte for byte, so block hashes are unaffected");
+        assert_eq!(codec::decode::<CutMarker>(&back).unwrap(), marker());
+        assert_eq!(to_single_object(&single, &fp), None, "already single-object");
+        assert_eq!(to_single_object(&[0, 0, 1], &fp), None, "too short for an id");
+    }
+
+    #[test]
+    fn topics_map_to_their_schema_by_name_suffix() {
+        assert_eq!(schema_of_topic("mychannel.proposals").unwrap().file, "proposals.avsc");
+        assert_eq!(schema_of_topic("a.b.dead-letters").unwrap().file, "dead-letters.avsc");
+        assert_eq!(schema_of_topic("ch.validated-blocks").unwrap().file, "validated-blocks.avsc");
+        assert!(schema_of_topic("proposals").is_none(), "no channel");
+        assert!(schema_of_topic("ch.xproposals").is_none());
+        assert!(schema_of_topic("ch.other").is_none());
+        assert_eq!(subject("ch.blocks"), "ch.blocks-value");
+    }
+
+    #[tokio::test]
+    async fn without_a_registry_values_pass_through_in_both_directions() {
+        let wire = Wire::single_object();
+        let single = codec::encode(&marker()).unwrap();
+        assert_eq!(wire.outbound("ch.cut-markers", &single).await.unwrap(), None);
+        let confluent = to_confluent(&single, 9).unwrap();
+        let mut records = vec![Record { topic: "ch.cut-markers".into(), partition: 0, offset: 5, key: None, value: confluent.clone(), timestamp_ms: 0 }];
+        wire.inbound(&mut records).await.unwrap();
+        assert_eq!(records[0].value, confluent, "left for the stage to dead-letter");
+        let err = codec::decode::<CutMarker>(&records[0].value).unwrap_err().to_string();
+        assert!(err.contains("schema id 9") && err.contains("schema registry URL"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_registry_is_a_retryable_error_not_a_dead_letter() {
+        // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
+        let wire = Wire::with_registry("http://127.0.0.1:9").unwrap();
+        let letter = DeadLetter {
+            source_topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: vec![],
+            stage: "s".into(),
+            reason: "r".into(),
+            instance: None,
+        };
+        let single = codec::encode(&letter).unwrap();
+        let err = wire.outbound("ch.dead-letters", &single).await.unwrap_err();
+        assert!(err.retryable && err.context.contains("ch.dead-letters-value"), "{err}");
+        let mut records = vec![Record { topic: "ch.dead-letters".into(), partition: 0, offset: 0, key: None, value: to_confluent(&single, 1).unwrap(), timestamp_ms: 0 }];
+        let err = wire.inbound(&mut records).await.unwrap_err();
+        assert!(err.retryable && err.context.contains("schema id 1"), "{err}");
+        assert_eq!(codec::confluent_schema_id(&records[0].value), Some(1), "the record is kept as it was");
+    }
+}
