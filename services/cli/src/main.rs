@@ -622,4 +622,113 @@ mod compose_tests {
             services.iter().filter(|(_, s)| merged(s).contains_key("healthcheck") && merged(s).get("image").and_then(Yaml::as_str) == Some("streamledger:latest")).filter_map(|(n, _)| n.as_str().map(str::to_string)).collect();
         assert_eq!(scraped, stages, "Prometheus scrapes exactly the stage services");
     }
+
+    fn as_text(y: &Yaml) -> Option<String> {
+        match y {
+            Yaml::String(s) => Some(s.clone()),
+            Yaml::Integer(i) => Some(i.to_string()),
+            Yaml::Boolean(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    /// The host of `http://user@host:port/path` or `jdbc:postgresql://host:port/db`.
+    fn host_of(url: &str) -> &str {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let authority = rest.split('/').next().unwrap_or("");
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        host_port.split(':').next().unwrap_or("")
+    }
+
+    /// connectors/*.json, as `connectors/apply.sh` applies them from the compose file's
+    /// `connectors` service: each parses, its class is installed in the `connect` service, every
+    /// placeholder it uses is set, its topics are the channel's, its primary-key fields are in the
+    /// topic's schema, and the registry and databases it names are services of the compose file.
+    #[test]
+    fn the_connector_configs_refer_to_real_topics_fields_and_services() {
+        let compose = load("docker-compose.yaml");
+        let services = compose["services"].as_hash().expect("services");
+        let service = |name: &str| merged(services.get(&Yaml::String(name.into())).unwrap_or_else(|| panic!("no {name} service")));
+        let image_of = |host: &str| services.get(&Yaml::String(host.into())).map(merged).and_then(|s| s.get("image").and_then(Yaml::as_str).map(str::to_string));
+
+        let runner = service("connectors");
+        assert!(strings(&runner["entrypoint"]).iter().any(|a| a == "/connectors/apply.sh"), "the connectors service runs apply.sh");
+        assert!(strings(&runner["volumes"]).iter().any(|v| v.starts_with("./connectors:/connectors")), "connectors/ is mounted where apply.sh is run from");
+        let env: BTreeMap<String, String> = runner.get("environment").map(merged).unwrap_or_default().into_iter().filter_map(|(k, v)| as_text(&v).map(|v| (k, v))).collect();
+        assert_eq!(host_of(&env["CONNECT_URL"]), "connect");
+        assert!(image_of("connect").is_some_and(|i| i.starts_with("confluentinc/cp-kafka-connect:")));
+        let installed = strings(&service("connect")["command"]).join("\n");
+        let topics_cmd = strings(&service("topics")["command"]);
+        let channel = topics_cmd.iter().skip_while(|a| *a != "--channel").nth(1).expect("the topics service names its channel").clone();
+        let topics = streamledger_ports::topics::Topics::default_for(&channel);
+
+        let files: Vec<_> = std::fs::read_dir(repo().join("connectors")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
+        assert!(files.len() >= 2, "the JDBC and CouchDB sinks");
+        for path in files {
+            let file = path.display().to_string();
+            let text = std::fs::read_to_string(&path).unwrap();
+            // apply.sh's substitution: upper-case ${NAME} from the service's environment.
+            let mut resolved = String::new();
+            let mut rest = text.as_str();
+            while let Some(at) = rest.find("${") {
+                let end = rest[at..].find('}').map(|e| at + e).unwrap_or_else(|| panic!("{file}: unclosed ${{"));
+                let name = &rest[at + 2..end];
+                resolved.push_str(&rest[..at]);
+                if name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
+                    let value = env.get(name).unwrap_or_else(|| panic!("{file}: ${{{name}}} is not set in the connectors service"));
+                    resolved.push_str(value);
+                } else {
+                    resolved.push_str(&rest[at..=end]); // the connector's own (${key}, ${connector})
+                }
+                rest = &rest[end + 1..];
+            }
+            resolved.push_str(rest);
+            let config: serde_json::Value = serde_json::from_str(&resolved).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let config = config.as_object().unwrap_or_else(|| panic!("{file}: not a JSON object"));
+            let get = |k: &str| config.get(k).map(|v| v.as_str().unwrap_or_else(|| panic!("{file}: {k} must be a string (Connect configs are strings)")));
+            assert!(config.values().all(|v| v.is_string()), "{file}: every value must be a string");
+
+            let class = get("connector.class").unwrap_or_else(|| panic!("{file}: no connector.class"));
+            let plugin = match class {
+                "io.confluent.connect.jdbc.JdbcSinkConnector" => "confluentinc/kafka-connect-jdbc:",
+                "io.confluent.connect.http.HttpSinkConnector" => "confluentinc/kafka-connect-http:",
+                other => panic!("{file}: {other} is not a connector class this test knows the plugin of"),
+            };
+            assert!(installed.contains(&format!("confluent-hub install --no-prompt {plugin}")), "{file}: {plugin} is not installed in the connect service");
+
+            let suffixes: Vec<String> = get("topics").unwrap_or_else(|| panic!("{file}: no topics")).split(',').map(|t| {
+                let spec = topics.all().find(|s| s.name == t.trim()).unwrap_or_else(|| panic!("{file}: topic {t} is not in topics/topics.toml for channel {channel}"));
+                spec.suffix.clone()
+            }).collect();
+            if let Some(fields) = get("pk.fields") {
+                assert_eq!(get("pk.mode"), Some("record_value"), "{file}: the primary key is taken from the value");
+                for suffix in &suffixes {
+                    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo().join(format!("schemas/{suffix}.avsc"))).unwrap()).unwrap();
+                    let names: Vec<&str> = schema["fields"].as_array().unwrap().iter().filter_map(|f| f["name"].as_str()).collect();
+                    for field in fields.split(',') {
+                        assert!(names.contains(&field.trim()), "{file}: pk field {field} is not in schemas/{suffix}.avsc ({names:?})");
+                    }
+                }
+            }
+            if get("value.converter") == Some("io.confluent.connect.avro.AvroConverter") {
+                let registry = get("value.converter.schema.registry.url").unwrap_or_else(|| panic!("{file}: AvroConverter without a registry URL"));
+                assert!(image_of(host_of(registry)).is_some_and(|i| i.starts_with("confluentinc/cp-schema-registry:")), "{file}: {registry} is not the compose file's schema registry");
+            }
+            for key in ["connection.url", "http.api.url"] {
+                if let Some(url) = get(key) {
+                    let host = host_of(url);
+                    assert!(image_of(host).is_some(), "{file}: {key} {url} names {host}, which is no service of the compose file");
+                }
+            }
+            if let Some(url) = get("http.api.url") {
+                // The CouchDB sink calls an update function that apply.sh installs.
+                let design: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo().join("connectors/couchdb/streamledger-design.json")).unwrap()).unwrap();
+                let id = design["_id"].as_str().unwrap();
+                let (_, function) = url.split_once(&format!("/{id}/_update/")).unwrap_or_else(|| panic!("{file}: {url} does not call an update function of {id}"));
+                let function = function.split('/').next().unwrap();
+                assert!(design["updates"][function].is_string(), "{file}: {id} has no update function {function}");
+                assert!(url.contains(&format!("/{}/", env["COUCHDB_DATABASE"])), "{file}: {url} is not the database apply.sh creates");
+            }
+        }
+    }
 }
