@@ -1,0 +1,295 @@
+//! The fault campaign (issue #8): real processes under a transfer load, faults injected at
+//! points drawn from a seed, and after each scenario the checker (`streamledger audit`) over the
+//! topics and stores. It prints the figures: scenarios run, transactions submitted and
+//! committed, faults by kind, violations (which must be 0).
+//!
+//! One command runs it (see the README's Reliability section):
+//!
+//! ```sh
+//! STREAMLEDGER_CAMPAIGN_SEED=7 STREAMLEDGER_CAMPAIGN=long cargo test -p streamledger-tests --test campaign -- --nocapture
+//! ```
+//!
+//! Without `STREAMLEDGER_CAMPAIGN=long` it runs the short version, which is what CI runs.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../../services/couch/tests/common/mod.rs"]
+mod couch;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use streamledger_node::api::TxState;
+use streamledger_node::client::Client;
+
+const ACCOUNTS: usize = 6;
+const INITIAL_BALANCE: u64 = 1_000_000;
+/// After the last fault, how long every accepted transaction has to get its verdict.
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(45);
+
+#[derive(Default)]
+struct Figures {
+    scenarios: u64,
+    submitted: u64,
+    committed: u64,
+    valid: u64,
+    rejected: u64,
+    faults: BTreeMap<&'static str, u64>,
+    violations: Vec<String>,
+    notes: Vec<String>,
+}
+
+struct Length {
+    /// Faults per scenario.
+    rounds: usize,
+}
+
+/// Transfers of 1 between the accounts, from a few tasks, through whichever `up` is current.
+/// Refusals while the node is down are retried; only what the API accepted counts as submitted.
+struct Load {
+    client: Arc<RwLock<Client>>,
+    accepted: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Load {
+    fn start(client: Client, seed: u64) -> Load {
+        let client = Arc::new(RwLock::new(client));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicUsize::new(seed as usize));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let (client, accepted, stop, next) = (client.clone(), accepted.clone(), stop.clone(), next.clone());
+            tasks.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let (from, to) = (n % ACCOUNTS, (n / ACCOUNTS + n + 1) % ACCOUNTS);
+                    let to = if to == from { (to + 1) % ACCOUNTS } else { to };
+                    let c = client.read().unwrap().clone();
+                    match submit_no_wait(&c, "transfer", "transfer", args(&[&account(from), &account(to), "1"])).await {
+                        Ok(res) => accepted.lock().unwrap().push(res.tx_id),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await, // the node is down
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+        }
+        Load { client, accepted, stop, tasks }
+    }
+
+    fn retarget(&self, client: Client) {
+        *self.client.write().unwrap() = client;
+    }
+
+    async fn finish(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        while self.tasks.join_next().await.is_some() {}
+        self.accepted.lock().unwrap().clone()
+    }
+}
+
+fn account(i: usize) -> String {
+    format!("camp{i}")
+}
+
+async fn create_accounts(c: &Client) {
+    for i in 0..ACCOUNTS {
+        submit_valid(c, "transfer", "create", &[&account(i), &INITIAL_BALANCE.to_string()]).await;
+    }
+}
+
+/// Waits for every accepted transaction's verdict, counts them, and runs the checker on the
+/// stopped node's data dir. Whatever goes wrong is a violation, named.
+async fn settle_and_audit(name: &str, mut up: Up, accepted: Vec<String>, data_dir: &Path, fig: &mut Figures) {
+    let c = up.client.clone();
+    let (verdicts, missing) = wait_verdicts(&c, &accepted, VERDICT_TIMEOUT).await;
+    fig.submitted += accepted.len() as u64;
+    for v in &verdicts {
+        match &v.state {
+            TxState::Committed { code, .. } => {
+                fig.committed += 1;
+                fig.valid += u64::from(*code == CODE_VALID);
+            }
+            TxState::Rejected { .. } => fig.rejected += 1,
+            TxState::Pending => {}
+        }
+    }
+    for id in &missing {
+        fig.violations.push(format!("{name}: accepted transaction {id} has no verdict after {VERDICT_TIMEOUT:?}"));
+    }
+    // Let the peers reach one height before stopping, so that --settled holds.
+    wait_peers_agree(&c, -1, Duration::from_secs(30)).await;
+    up.terminate();
+    let audit = cli(None, &["audit", "--data-dir", data_dir.to_str().unwrap(), "--settled", "--json"]).await;
+    let report: serde_json::Value = serde_json::from_str(&audit.stdout).unwrap_or_else(|e| panic!("{name}: the audit printed no report ({e}): {audit:?}"));
+    for v in report["violations"].as_array().expect("a violations list") {
+        fig.violations.push(format!("{name}: {v}"));
+    }
+    eprintln!(
+        "campaign: {name}: {} accepted, {} verdicts; audit: {} blocks, codes {}, books {}, {} violations",
+        accepted.len(),
+        verdicts.len(),
+        report["blocks"],
+        report["codes"],
+        report["money"],
+        report["violations"].as_array().map_or(0, |v| v.len())
+    );
+    fig.scenarios += 1;
+}
+
+async fn pause(rng: &mut StdRng, from_ms: u64, to_ms: u64) {
+    tokio::time::sleep(Duration::from_millis(rng.gen_range(from_ms..to_ms))).await;
+}
+
+/// `up` (every stage in one process) SIGKILLed at random points under load, restarted at once.
+async fn embedded_kills(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Up::start(dir.path());
+    create_accounts(&up.client).await;
+    let load = Load::start(up.client.clone(), rng.gen_range(0..1_000));
+    for _ in 0..len.rounds {
+        pause(rng, 300, 2_000).await;
+        up.sigkill();
+        *fig.faults.entry("SIGKILL of up (all stages, embedded)").or_default() += 1;
+        up = Up::start(dir.path());
+        load.retarget(up.client.clone());
+    }
+    pause(rng, 300, 1_000).await;
+    let accepted = load.finish().await;
+    settle_and_audit("embedded kills", up, accepted, &dir.path().join("data"), fig).await;
+}
+
+/// The peers' world state on a CouchDB-API server (pouchdb-server) that is stopped and started
+/// again under load.
+async fn couchdb_restarts(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
+    let server = couch::PouchServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start_with(dir.path(), &["--state", &server.url()]);
+    create_accounts(&up.client).await;
+    let load = Load::start(up.client.clone(), rng.gen_range(0..1_000));
+    for _ in 0..len.rounds {
+        pause(rng, 300, 1_500).await;
+        server.stop();
+        pause(rng, 200, 2_000).await;
+        server.start_again();
+        *fig.faults.entry("CouchDB-API server restart").or_default() += 1;
+    }
+    pause(rng, 300, 1_000).await;
+    let accepted = load.finish().await;
+    settle_and_audit("couchdb restarts", up, accepted, &dir.path().join("data"), fig).await;
+}
+
+/// A size-limited file system for the data dir (tmpfs, so root only), unmounted when dropped.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &Path, megabytes: u64) -> Result<SmallDisk, String> {
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(SmallDisk { path: path.to_path_buf() })
+    }
+
+    /// Fills what is left with one file; returns its path.
+    fn fill(&self) -> PathBuf {
+        let filler = self.path.join("filler");
+        // dd stops with "No space left on device", which is the point.
+        let _ = std::process::Command::new("dd").args(["if=/dev/zero", "bs=1M"]).arg(format!("of={}", filler.display())).output();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// The embedded store's disk fills up under load: the node must say so clearly, lose nothing
+/// accepted, corrupt nothing, and go on once space is freed (restarted if it stopped).
+async fn full_disk(rng: &mut StdRng, fig: &mut Figures) {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = match SmallDisk::mount(&dir.path().join("data"), 256) {
+        Ok(d) => d,
+        Err(e) => {
+            fig.notes.push(format!("full disk: NOT RUN, a tmpfs could not be mounted ({e}); it needs root"));
+            return;
+        }
+    };
+    let mut up = Up::start(dir.path());
+    create_accounts(&up.client).await;
+    let load = Load::start(up.client.clone(), rng.gen_range(0..1_000));
+    pause(rng, 300, 1_000).await;
+    let filler = disk.fill();
+    *fig.faults.entry("full disk (embedded data dir)").or_default() += 1;
+    pause(rng, 1_500, 3_000).await;
+    let exited = up.try_exit();
+    let complaints = up.log_lines_mentioning("No space left");
+    std::fs::remove_file(&filler).unwrap();
+    match exited {
+        Some(status) => {
+            fig.notes.push(format!("full disk: up stopped ({status}), {} log lines name the error, e.g. {:?}", complaints.len(), complaints.first()));
+            up = Up::start(dir.path());
+            load.retarget(up.client.clone());
+        }
+        None => fig.notes.push(format!("full disk: up kept running, {} log lines name the error, e.g. {:?}", complaints.len(), complaints.first())),
+    }
+    if complaints.is_empty() && exited.is_some() {
+        fig.violations.push("full disk: up stopped without saying the disk is full".into());
+    }
+    pause(rng, 500, 1_500).await;
+    let accepted = load.finish().await;
+    settle_and_audit("full disk", up, accepted, &dir.path().join("data"), fig).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_campaign() {
+    let seed: u64 = std::env::var("STREAMLEDGER_CAMPAIGN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let long = std::env::var("STREAMLEDGER_CAMPAIGN").is_ok_and(|v| v == "long");
+    let len = Length { rounds: if long { 12 } else { 2 } };
+    eprintln!("campaign: seed {seed}, {} version ({} faults per scenario)", if long { "long" } else { "short" }, len.rounds);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut fig = Figures::default();
+    let started = Instant::now();
+    bounded("the fault campaign", if long { 3_600 } else { 600 }, async {
+        embedded_kills(&mut rng, &len, &mut fig).await;
+        couchdb_restarts(&mut rng, &len, &mut fig).await;
+        full_disk(&mut rng, &mut fig).await;
+    })
+    .await;
+
+    println!("fault campaign, seed {seed}, {} version, {:.0} s", if long { "long" } else { "short" }, started.elapsed().as_secs_f64());
+    println!("  scenarios run            {}", fig.scenarios);
+    println!("  transactions submitted   {}", fig.submitted);
+    println!("  committed                {} ({} VALID)", fig.committed, fig.valid);
+    println!("  rejected (reported)      {}", fig.rejected);
+    for (kind, n) in &fig.faults {
+        println!("  fault: {kind:<38} {n}");
+    }
+    for note in &fig.notes {
+        println!("  note: {note}");
+    }
+    println!("  violations               {}", fig.violations.len());
+    for v in &fig.violations {
+        println!("    {v}");
+    }
+    assert!(fig.violations.is_empty(), "{} violations: {:#?}", fig.violations.len(), fig.violations);
+    assert!(fig.submitted > 0 && fig.committed > 0, "the load never got going");
+}
