@@ -3,7 +3,9 @@
 //! entry). Both are read straight from the block's validation (its write batch and per-transaction
 //! fields), never recomputed, so they say exactly what the peer committed.
 
-use crate::model::{StateChange, TxResultRow};
+use std::collections::BTreeMap;
+
+use crate::model::{StateChange, TxResultRow, Version};
 use crate::validation::{BlockValidation, TxValidationCode};
 
 /// Everything but RFC 3986's unreserved characters is escaped.
@@ -74,6 +76,35 @@ pub fn tx_results(channel: &str, peer: &str, block_hash: &[u8], v: &BlockValidat
         .collect()
 }
 
+/// World state as `(namespace, key) -> (value, version)`.
+pub type Folded = BTreeMap<(String, String), (Vec<u8>, Version)>;
+
+/// Folds state changes, in log order per key, into world state as an upserting sink does: a
+/// change older than the version held is ignored (a re-published block after a crash), a value
+/// puts, a delete removes. For tests and tools that check a sink's copy against a peer.
+pub fn fold(changes: impl IntoIterator<Item = StateChange>) -> Folded {
+    let mut state = Folded::new();
+    let mut deleted: BTreeMap<(String, String), Version> = BTreeMap::new();
+    for c in changes {
+        let k = (c.namespace, c.key);
+        let held = state.get(&k).map(|(_, v)| *v).or_else(|| deleted.get(&k).copied());
+        if held.is_some_and(|v| v > c.version) {
+            continue;
+        }
+        match c.value {
+            Some(value) => {
+                deleted.remove(&k);
+                state.insert(k, (value, c.version));
+            }
+            None => {
+                state.remove(&k);
+                deleted.insert(k, c.version);
+            }
+        }
+    }
+    state
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +143,28 @@ mod tests {
         assert_eq!(ids, [(t0.proposal.tx_id.as_str(), 0, "VALID"), (t1.proposal.tx_id.as_str(), 1, "VALID")], "the duplicate has no row of its own");
         assert_eq!((rows[0].block_hash.as_str(), rows[0].contract.as_str(), rows[0].commit_timestamp_ms), ("abab", t0.proposal.contract.as_str(), 7));
         assert_eq!((rows[0].function.as_str(), rows[0].creator_org.as_str()), (t0.proposal.function.as_str(), t0.proposal.creator.org.as_str()));
+
+        // Folding, also with block 0 published twice (as after a crash): b stays, a is gone.
+        let folded = fold(changes.iter().cloned().chain(changes.iter().cloned()));
+        assert_eq!(folded.into_iter().collect::<Vec<_>>(), [(("kv".to_string(), "b".to_string()), (b"1".to_vec(), crate::model::Version::new(0, 0)))]);
+    }
+
+    #[test]
+    fn an_older_change_delivered_late_does_not_overwrite_or_resurrect() {
+        let change = |value: Option<&str>, block: i64| StateChange {
+            channel: "c".into(),
+            block_number: block,
+            tx_index: 0,
+            tx_id: "t".into(),
+            namespace: "kv".into(),
+            key: "k".into(),
+            value: value.map(|v| v.as_bytes().to_vec()),
+            is_delete: value.is_none(),
+            version: Version::new(block, 0),
+        };
+        let state = fold([change(Some("new"), 2), change(Some("old"), 1)]);
+        assert_eq!(state[&("kv".to_string(), "k".to_string())].0, b"new");
+        assert!(fold([change(None, 3), change(Some("old"), 2)]).is_empty(), "a late older write does not bring a deleted key back");
+        assert_eq!(fold([change(None, 3), change(Some("again"), 4)]).len(), 1);
     }
 }

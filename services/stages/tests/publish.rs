@@ -4,7 +4,7 @@
 //! and a publisher that crashes between publishing a block and committing it re-publishes from
 //! its savepoint with the fold still equal.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use streamledger_core::cutter::GENESIS_PREVIOUS_HASH;
 use streamledger_core::crypto::block_header_hash;
 use streamledger_core::fixtures::{Fixture, Rw};
 use streamledger_core::model::{Block, OrderedTx, StateChange, TxResultRow, Version};
-use streamledger_core::publish::state_change_key;
+use streamledger_core::publish::{self, state_change_key};
 use streamledger_core::state::{CommittedState, StateError, StateResult, TxLocation, VersionedValue};
 use streamledger_core::validation::TxValidationCode;
 use streamledger_core::write_rules::CouchDbRules;
@@ -27,7 +27,7 @@ use streamledger_stages::validator::{self, PeerProgress, ValidatorConfig};
 use streamledger_stages::StageError;
 use tokio::sync::watch;
 
-type WorldState = BTreeMap<(String, String), (Vec<u8>, Version)>;
+type WorldState = publish::Folded;
 
 /// Every record of every partition of a topic, in partition order.
 async fn read_topic(log: &Arc<dyn Log>, topic: &str) -> Vec<Record> {
@@ -54,25 +54,19 @@ fn decode_all<T: codec::Record>(records: &[Record]) -> Vec<T> {
         .collect()
 }
 
-/// Folds `state-changes` as an upserting sink would: per partition in offset order (a key's
-/// changes are all in one partition), put on a value, remove on a delete. Also checks that every
-/// record sits where its key puts it.
+/// Folds `state-changes` as an upserting sink would (`publish::fold`), after checking that every
+/// record is keyed by its namespace and key and sits in that key's partition (so per-partition
+/// order is per-key order).
 fn fold(records: &[Record], partitions: i32) -> WorldState {
-    let mut state = WorldState::new();
-    for (record, change) in records.iter().zip(decode_all::<StateChange>(records)) {
+    let changes = decode_all::<StateChange>(records);
+    for (record, change) in records.iter().zip(&changes) {
         let key = state_change_key(&change.namespace, &change.key);
         assert_eq!(record.key.as_deref(), Some(key.as_bytes()), "state-changes@{} is keyed by namespace and key", record.offset);
         assert_eq!(record.partition, partition_for(key.as_bytes(), partitions), "{key} is in its key's partition");
         assert_eq!(change.is_delete, change.value.is_none());
         assert_eq!(change.version, Version::new(change.block_number, change.tx_index));
-        let k = (change.namespace, change.key);
-        if let Some(v) = change.value {
-            state.insert(k, (v, change.version));
-        } else {
-            state.remove(&k);
-        }
     }
-    state
+    publish::fold(changes)
 }
 
 /// A store's whole world state, in the namespaces the tests write.
