@@ -13,6 +13,8 @@ bash tests/prometheus.sh
 bash tests/tansu.sh install
 # pouchdb-server (a CouchDB-API server) for the CouchDB store's tests, from npm, cached in .cache/.
 bash tests/couchdb.sh install
+# confluent-kafka, fastavro and cryptography (PyPI) for the outside-producer test, in .cache/.
+bash tests/python.sh install
 
 echo "== build (all targets, locked dependencies)"
 cargo build --workspace --all-targets --locked
