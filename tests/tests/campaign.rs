@@ -29,10 +29,12 @@ use rand::{Rng, SeedableRng};
 use streamledger_node::api::TxState;
 use streamledger_node::client::Client;
 
-const ACCOUNTS: usize = 6;
+const ACCOUNTS: usize = 24;
 const INITIAL_BALANCE: u64 = 1_000_000;
 /// After the last fault, how long every accepted transaction has to get its verdict.
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(45);
+/// After the last fault healed, how long a new transaction may take to commit.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Figures {
@@ -102,24 +104,57 @@ fn account(i: usize) -> String {
 }
 
 async fn create_accounts(c: &Client) {
+    let mut creates = tokio::task::JoinSet::new();
     for i in 0..ACCOUNTS {
-        submit_valid(c, "transfer", "create", &[&account(i), &INITIAL_BALANCE.to_string()]).await;
+        let c = c.clone();
+        creates.spawn(async move { submit(&c, "transfer", "create", &[&account(i), &INITIAL_BALANCE.to_string()]).await });
     }
+    let mut last = 0;
+    while let Some(res) = creates.join_next().await {
+        last = last.max(assert_valid(&res.unwrap()).0);
+    }
+    wait_peers_agree(c, last, Duration::from_secs(30)).await;
 }
 
 /// Waits for every accepted transaction's verdict, counts them, and runs the checker on the
 /// stopped node's data dir. Whatever goes wrong is a violation, named.
 async fn settle_and_audit(name: &str, mut up: Up, accepted: Vec<String>, data_dir: &Path, fig: &mut Figures) {
     let c = up.client.clone();
+    // Liveness: once the faults have healed, a new transaction commits.
+    let probe = format!("probe-{name}").replace(' ', "-");
+    let started = Instant::now();
+    let mut healed = false;
+    let mut attempt = 0;
+    while !healed && started.elapsed() < PROGRESS_TIMEOUT {
+        attempt += 1;
+        let res = submit(&c, "transfer", "create", &[&format!("{probe}-{attempt}"), "0"]).await;
+        healed = res.is_valid();
+        if !healed {
+            eprintln!("campaign: {name}: probe not committed after {:?}: {:?}", started.elapsed(), res.state);
+        }
+    }
+    if healed {
+        let note = format!("{name}: a new transaction committed {:.1} s after the load stopped", started.elapsed().as_secs_f64());
+        eprintln!("campaign: {note}");
+        fig.notes.push(note);
+    } else {
+        fig.violations.push(format!("{name}: no new transaction committed within {PROGRESS_TIMEOUT:?} after the faults healed"));
+    }
     let (verdicts, missing) = wait_verdicts(&c, &accepted, VERDICT_TIMEOUT).await;
     fig.submitted += accepted.len() as u64;
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
     for v in &verdicts {
         match &v.state {
             TxState::Committed { code, .. } => {
                 fig.committed += 1;
                 fig.valid += u64::from(*code == CODE_VALID);
             }
-            TxState::Rejected { .. } => fig.rejected += 1,
+            TxState::Rejected { stage, reason } => {
+                fig.rejected += 1;
+                // Reasons carry tx-specific details after a colon; group on the stable part.
+                let short: String = reason.split(':').next().unwrap_or(reason).chars().take(80).collect();
+                *reasons.entry(format!("{stage}: {short}")).or_default() += 1;
+            }
             TxState::Pending => {}
         }
     }
@@ -143,6 +178,9 @@ async fn settle_and_audit(name: &str, mut up: Up, accepted: Vec<String>, data_di
         report["money"],
         report["violations"].as_array().map_or(0, |v| v.len())
     );
+    if !reasons.is_empty() {
+        eprintln!("campaign: {name}: rejections by reason: {reasons:?}");
+    }
     fig.scenarios += 1;
 }
 
@@ -243,17 +281,21 @@ async fn full_disk(rng: &mut StdRng, fig: &mut Figures) {
     let exited = up.try_exit();
     let complaints = up.log_lines_mentioning("No space left");
     std::fs::remove_file(&filler).unwrap();
-    match exited {
-        Some(status) => {
-            fig.notes.push(format!("full disk: up stopped ({status}), {} log lines name the error, e.g. {:?}", complaints.len(), complaints.first()));
-            up = Up::start(dir.path());
-            load.retarget(up.client.clone());
+    // What the error tells the operator: free space and restart (redb refuses a file after a
+    // failed write until it is reopened). A node that stopped by itself is just started again.
+    let how = match exited {
+        Some(status) => format!("up stopped by itself ({status})"),
+        None => {
+            up.terminate();
+            "up kept running (writes refused, the API answering 500 with the file named)".to_string()
         }
-        None => fig.notes.push(format!("full disk: up kept running, {} log lines name the error, e.g. {:?}", complaints.len(), complaints.first())),
+    };
+    fig.notes.push(format!("full disk: {how}; {} log lines name the error, e.g. {:?}", complaints.len(), complaints.first()));
+    if complaints.is_empty() {
+        fig.violations.push("full disk: nothing in the node's log says the disk is full".into());
     }
-    if complaints.is_empty() && exited.is_some() {
-        fig.violations.push("full disk: up stopped without saying the disk is full".into());
-    }
+    up = Up::start(dir.path());
+    load.retarget(up.client.clone());
     pause(rng, 500, 1_500).await;
     let accepted = load.finish().await;
     settle_and_audit("full disk", up, accepted, &dir.path().join("data"), fig).await;
