@@ -5,6 +5,10 @@
 
 mod common;
 
+#[allow(dead_code)]
+#[path = "../../services/couch/tests/common/mod.rs"]
+mod couch;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -82,14 +86,65 @@ async fn up_publishes_the_designated_peers_changes_which_fold_into_its_world_sta
             state.insert((ns.to_string(), key), (v.value, v.version));
         }
     }
-    assert_eq!(publish::fold(changes), state, "the fold of state-changes is Org2.peer0's world state");
+    assert_eq!(publish::fold(changes.clone()), state, "the fold of state-changes is Org2.peer0's world state");
     assert!(state.contains_key(&("kv".into(), "kept".into())) && !state.contains_key(&("kv".into(), "gone".into())));
+    couchdb_sink_copy_equals(&changes, &state).await;
     let by_id: BTreeMap<&str, &TxResultRow> = rows.iter().map(|r| (r.tx_id.as_str(), r)).collect();
     assert_eq!(by_id.len(), rows.len(), "one row per transaction: only the designated peer publishes");
     for id in &tx_ids {
         let row = by_id.get(id.as_str()).unwrap_or_else(|| panic!("{id} has no tx-results row"));
         assert_eq!((row.validation_code_name.as_str(), row.peer.as_str()), ("VALID", "Org2.peer0"));
     }
+}
+
+/// The CouchDB sink's path without Kafka Connect: `apply.sh` installs the design document in a
+/// real CouchDB-API server (pouchdb-server), then every change is PUT to the update function as
+/// Confluent's HTTP sink would send it (the Kafka key in the URL, the record as JSON with bytes in
+/// base64), once in log order and again in reverse, as a redelivery could. The documents not
+/// flagged deleted are exactly the peer's world state, at its versions.
+async fn couchdb_sink_copy_equals(changes: &[StateChange], state: &publish::Folded) {
+    use base64::Engine;
+    let server = couch::PouchServer::start();
+    let connect = Recorder::start(healthy);
+    let out = apply(&connect.url, &[("COUCHDB_URL", &server.url()), ("COUCHDB_USER", "")]);
+    assert!(out.status.success(), "apply.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo().join("connectors/couchdb-state-changes.json")).unwrap()).unwrap();
+    let template = config["http.api.url"].as_str().unwrap().replace("${COUCHDB_URL}", &server.url()).replace("${COUCHDB_DATABASE}", "mychannel_worldstate");
+    let http = reqwest::Client::new();
+    for change in changes.iter().chain(changes.iter().rev()) {
+        let url = template.replace("${key}", &publish::state_change_key(&change.namespace, &change.key));
+        let body = serde_json::json!({
+            "channel": change.channel, "block_number": change.block_number, "tx_index": change.tx_index, "tx_id": change.tx_id,
+            "namespace": change.namespace, "key": change.key,
+            "value": change.value.as_ref().map(|v| base64::engine::general_purpose::STANDARD.encode(v)),
+            "is_delete": change.is_delete, "version": {"block": change.version.block, "tx": change.version.tx},
+        });
+        let res = http.put(&url).header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
+        let status = res.status().as_u16();
+        assert!(status == 200 || status == 201, "PUT {url}: HTTP {status}: {}", res.text().await.unwrap_or_default());
+    }
+    let all: serde_json::Value =
+        http.get(format!("{}/mychannel_worldstate/_all_docs?include_docs=true", server.url())).send().await.unwrap().error_for_status().unwrap().json().await.unwrap();
+    let mut copy = BTreeMap::new();
+    for row in all["rows"].as_array().unwrap() {
+        let doc = &row["doc"];
+        if row["id"].as_str().unwrap().starts_with("_design/") || doc["deleted"] == true {
+            continue;
+        }
+        let version = (doc["version"]["block"].as_i64().unwrap(), doc["version"]["tx"].as_i64().unwrap() as i32);
+        copy.insert((doc["namespace"].as_str().unwrap().to_string(), doc["key"].as_str().unwrap().to_string()), (doc["value"].clone(), doc["value_text"].clone(), version));
+    }
+    let expected: BTreeMap<_, _> = state
+        .iter()
+        .map(|(k, (value, v))| {
+            let (json, text) = match serde_json::from_slice::<serde_json::Value>(value) {
+                Ok(json) => (json, serde_json::Value::Null),
+                Err(_) => (serde_json::Value::Null, serde_json::Value::String(String::from_utf8(value.clone()).unwrap())),
+            };
+            (k.clone(), (json, text, (v.block, v.tx)))
+        })
+        .collect();
+    assert_eq!(copy, expected, "the CouchDB copy (documents not flagged deleted) is the peer's world state");
 }
 
 #[test]

@@ -12,13 +12,15 @@ use crate::validation::{BlockValidation, TxValidationCode};
 const KEY_ESCAPES: &percent_encoding::AsciiSet =
     &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
-/// The Kafka key of a `state-changes` record: `<namespace>/<key>`, percent-encoded as one URL
-/// path segment (so the `/` is `%2F`). One key always gets the same Kafka key, hence one
-/// partition and its changes in order; and a sink can put the key in a URL as it is (the CouchDB
-/// sink addresses the document `<namespace>/<key>` with it). Namespaces (contract names) hold no
-/// `/`, so the mapping is one to one.
+/// The Kafka key of a `state-changes` record: `<namespace>:<key>`, each part percent-encoded
+/// (so a `:` inside either is `%3A` and the mapping is one to one). One key always gets the same
+/// Kafka key, hence one partition and its changes in order; and a sink can put the key in a URL
+/// path as it is: the CouchDB sink addresses the document `<namespace>:<key>` with it. (Not `/`
+/// as the separator: an encoded `%2F` in a document path is decoded before routing by some
+/// CouchDB-API servers, pouchdb-server among them.)
 pub fn state_change_key(namespace: &str, key: &str) -> String {
-    percent_encoding::utf8_percent_encode(&format!("{namespace}/{key}"), KEY_ESCAPES).to_string()
+    let enc = |s| percent_encoding::utf8_percent_encode(s, KEY_ESCAPES);
+    format!("{}:{}", enc(namespace), enc(key))
 }
 
 /// One record per key the block's valid transactions wrote, with its final value in the block,
@@ -114,8 +116,9 @@ mod tests {
 
     #[test]
     fn keys_are_one_url_segment_and_distinct() {
-        assert_eq!(state_change_key("transfer", "alice"), "transfer%2Falice");
-        assert_eq!(state_change_key("kv", "a b/c?é"), "kv%2Fa%20b%2Fc%3F%C3%A9");
+        assert_eq!(state_change_key("transfer", "alice"), "transfer:alice");
+        assert_eq!(state_change_key("kv", "a b/c?é:"), "kv:a%20b%2Fc%3F%C3%A9%3A");
+        assert_ne!(state_change_key("a:b", "c"), state_change_key("a", "b:c"));
         assert_ne!(state_change_key("kv", "a b"), state_change_key("kv", "a+b"));
     }
 
