@@ -23,7 +23,7 @@ use streamledger_core::model::{StateChange, TxResultRow};
 use streamledger_core::publish;
 use streamledger_embedded::log::EmbeddedLog;
 use streamledger_embedded::store::EmbeddedStore;
-use streamledger_ports::log::{Log, Subscription};
+use streamledger_ports::log::Log;
 use streamledger_core::state::CommittedState;
 use streamledger_ports::topics::{names, Topics};
 
@@ -32,20 +32,9 @@ use streamledger_ports::topics::{names, Topics};
 // ---------------------------------------------------------------------------------------------
 
 /// Every record of a topic of a stopped node's embedded log, decoded.
-async fn read_topic<T: codec::Record>(log: &Arc<EmbeddedLog>, topic: &str) -> Vec<T> {
-    let mut out = Vec::new();
-    for partition in 0..log.partition_count(topic).await.unwrap() {
-        let end = log.end_offset(topic, partition).await.unwrap();
-        let mut consumer = log.consumer(Subscription::assign(topic, partition, 0)).await.unwrap();
-        let mut read = 0;
-        while read < end {
-            let batch = consumer.poll(1000, Duration::from_secs(5)).await.unwrap();
-            assert!(!batch.is_empty(), "{topic}[{partition}]: records below offset {end} could not be read");
-            read += batch.len() as i64;
-            out.extend(batch.iter().map(|r| codec::decode::<T>(&r.value).unwrap_or_else(|e| panic!("{topic}[{partition}]@{}: {e}", r.offset))));
-        }
-    }
-    out
+async fn read_topic<T: codec::Record>(log: &Arc<dyn Log>, topic: &str) -> Vec<T> {
+    let records = streamledger_audit::read_topic(log, topic, &indicatif::ProgressBar::hidden()).await.unwrap_or_else(|e| panic!("{topic}: {e}"));
+    records.iter().map(|r| codec::decode::<T>(&r.value).unwrap_or_else(|e| panic!("{topic}[{}]@{}: {e}", r.partition, r.offset))).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +64,7 @@ async fn up_publishes_the_designated_peers_changes_which_fold_into_its_world_sta
     assert!(up.terminate().success());
 
     let data = dir.path().join("data");
-    let log = EmbeddedLog::open(&data.join("log")).unwrap();
+    let log: Arc<dyn Log> = EmbeddedLog::open(&data.join("log")).unwrap();
     let topics = Topics::default_for("mychannel");
     let changes = read_topic::<StateChange>(&log, topics.name(names::STATE_CHANGES)).await;
     let rows = read_topic::<TxResultRow>(&log, topics.name(names::TX_RESULTS)).await;
