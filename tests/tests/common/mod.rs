@@ -101,16 +101,7 @@ impl Up {
             .spawn()
             .expect("spawn streamledger up");
         let pid = child.id();
-        let stdout = child.stdout.take().expect("piped stdout");
-        // Read the first line, then keep draining so that the node never writes into a full pipe.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(first)) = lines.next() {
-                let _ = tx.send(first);
-            }
-            for _ in lines {}
-        });
+        let rx = first_stdout_line(&mut child);
         let mut up = Up { child: Some(child), pid, api: String::new(), client: Client::new("http://127.0.0.1:1").unwrap(), data_dir, log };
         let line = match rx.recv_timeout(START_TIMEOUT) {
             Ok(line) => line,
@@ -184,16 +175,6 @@ impl Up {
         found
     }
 
-    fn print_log_tail(&self) {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = lines.len().saturating_sub(LOG_TAIL_LINES);
-        eprintln!("---- last {} lines of {} ----", lines.len() - from, self.log.display());
-        for line in &lines[from..] {
-            eprintln!("{line}");
-        }
-        eprintln!("---- end of log ----");
-    }
 }
 
 impl Drop for Up {
@@ -203,9 +184,37 @@ impl Drop for Up {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            self.print_log_tail();
+            print_tail(&self.log, LOG_TAIL_LINES);
         }
     }
+}
+
+/// The first line a child prints on its piped stdout (where `up` and the stage processes name
+/// their endpoints), through a thread that then keeps draining the pipe so that the child never
+/// blocks on a full one.
+pub fn first_stdout_line(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(first)) = lines.next() {
+            let _ = tx.send(first);
+        }
+        for _ in lines {}
+    });
+    rx
+}
+
+/// The last `n` lines of a log file, printed to the test's output (on failure).
+pub fn print_tail(path: &Path, n: usize) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(n);
+    eprintln!("---- last {} lines of {} ----", lines.len() - from, path.display());
+    for line in &lines[from..] {
+        eprintln!("{line}");
+    }
+    eprintln!("---- end of log ----");
 }
 
 // ---------------------------------------------------------------------------------------------
