@@ -274,9 +274,10 @@ impl Verdicts {
     }
 }
 
-/// `proposals` produced straight to Kafka, each settled on both peers before the next batch (it
-/// reads what the previous one wrote).
-async fn produce_and_settle(net: &StageNet, verdicts: &mut Verdicts, batch: &[Proposal], timeout: Duration) {
+/// Produces a batch of proposals straight to Kafka and waits until every one is VALID on both
+/// peers and the replicas of the given endorser processes have its blocks too (the next batch
+/// reads what this one wrote, and an endorser simulates on its own replica, which may lag).
+async fn produce_and_settle(net: &mut StageNet, verdicts: &mut Verdicts, batch: &[Proposal], endorsers: &[&str], timeout: Duration) {
     net.produce(batch).await;
     let ids: Vec<String> = batch.iter().map(|p| p.tx_id.clone()).collect();
     let missing = verdicts.wait_settled(&ids, timeout).await;
@@ -286,10 +287,23 @@ async fn produce_and_settle(net: &StageNet, verdicts: &mut Verdicts, batch: &[Pr
             assert_eq!(verdicts.code(peer, id), Some(CODE_VALID), "{peer}: {id} is not VALID (rejected: {:?})", verdicts.rejected.get(id));
         }
     }
+    let height = PEERS.iter().map(|peer| verdicts.height(peer)).min().unwrap_or(-1);
+    for name in endorsers {
+        let url = net.metrics_url(name);
+        let deadline = Instant::now() + timeout;
+        // The gauge is Fabric's height: the last committed block + 1.
+        while metric(&url, "ledger_blockchain_height", &["(endorser replica)"]).await.unwrap_or(0.0) < (height + 1) as f64 {
+            assert!(Instant::now() < deadline, "{name}'s replica did not reach block {height} within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
+const ORG1_ENDORSER: &[&str] = &["endorser", "--org", "Org1"];
+
+/// The sample network's stages, by the names the tests give them.
 const ALL_STAGES: [(&str, &[&str]); 7] = [
-    ("e1", &["endorser", "--org", "Org1"]),
+    ("e1", ORG1_ENDORSER),
     ("e2", &["endorser", "--org", "Org2"]),
     ("gw", &["gateway"]),
     ("o0", &["orderer", "--id", "orderer0"]),
@@ -297,6 +311,10 @@ const ALL_STAGES: [(&str, &[&str]); 7] = [
     ("v1", &["validator", "--peer", "Org1.peer0"]),
     ("v2", &["validator", "--peer", "Org2.peer0"]),
 ];
+
+fn stage_args(name: &str) -> &'static [&'static str] {
+    ALL_STAGES.iter().find(|(n, _)| *n == name).map(|(_, args)| *args).unwrap_or_else(|| panic!("no stage {name}"))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_stage_as_its_own_process_on_kafka() {
@@ -307,9 +325,9 @@ async fn every_stage_as_its_own_process_on_kafka() {
         }
         let mut verdicts = Verdicts::new(&net).await;
         let creates = [net.proposal("create", &["alice", "100"]), net.proposal("create", &["bob", "0"])];
-        produce_and_settle(&net, &mut verdicts, &creates, Duration::from_secs(120)).await;
+        produce_and_settle(&mut net, &mut verdicts, &creates, &["e1", "e2"], Duration::from_secs(120)).await;
         let spend = net.proposal("transfer", &["alice", "bob", "25"]);
-        produce_and_settle(&net, &mut verdicts, std::slice::from_ref(&spend), Duration::from_secs(60)).await;
+        produce_and_settle(&mut net, &mut verdicts, std::slice::from_ref(&spend), &[], Duration::from_secs(60)).await;
         let blocks: BTreeSet<i64> = verdicts.sequence.iter().map(|(_, b, _)| *b).collect();
         for b in &blocks {
             if let (Some(h1), Some(h2)) = (verdicts.state_hash(PEERS[0], *b), verdicts.state_hash(PEERS[1], *b)) {
@@ -353,8 +371,6 @@ enum Fault {
     EndorserRejoined,
 }
 
-const ORG1_ENDORSER: &[&str] = &["endorser", "--org", "Org1"];
-
 /// Whether a stage's `/metrics` counts records consumed by its stage `stage`.
 async fn has_consumed(url: &str, stage: &str) -> bool {
     metric(url, "streamledger_records_in_total", &[&format!("stage=\"{stage}\"")]).await.unwrap_or(0.0) > 0.0
@@ -383,17 +399,8 @@ async fn an_endorser_an_orderer_and_a_validator_killed_mid_run_on_kafka_lose_not
     // librdkafka's 45 s, which would outlast the gateway's 10 s endorsement timeout.
     let mut net = StageNet::start("session.timeout.ms=6000\nheartbeat.interval.ms=1000\n").await;
     bounded("stages killed mid-run on Kafka", 300, async {
-        let stages: [(&str, &[&str]); 8] = [
-            ("e1a", ORG1_ENDORSER),
-            ("e1b", ORG1_ENDORSER),
-            ("e2", &["endorser", "--org", "Org2"]),
-            ("gw", &["gateway"]),
-            ("o0", &["orderer", "--id", "orderer0"]),
-            ("o1", &["orderer", "--id", "orderer1"]),
-            ("v1", &["validator", "--peer", "Org1.peer0"]),
-            ("v2", &["validator", "--peer", "Org2.peer0"]),
-        ];
-        for (name, args) in stages {
+        // A second Org1 endorser, e1b, in e1's group.
+        for (name, args) in ALL_STAGES.into_iter().chain([("e1b", ORG1_ENDORSER)]) {
             net.spawn(name, args);
         }
         let mut verdicts = Verdicts::new(&net).await;
@@ -415,7 +422,7 @@ async fn an_endorser_an_orderer_and_a_validator_killed_mid_run_on_kafka_lose_not
         let final_txs: Vec<Proposal> = finals.into_values().flatten().collect();
         let accounts: Vec<String> = (0..LOAD_ACCOUNTS).map(load_account).chain(final_txs.iter().flat_map(|p| p.args[..2].to_vec())).collect();
         let creates: Vec<Proposal> = accounts.iter().map(|a| net.proposal("create", &[a, &INITIAL_BALANCE.to_string()])).collect();
-        produce_and_settle(&net, &mut verdicts, &creates, Duration::from_secs(120)).await;
+        produce_and_settle(&mut net, &mut verdicts, &creates, &["e1", "e1b", "e2"], Duration::from_secs(120)).await;
         let total = INITIAL_BALANCE * accounts.len() as u64;
 
         // The load, with the faults injected between ticks.
@@ -457,7 +464,7 @@ async fn an_endorser_an_orderer_and_a_validator_killed_mid_run_on_kafka_lose_not
             match fault {
                 Fault::KillEndorser => {
                     // Only once both Org1 endorsers have endorsed something: each owns partitions.
-                    let (a, b) = (net.metrics_url("e1a"), net.metrics_url("e1b"));
+                    let (a, b) = (net.metrics_url("e1"), net.metrics_url("e1b"));
                     if !(has_consumed(&a, "endorser").await && has_consumed(&b, "endorser").await) {
                         continue;
                     }
@@ -476,7 +483,7 @@ async fn an_endorser_an_orderer_and_a_validator_killed_mid_run_on_kafka_lose_not
                     net.sigkill("v1");
                 }
                 Fault::RestartValidator => {
-                    net.spawn("v1", &["validator", "--peer", "Org1.peer0"]);
+                    net.spawn("v1", stage_args("v1"));
                     // It publishes its height as it opens its store, before reading any block.
                     let url = net.metrics_url("v1");
                     let deadline = Instant::now() + Duration::from_secs(30);
@@ -496,7 +503,7 @@ async fn an_endorser_an_orderer_and_a_validator_killed_mid_run_on_kafka_lose_not
                     if orderer_down.1 == orderer_down.0 {
                         continue;
                     }
-                    net.spawn("o0", &["orderer", "--id", "orderer0"]);
+                    net.spawn("o0", stage_args("o0"));
                 }
                 // tansu 0.6.0 does not move a dead member's partitions to the survivor (see the
                 // README's Kafka section): a replacement joins the group instead.
