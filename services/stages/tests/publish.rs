@@ -136,6 +136,7 @@ async fn the_publishers_state_changes_fold_into_its_world_state_and_every_tx_is_
     let height = net.stores[0].savepoint().unwrap().unwrap().block;
     let store = Arc::new(EmbeddedStore::open(&dir.path().join("publisher.redb")).unwrap());
     let cfg = publishing_validator("Org1.publisher", &net.f, &net.topics);
+    let metrics = cfg.metrics.clone();
     let (stop, rx) = watch::channel(false);
     let (l, s) = (log.clone(), store.clone());
     let task = tokio::spawn(async move { validator::run(cfg, l, s, Arc::new(PeerProgress::new()), rx).await });
@@ -163,6 +164,9 @@ async fn the_publishers_state_changes_fold_into_its_world_state_and_every_tx_is_
     check_tx_results(&rows, &blocks, store.as_ref(), "Org1.publisher");
     assert_eq!(rows.len(), chain_tx_ids(&blocks).len(), "one row per transaction");
     assert!(rows.iter().any(|r| r.validation_code_name == "MVCC_READ_CONFLICT"), "the conflicts are there with their code");
+    // Counted as the validator's records out: a verdict per block, plus every change and row.
+    let out = metrics.stage("validator", "Org1.publisher", 1).records_out.get();
+    assert_eq!(out, (height + 1) as u64 + records.len() as u64 + rows.len() as u64);
     net.stop().await;
 }
 
