@@ -271,7 +271,8 @@ pub mod scenarios {
         // peer, every orderer replica reads cut markers, and the writer of a block reports the
         // undecodable transactions in it).
         let orderers = net.options.orderers.len();
-        let cases: [(&str, [Vec<u8>; 2], &[(&str, usize)]); 5] = [
+        type Readers<'a> = &'a [(&'a str, usize)];
+        let cases: [(&str, [Vec<u8>; 2], Readers); 5] = [
             (names::PROPOSALS, [truncated(Ok(p_bytes.clone())), marker_bytes.clone()], &[("endorser", 2), ("gateway", 1)]),
             (names::ENDORSEMENT_RESULTS, [truncated(codec::encode(&result)), marker_bytes.clone()], &[("gateway", 1)]),
             (names::ORDERED_TX, [truncated(codec::encode(&tx)), marker_bytes.clone()], &[("orderer", 1)]),
