@@ -26,31 +26,29 @@ die() {
     exit 1
 }
 
+# shellcheck source=tests/install-once.sh
+. "$ROOT/tests/install-once.sh"
+
+pouchdb_ready() {
+    [[ -f $BIN ]]
+}
+
+npm_install() {
+    mkdir -p "$CACHE"
+    cp "$LOCKED/package.json" "$LOCKED/package-lock.json" "$CACHE/"
+    # --ignore-scripts: leveldown ships prebuilt binaries and loads them at run time; the only
+    # other install script (sqlite3's, a backend not used here) would try to download one.
+    (cd "$CACHE" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >&2) \
+        || die "npm ci of pouchdb-server failed (see above): the CouchDB tests need it"
+    node -e "require('$CACHE/node_modules/leveldown')" \
+        || die "leveldown (pouchdb-server's on-disk store) does not load on this machine"
+}
+
 install() {
     command -v node >/dev/null || die "node is not installed: pouchdb-server needs Node.js and npm (apt-get install nodejs npm)"
     command -v npm >/dev/null || die "npm is not installed: pouchdb-server is installed from the npm registry (apt-get install npm)"
-    mkdir -p "$CACHE"
-    # One installer at a time (parallel test binaries); the others wait and find it installed.
-    # The lock lives in a subshell so that its descriptor is not inherited by the servers that
-    # `start` launches afterwards.
-    (
-        flock 9
-        # The marker names the lock file's digest, so a changed lock reinstalls.
-        want=$(sha256sum "$LOCKED/package-lock.json" | cut -c1-16)
-        if [[ -f $CACHE/.installed && $(cat "$CACHE/.installed") == "$want" && -f $BIN ]]; then
-            exit 0
-        fi
-        echo "couchdb.sh: installing pouchdb-server into $CACHE (once; takes a minute or two)" >&2
-        rm -f "$CACHE/.installed"
-        cp "$LOCKED/package.json" "$LOCKED/package-lock.json" "$CACHE/"
-        # --ignore-scripts: leveldown ships prebuilt binaries and loads them at run time; the only
-        # other install script (sqlite3's, a backend not used here) would try to download one.
-        (cd "$CACHE" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >&2) \
-            || die "npm ci of pouchdb-server failed (see above): the CouchDB tests need it"
-        node -e "require('$CACHE/node_modules/leveldown')" \
-            || die "leveldown (pouchdb-server's on-disk store) does not load on this machine"
-        echo "$want" >"$CACHE/.installed"
-    ) 9>"$CACHE/.lock"
+    # Takes a minute or two the first time.
+    install_once couchdb.sh "$CACHE" "$LOCKED/package-lock.json" pouchdb_ready npm_install
     echo "$BIN"
 }
 

@@ -15,31 +15,30 @@ VENV=${STREAMLEDGER_PYTHON_VENV:-$ROOT/.cache/python-venv}
 PINS=$ROOT/tests/python/requirements.txt
 PY=$VENV/bin/python
 
+# shellcheck source=tests/install-once.sh
+. "$ROOT/tests/install-once.sh"
+
 die() {
     echo "python.sh: $*" >&2
     exit 1
 }
 
+venv_ready() {
+    [[ -x $PY ]]
+}
+
+make_venv() {
+    rm -rf "$VENV"
+    python3 -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv)"
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-deps -r "$PINS" >&2 \
+        || die "pip install of tests/python/requirements.txt failed (see above)"
+    "$PY" -c "import confluent_kafka, fastavro, cryptography; from confluent_kafka.schema_registry.avro import AvroSerializer" \
+        || die "the installed packages do not import"
+}
+
 install() {
     command -v python3 >/dev/null || die "python3 is not installed (apt-get install python3 python3-venv)"
-    mkdir -p "$(dirname "$VENV")"
-    # One installer at a time (parallel test binaries); the others wait and find it installed.
-    (
-        flock 9
-        # The marker names the pins' digest, so changed pins reinstall.
-        want=$(sha256sum "$PINS" | cut -c1-16)
-        if [[ -f $VENV/.installed && $(cat "$VENV/.installed") == "$want" && -x $PY ]]; then
-            exit 0
-        fi
-        echo "python.sh: installing confluent-kafka, fastavro and cryptography into $VENV (once)" >&2
-        rm -rf "$VENV"
-        python3 -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv)"
-        "$PY" -m pip install --quiet --disable-pip-version-check --no-deps -r "$PINS" >&2 \
-            || die "pip install of tests/python/requirements.txt failed (see above)"
-        "$PY" -c "import confluent_kafka, fastavro, cryptography; from confluent_kafka.schema_registry.avro import AvroSerializer" \
-            || die "the installed packages do not import"
-        echo "$want" >"$VENV/.installed"
-    ) 9>"$(dirname "$VENV")/.python-venv.lock"
+    install_once python.sh "$VENV" "$PINS" venv_ready make_venv
     echo "$PY"
 }
 

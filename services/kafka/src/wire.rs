@@ -252,7 +252,7 @@ fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use streamledger_core::codec::Record as _;
-    use streamledger_core::model::{CutMarker, CutReason, DeadLetter};
+    use streamledger_core::model::{CutMarker, CutReason, Rejection};
 
     fn marker() -> CutMarker {
         CutMarker { block_number: 3, first_offset: 10, last_offset: 12, cutter_id: "orderer0".into(), reason: CutReason::Count }
@@ -308,20 +308,11 @@ mod tests {
     async fn an_unreachable_registry_is_a_retryable_error_not_a_dead_letter() {
         // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
         let wire = Wire::with_registry("http://127.0.0.1:9").unwrap();
-        let letter = DeadLetter {
-            source_topic: "t".into(),
-            partition: 0,
-            offset: 0,
-            key: None,
-            payload: vec![],
-            stage: "s".into(),
-            reason: "r".into(),
-            instance: None,
-        };
-        let single = codec::encode(&letter).unwrap();
-        let err = wire.outbound("ch.dead-letters", &single).await.unwrap_err();
-        assert!(err.retryable && err.context.contains("ch.dead-letters-value"), "{err}");
-        let mut records = vec![Record { topic: "ch.dead-letters".into(), partition: 0, offset: 0, key: None, value: to_confluent(&single, 1).unwrap(), timestamp_ms: 0 }];
+        let rejection = Rejection { tx_id: "t".into(), stage: "gateway".into(), reason: "r".into(), source_offset: 0 };
+        let single = codec::encode(&rejection).unwrap();
+        let err = wire.outbound("ch.rejections", &single).await.unwrap_err();
+        assert!(err.retryable && err.context.contains("ch.rejections-value"), "{err}");
+        let mut records = vec![Record { topic: "ch.rejections".into(), partition: 0, offset: 0, key: None, value: to_confluent(&single, 1).unwrap(), timestamp_ms: 0 }];
         let err = wire.inbound(&mut records).await.unwrap_err();
         assert!(err.retryable && err.context.contains("schema id 1"), "{err}");
         assert_eq!(codec::confluent_schema_id(&records[0].value), Some(1), "the record is kept as it was");
