@@ -7,7 +7,6 @@
 
 mod common;
 
-#[allow(dead_code)]
 #[path = "../../services/kafka/tests/common/mod.rs"]
 mod kafka;
 
