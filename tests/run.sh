@@ -24,6 +24,7 @@ echo "== tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
+bash tests/fuzz.sh  # libFuzzer on every decoder and the policy parser, 10 s each (README: Reliability, Fuzzing)
 
 # One closing line with the totals over every test binary.
 sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{n += $1} END {print n + 0}'; }

@@ -1,0 +1,5 @@
+//! The `dead-letters` decoder, single-object and Confluent framing (see the crate's doc).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    streamledger_fuzz::decode_target::<streamledger_core::model::DeadLetter>(data);
+});

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Fuzzes every topic decoder (single-object and Confluent framing) and the policy parser with
+# cargo fuzz (libFuzzer), each for a bounded time, and prints one line per target with its
+# executions and crashes, then the totals. Exits non-zero on any crash; the crashing input is left
+# under fuzz/artifacts/<target>/ (check it into a regression test next to the code it broke).
+#
+#   bash tests/fuzz.sh [SECONDS]     seconds per target: the argument, else $FUZZ_SECONDS, else 10
+#
+# FUZZ_SANITIZER picks cargo fuzz's sanitizer (default address). cargo fuzz passes nightly flags;
+# RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them. cargo-fuzz itself is installed from
+# crates.io once and cached in ~/.cache/streamledger/cargo-fuzz. The fuzz crate is its own
+# workspace with its own target dir (fuzz/target), so the main build is left alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+secs=${1:-${FUZZ_SECONDS:-10}}
+sanitizer=${FUZZ_SANITIZER:-address}
+root="$HOME/.cache/streamledger/cargo-fuzz"
+export PATH="$root/bin:$PATH"
+export RUSTC_BOOTSTRAP=1
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "== install cargo-fuzz (cached in $root)"
+    cargo install cargo-fuzz --locked --root "$root"
+fi
+
+echo "== fuzz: build the targets (sanitizer $sanitizer)"
+start=$(date +%s)
+set +e
+cargo +stable fuzz build -s "$sanitizer" 2>&1 | grep -vE '^ *(Compiling|Downloaded|Downloading) '
+status=${PIPESTATUS[0]}
+set -e
+[ "$status" -eq 0 ] || { echo "fuzz: the targets did not build"; exit 1; }
+echo "fuzz: built in $(( $(date +%s) - start )) s"
+
+echo "== fuzz: ${secs} s per target"
+total_execs=0
+total_crashes=0
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+for target in $(cargo +stable fuzz list); do
+    mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
+    rc=0
+    cargo +stable fuzz run -s "$sanitizer" "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
+        -max_total_time="$secs" -timeout=10 -print_final_stats=1 \
+        -artifact_prefix="fuzz/artifacts/$target/" >"$logs/$target.log" 2>&1 || rc=$?
+    execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$logs/$target.log" | grep -oE '[0-9]+$' | tail -1)
+    execs=${execs:-0}
+    crashes=0
+    if [ "$rc" -ne 0 ]; then
+        crashes=1
+        echo "---- $target failed (exit $rc); the end of its log:"
+        tail -40 "$logs/$target.log"
+    fi
+    printf 'fuzz: %-28s %10s executions  %s crashes\n' "$target" "$execs" "$crashes"
+    total_execs=$((total_execs + execs))
+    total_crashes=$((total_crashes + crashes))
+done
+echo "fuzz: total $total_execs executions, $total_crashes crashes (${secs} s per target)"
+[ "$total_crashes" -eq 0 ]
