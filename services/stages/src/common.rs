@@ -47,6 +47,9 @@ pub(crate) struct DeadLetters {
     pub topic: String,
     pub stage: &'static str,
     pub counters: StageCounters,
+    /// A dead letter is retried like any other append while the log is briefly away (a broker
+    /// hiccup must not stop the stage); the stage's shutdown ends the wait.
+    pub shutdown: Shutdown,
 }
 
 impl DeadLetters {
@@ -63,7 +66,8 @@ impl DeadLetters {
             instance: Some(self.counters.instance().to_string()),
         };
         let bytes = codec::encode(&letter).map_err(|e| StageError::Fatal(e.to_string()))?;
-        self.log.append(&self.topic, vec![OutRecord::unkeyed(bytes)]).await?;
+        let record = OutRecord::unkeyed(bytes);
+        retry("appending a dead letter", &self.shutdown, || async { Ok(self.log.append(&self.topic, vec![record.clone()]).await?) }).await?;
         self.counters.dead_letters.inc();
         Ok(())
     }
@@ -150,4 +154,67 @@ pub(crate) fn forward(
 /// Milliseconds on a monotonic clock since `start`: the cutter compares times, it never reads them.
 pub(crate) fn elapsed_ms(start: std::time::Instant) -> i64 {
     start.elapsed().as_millis() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use streamledger_embedded::log::EmbeddedLog;
+    use streamledger_ports::log::{LogResult, Subscription};
+    use streamledger_ports::topics::TopicSpec;
+
+    use super::*;
+
+    /// The embedded log, whose first `failures` appends fail as a broker hiccup would.
+    struct Hiccup {
+        inner: Arc<EmbeddedLog>,
+        failures: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Log for Hiccup {
+        async fn ensure_topic(&self, spec: &TopicSpec) -> LogResult<()> {
+            self.inner.ensure_topic(spec).await
+        }
+        async fn partition_count(&self, topic: &str) -> LogResult<i32> {
+            self.inner.partition_count(topic).await
+        }
+        async fn append(&self, topic: &str, records: Vec<OutRecord>) -> LogResult<Vec<(i32, i64)>> {
+            if self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(LogError::new(format!("append to {topic}"), "broker not available", true));
+            }
+            self.inner.append(topic, records).await
+        }
+        async fn end_offset(&self, topic: &str, partition: i32) -> LogResult<i64> {
+            self.inner.end_offset(topic, partition).await
+        }
+        async fn committed_offset(&self, group: &str, topic: &str, partition: i32) -> LogResult<Option<i64>> {
+            self.inner.committed_offset(group, topic, partition).await
+        }
+        async fn consumer(&self, subscription: Subscription) -> LogResult<Box<dyn Consumer>> {
+            self.inner.consumer(subscription).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_survives_a_broker_hiccup() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = EmbeddedLog::open(dir.path()).unwrap();
+        let spec = TopicSpec { name: "dead".into(), suffix: "dead".into(), partitions: 1, replication: 1, configs: Default::default() };
+        inner.ensure_topic(&spec).await.unwrap();
+        let log = Arc::new(Hiccup { inner: inner.clone(), failures: AtomicUsize::new(3) });
+        let (_stop, shutdown) = watch::channel(false);
+        let counters = Metrics::detached("c").stage("gateway", "g", 1);
+        let dead = DeadLetters { log: log.clone(), topic: "dead".into(), stage: "gateway", counters: counters.clone(), shutdown };
+        let bad = Record { topic: "c.proposals".into(), partition: 2, offset: 7, key: None, value: b"junk".to_vec(), timestamp_ms: 0 };
+        dead.send(&bad, "not avro".into()).await.expect("retried until the log is back");
+        assert_eq!(log.failures.load(Ordering::SeqCst), 0, "the three failed appends were retried");
+        assert_eq!(inner.end_offset("dead", 0).await.unwrap(), 1);
+        let mut c = inner.consumer(Subscription::assign("dead", 0, 0)).await.unwrap();
+        let letter: DeadLetter = codec::decode(&c.poll(1, Duration::from_secs(1)).await.unwrap()[0].value).unwrap();
+        assert_eq!((letter.source_topic.as_str(), letter.offset, letter.reason.as_str()), ("c.proposals", 7, "not avro"));
+        assert_eq!(counters.dead_letters.get(), 1);
+    }
 }

@@ -66,6 +66,7 @@ pub async fn run(
         topic: config.topics.name(names::DEAD_LETTERS).to_string(),
         stage: "endorser",
         counters: counters.clone(),
+        shutdown: shutdown.clone(),
     };
     let mut consumer = log.consumer(Subscription::Group { group: config.group.clone(), topics: vec![proposals] }).await?;
     let config = Arc::new(config);
