@@ -52,8 +52,10 @@ for target in $(cargo +stable fuzz list); do
     crashes=0
     if [ "$rc" -ne 0 ]; then
         crashes=1
-        echo "---- $target failed (exit $rc); the end of its log:"
-        tail -40 "$logs/$target.log"
+        echo "---- $target failed (exit $rc):"
+        grep -m5 -E 'panicked at|==ERROR|^SUMMARY|deadly signal|Test unit written' "$logs/$target.log" || true
+        echo "---- the end of its log:"
+        tail -30 "$logs/$target.log"
     fi
     printf 'fuzz: %-28s %10s executions  %s crashes\n' "$target" "$execs" "$crashes"
     total_execs=$((total_execs + execs))
