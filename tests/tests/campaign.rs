@@ -17,6 +17,13 @@ mod common;
 #[path = "../../services/couch/tests/common/mod.rs"]
 mod couch;
 
+#[allow(dead_code)]
+#[path = "../../services/kafka/tests/common/mod.rs"]
+mod kafka;
+
+#[path = "common/stagenet.rs"]
+mod stagenet;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,6 +35,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use streamledger_node::api::TxState;
 use streamledger_node::client::Client;
+use streamledger_core::model::Proposal;
+use stagenet::{stage_args, StageNet, Verdicts, ALL_STAGES, PEERS};
 
 const ACCOUNTS: usize = 24;
 const INITIAL_BALANCE: u64 = 1_000_000;
@@ -301,6 +310,128 @@ async fn full_disk(rng: &mut StdRng, fig: &mut Figures) {
     settle_and_audit("full disk", up, accepted, &dir.path().join("data"), fig).await;
 }
 
+/// Every stage its own OS process on a tansu broker, under transfers produced straight to Kafka:
+/// stage processes SIGKILLed one at a time at random and restarted, and the broker SIGKILLed and
+/// restarted. Only what the broker acknowledged counts as submitted.
+async fn kafka_kills(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
+    let name = "kafka kills";
+    // A killed group member's partitions move after 6 s, not librdkafka's 45 s.
+    let mut net = StageNet::start("session.timeout.ms=6000\nheartbeat.interval.ms=1000\n").await;
+    for (stage, args) in ALL_STAGES {
+        net.spawn(stage, args);
+    }
+    for (stage, _) in ALL_STAGES {
+        net.metrics_url(stage); // started: it printed its endpoint
+    }
+    let mut verdicts = Verdicts::new(&net).await;
+    let creates: Vec<Proposal> = (0..ACCOUNTS).map(|i| net.proposal("create", &[&account(i), &INITIAL_BALANCE.to_string()])).collect();
+    net.produce(&creates).await;
+    let mut submitted: Vec<String> = creates.iter().map(|p| p.tx_id.clone()).collect();
+    let missing = verdicts.wait_settled(&submitted, Duration::from_secs(60)).await;
+    assert!(missing.is_empty(), "{name}: the accounts were not created: {missing:?}");
+
+    let mut n = rng.gen_range(0..1_000usize);
+    let mut load = |net: &mut StageNet, rng: &mut StdRng| {
+        let batch: Vec<Proposal> = (0..rng.gen_range(4..12))
+            .map(|_| {
+                n += 1;
+                let (from, to) = (n % ACCOUNTS, (n / ACCOUNTS + n + 1) % ACCOUNTS);
+                let to = if to == from { (to + 1) % ACCOUNTS } else { to };
+                net.proposal("transfer", &[&account(from), &account(to), "1"])
+            })
+            .collect();
+        batch
+    };
+    let mut produce_for = async |net: &mut StageNet, rng: &mut StdRng, submitted: &mut Vec<String>, ms: u64| {
+        let until = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < until {
+            let batch = load(net, rng);
+            net.produce(&batch).await;
+            submitted.extend(batch.iter().map(|p| p.tx_id.clone()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    for _ in 0..len.rounds {
+        let ms = rng.gen_range(500..2_000);
+        produce_for(&mut net, rng, &mut submitted, ms).await;
+        if rng.gen_range(0..4) == 0 {
+            net.broker.kill9();
+            pause(rng, 300, 1_500).await;
+            net.broker.restart();
+            *fig.faults.entry("SIGKILL of the broker (Kafka)").or_default() += 1;
+        } else {
+            let (stage, _) = ALL_STAGES[rng.gen_range(0..ALL_STAGES.len())];
+            net.sigkill(stage);
+            pause(rng, 200, 1_500).await;
+            net.spawn(stage, stage_args(stage));
+            *fig.faults.entry("SIGKILL of a stage process (Kafka)").or_default() += 1;
+        }
+    }
+    produce_for(&mut net, rng, &mut submitted, 1_000).await;
+
+    // Liveness, then every acknowledged transaction settled.
+    let started = Instant::now();
+    let probe = net.proposal("create", &["probe-kafka", "0"]);
+    net.produce(std::slice::from_ref(&probe)).await;
+    submitted.push(probe.tx_id.clone());
+    let healed = verdicts.wait_settled(std::slice::from_ref(&probe.tx_id), PROGRESS_TIMEOUT).await.is_empty()
+        && PEERS.iter().all(|peer| verdicts.code(peer, &probe.tx_id) == Some(CODE_VALID));
+    if healed {
+        fig.notes.push(format!("{name}: a new transaction committed {:.1} s after the load stopped", started.elapsed().as_secs_f64()));
+    } else {
+        fig.violations.push(format!("{name}: the probe did not commit VALID within {PROGRESS_TIMEOUT:?} (rejected: {:?})", verdicts.rejected.get(&probe.tx_id)));
+    }
+    let missing = verdicts.wait_settled(&submitted, VERDICT_TIMEOUT).await;
+    for id in &missing {
+        fig.violations.push(format!("{name}: acknowledged transaction {id} has no verdict after {VERDICT_TIMEOUT:?}"));
+    }
+    for (stage, running) in net.stages.iter_mut() {
+        if let Some(status) = running.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            fig.violations.push(format!("{name}: stage {stage} exited by itself: {status}"));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while verdicts.height(PEERS[0]) != verdicts.height(PEERS[1]) && Instant::now() < deadline {
+        verdicts.poll(Duration::from_millis(500)).await;
+    }
+    fig.submitted += submitted.len() as u64;
+    for id in &submitted {
+        match verdicts.code(PEERS[0], id) {
+            Some(code) => {
+                fig.committed += 1;
+                fig.valid += u64::from(code == CODE_VALID);
+            }
+            None if verdicts.rejected.contains_key(id) => fig.rejected += 1,
+            None => {}
+        }
+    }
+
+    // The checker, over the topics and the stopped validators' stores.
+    net.sigkill("v1");
+    net.sigkill("v2");
+    let mut args: Vec<String> = ["audit", "--network-dir", net.net_dir.to_str().unwrap(), "--settled", "--json"].map(String::from).to_vec();
+    args.extend(net.kafka_args.iter().cloned());
+    for (stage, peer) in [("v1", PEERS[0]), ("v2", PEERS[1])] {
+        args.push("--store".into());
+        args.push(format!("{peer}={}", net.dir.path().join(stage).join("peers").join(format!("{peer}.redb")).display()));
+    }
+    let audit = cli(None, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let report: serde_json::Value = serde_json::from_str(&audit.stdout).unwrap_or_else(|e| panic!("{name}: the audit printed no report ({e}): {audit:?}"));
+    for v in report["violations"].as_array().expect("a violations list") {
+        fig.violations.push(format!("{name}: {v}"));
+    }
+    eprintln!(
+        "campaign: {name}: {} acknowledged, {} missing; audit: {} blocks, codes {}, books {}, {} violations",
+        submitted.len(),
+        missing.len(),
+        report["blocks"],
+        report["codes"],
+        report["money"],
+        report["violations"].as_array().map_or(0, |v| v.len())
+    );
+    fig.scenarios += 1;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_campaign() {
     let seed: u64 = std::env::var("STREAMLEDGER_CAMPAIGN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
@@ -314,6 +445,7 @@ async fn fault_campaign() {
         embedded_kills(&mut rng, &len, &mut fig).await;
         couchdb_restarts(&mut rng, &len, &mut fig).await;
         full_disk(&mut rng, &mut fig).await;
+        kafka_kills(&mut rng, &len, &mut fig).await;
     })
     .await;
 
