@@ -73,12 +73,16 @@ struct Load {
 
 impl Load {
     fn start(client: Client, seed: u64) -> Load {
+        Load::with_clients(client, seed, 4)
+    }
+
+    fn with_clients(client: Client, seed: u64, clients: usize) -> Load {
         let client = Arc::new(RwLock::new(client));
         let accepted = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let next = Arc::new(AtomicUsize::new(seed as usize));
         let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..4 {
+        for _ in 0..clients {
             let (client, accepted, stop, next) = (client.clone(), accepted.clone(), stop.clone(), next.clone());
             tasks.spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
@@ -269,8 +273,33 @@ impl Drop for SmallDisk {
     }
 }
 
+/// After a storage fault is fixed: the node's log must have named it; the node is restarted, as
+/// the error tells the operator (redb refuses a file after a failed write until it is reopened),
+/// or started again if it stopped by itself.
+fn recover(mut up: Up, dir: &Path, what: &str, error_text: &str, load: &Load, fig: &mut Figures) -> Up {
+    let exited = up.try_exit();
+    let complaints = up.log_lines_mentioning(error_text);
+    let how = match exited {
+        Some(status) => format!("up stopped by itself ({status})"),
+        None => {
+            up.terminate();
+            "up kept running (writes refused, the API answering 5xx with the file named)".to_string()
+        }
+    };
+    let example = complaints.first().map(|l| l.chars().skip(l.find("error=").unwrap_or(0)).take(160).collect::<String>());
+    fig.notes.push(format!("{what}: {how}; {} log lines name the error, e.g. {example:?}", complaints.len()));
+    if complaints.is_empty() {
+        fig.violations.push(format!("{what}: nothing in the node's log says {error_text:?}"));
+    }
+    let up = Up::start(dir);
+    load.retarget(up.client.clone());
+    up
+}
+
 /// The embedded store's disk fills up under load: the node must say so clearly, lose nothing
-/// accepted, corrupt nothing, and go on once space is freed (restarted if it stopped).
+/// accepted, corrupt nothing, and go on once space is freed and it is restarted. (A read-only
+/// data dir is not injected: a tmpfs cannot be remounted read-only while the node holds its
+/// files open for writing.)
 async fn full_disk(rng: &mut StdRng, fig: &mut Figures) {
     let dir = tempfile::tempdir().unwrap();
     let disk = match SmallDisk::mount(&dir.path().join("data"), 256) {
@@ -287,27 +316,46 @@ async fn full_disk(rng: &mut StdRng, fig: &mut Figures) {
     let filler = disk.fill();
     *fig.faults.entry("full disk (embedded data dir)").or_default() += 1;
     pause(rng, 1_500, 3_000).await;
-    let exited = up.try_exit();
-    let complaints = up.log_lines_mentioning("No space left");
     std::fs::remove_file(&filler).unwrap();
-    // What the error tells the operator: free space and restart (redb refuses a file after a
-    // failed write until it is reopened). A node that stopped by itself is just started again.
-    let how = match exited {
-        Some(status) => format!("up stopped by itself ({status})"),
-        None => {
-            up.terminate();
-            "up kept running (writes refused, the API answering 500 with the file named)".to_string()
-        }
-    };
-    fig.notes.push(format!("full disk: {how}; {} log lines name the error, e.g. {:?}", complaints.len(), complaints.first()));
-    if complaints.is_empty() {
-        fig.violations.push("full disk: nothing in the node's log says the disk is full".into());
-    }
-    up = Up::start(dir.path());
-    load.retarget(up.client.clone());
+    up = recover(up, dir.path(), "full disk", "No space left", &load, fig);
     pause(rng, 500, 1_500).await;
     let accepted = load.finish().await;
     settle_and_audit("full disk", up, accepted, &dir.path().join("data"), fig).await;
+}
+
+/// Resident memory of a process in MB, from /proc.
+fn rss_mb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kb / 1024)
+}
+
+/// Far more load than the node can take (16 clients without pause): queues must stay bounded.
+/// Resident memory is sampled every second; growth past 2 GiB (the machine has 24) would mean
+/// a queue without a bound.
+async fn overload(len: &Length, seconds: u64, fig: &mut Figures) {
+    const LIMIT_MB: u64 = 2_048;
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path());
+    create_accounts(&up.client).await;
+    let load = Load::with_clients(up.client.clone(), 0, 16);
+    let mut samples = Vec::new();
+    for _ in 0..seconds * len.rounds as u64 / 2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        samples.extend(rss_mb(up.pid));
+    }
+    let accepted = load.finish().await;
+    *fig.faults.entry("overload (16 clients, no pause)").or_default() += 1;
+    let (first, peak, last) = (samples.first().copied().unwrap_or(0), samples.iter().max().copied().unwrap_or(0), samples.last().copied().unwrap_or(0));
+    fig.notes.push(format!(
+        "overload: {} s at {:.0} accepted/s; resident memory {first} MB after 1 s, peak {peak} MB, {last} MB at the end",
+        samples.len(),
+        accepted.len() as f64 / samples.len().max(1) as f64
+    ));
+    if peak > LIMIT_MB {
+        fig.violations.push(format!("overload: resident memory reached {peak} MB (limit {LIMIT_MB} MB)"));
+    }
+    settle_and_audit("overload", up, accepted, &dir.path().join("data"), fig).await;
 }
 
 /// Every stage its own OS process on a tansu broker, under transfers produced straight to Kafka:
@@ -354,11 +402,21 @@ async fn kafka_kills(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
     for _ in 0..len.rounds {
         let ms = rng.gen_range(500..2_000);
         produce_for(&mut net, rng, &mut submitted, ms).await;
-        if rng.gen_range(0..4) == 0 {
+        let kind = rng.gen_range(0..6);
+        if kind == 0 {
             net.broker.kill9();
             pause(rng, 300, 1_500).await;
             net.broker.restart();
             *fig.faults.entry("SIGKILL of the broker (Kafka)").or_default() += 1;
+        } else if kind == 1 {
+            // A slow consumer: the stage is frozen while the load goes on, then catches up.
+            let (stage, _) = ALL_STAGES[rng.gen_range(0..ALL_STAGES.len())];
+            let pid = net.stages[stage].child.as_ref().expect("running").id().to_string();
+            assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+            let ms = rng.gen_range(1_000..4_000);
+            produce_for(&mut net, rng, &mut submitted, ms).await;
+            assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+            *fig.faults.entry("SIGSTOP of a stage process, 1-4 s (Kafka)").or_default() += 1;
         } else {
             let (stage, _) = ALL_STAGES[rng.gen_range(0..ALL_STAGES.len())];
             net.sigkill(stage);
@@ -445,6 +503,7 @@ async fn fault_campaign() {
         embedded_kills(&mut rng, &len, &mut fig).await;
         couchdb_restarts(&mut rng, &len, &mut fig).await;
         full_disk(&mut rng, &mut fig).await;
+        overload(&len, 8, &mut fig).await;
         kafka_kills(&mut rng, &len, &mut fig).await;
     })
     .await;
