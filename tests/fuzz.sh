@@ -6,6 +6,7 @@
 #
 #   bash tests/fuzz.sh [SECONDS]     seconds per target: the argument, else $FUZZ_SECONDS, else 10
 #
+# FUZZ_TARGETS limits the run to some targets (space-separated names, as `cargo fuzz list` gives);
 # FUZZ_SANITIZER picks cargo fuzz's sanitizer (default address). cargo fuzz passes nightly flags;
 # RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them. cargo-fuzz itself is installed from
 # crates.io once and cached in ~/.cache/streamledger/cargo-fuzz. The fuzz crate is its own
@@ -29,11 +30,21 @@ fi
 
 echo "== fuzz: build the targets (sanitizer $sanitizer)"
 start=$(date +%s)
+# Cargo tells a path crate's changes by file times, and the shared target dir names its artifacts
+# the same whichever checkout built them: after a build from another checkout, older files here
+# would pass for built. So the project's two crates are rebuilt whenever the checkout changes.
+stamp="$target_dir/built-from"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$PWD" ] && [ -d "$target_dir" ]; then
+    host=$(rustc -vV | sed -n 's/^host: //p')
+    (cd fuzz && cargo +stable clean -q --release --target "$host" --target-dir "$target_dir" \
+        -p streamledger-fuzz -p streamledger-core)
+fi
 set +e
 cargo +stable fuzz build -s "$sanitizer" --target-dir "$target_dir" 2>&1 | grep -vE '^ *(Compiling|Downloaded|Downloading) '
 status=${PIPESTATUS[0]}
 set -e
 [ "$status" -eq 0 ] || { echo "fuzz: the targets did not build"; exit 1; }
+echo "$PWD" >"$stamp"
 echo "fuzz: built in $(( $(date +%s) - start )) s"
 
 echo "== fuzz: ${secs} s per target"
@@ -41,7 +52,7 @@ total_execs=0
 total_crashes=0
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
-for target in $(cargo +stable fuzz list); do
+for target in ${FUZZ_TARGETS:-$(cargo +stable fuzz list)}; do
     mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
     rc=0
     cargo +stable fuzz run -s "$sanitizer" --target-dir "$target_dir" "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
