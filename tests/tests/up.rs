@@ -172,6 +172,20 @@ async fn bad_input_is_refused_and_the_node_keeps_running() {
         assert!(error.contains(&format!("limit of {DEFAULT_MAX_BODY_BYTES} bytes")), "{error}");
         up.assert_running("an oversized body");
 
+        // On /v1/proposals: a proposal signed by a key the network does not know (403), and one
+        // signed by a registered key with a 1 MiB argument (413): neither reaches the log.
+        let stranger = streamledger_core::crypto::Signer::from_seed("Org1", [42; 32]);
+        let forged = Client::sign(&stranger, "mychannel", "transfer", "create", args(&["forged", "1"]), vec![1; 24], 1);
+        let err = c.submit_signed(&SignedProposalRequest::from_proposal(&forged, false, 1000)).await.unwrap_err();
+        eprintln!("bad input: unknown key on /v1/proposals -> {err}");
+        assert_eq!(err.status().map(|s| s.as_u16()), Some(403), "{err}");
+        assert!(err.to_string().contains("is not registered in the network"), "{err}");
+        let keys = KeyStore::from_toml(&std::fs::read_to_string(up.data_dir.join("network").join("keys.toml")).unwrap()).unwrap();
+        let big = Client::sign(&keys.signer("Org1/client0").unwrap(), "mychannel", "transfer", "create", args(&["big", &"x".repeat(DEFAULT_MAX_BODY_BYTES)]), vec![2; 24], 1);
+        let err = c.submit_signed(&SignedProposalRequest::from_proposal(&big, false, 1000)).await.unwrap_err();
+        assert_eq!(err.status().map(|s| s.as_u16()), Some(413), "{err}");
+        up.assert_running("refused proposals");
+
         let err = c.submit(&streamledger_node::api::SubmitRequest::new("nope", "create", args(&["a", "1"]))).await.unwrap_err();
         eprintln!("bad input: unknown contract -> {err}");
         assert_eq!(err.status().map(|s| s.as_u16()), Some(404), "{err}");

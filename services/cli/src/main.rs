@@ -157,6 +157,11 @@ struct UpArgs {
     /// The key-store entry the API signs `POST /v1/transactions` with.
     #[arg(long, env = "STREAMLEDGER_CLIENT", default_value = "Org1/client0")]
     client: String,
+    /// Serve `POST /v1/transactions` (signed with `--client` for any caller) even when `--http`
+    /// is not a loopback address. Without it such an API answers 403 there, and clients sign
+    /// their own proposals for `POST /v1/proposals`.
+    #[arg(long, env = "STREAMLEDGER_ALLOW_NODE_SIGNING")]
+    allow_node_signing: bool,
     /// No live progress line (it is also off when stderr is not a terminal).
     #[arg(long, env = "STREAMLEDGER_NO_PROGRESS")]
     no_progress: bool,
@@ -388,6 +393,7 @@ async fn up(args: UpArgs) -> Result<(), CliError> {
         client: args.client.clone(),
         progress: !args.no_progress && std::io::stderr().is_terminal(),
         publish_changes: args.publish_changes.clone(),
+        allow_node_signing: args.allow_node_signing,
         ..streamledger_node::up::UpConfig::new(args.data_dir.clone(), args.http)
     };
     let node = streamledger_node::up::start(config).await?;

@@ -7,7 +7,7 @@
 //!
 //! | method and path | what |
 //! |---|---|
-//! | `POST /v1/transactions` | [`SubmitRequest`] → [`TxStatusResponse`]: 200 verdict, 202 not waited, 504 no verdict in time |
+//! | `POST /v1/transactions` | [`SubmitRequest`] → [`TxStatusResponse`]: 200 verdict, 202 not waited, 504 no verdict in time; 403 unless node signing is allowed ([`node_signing_allowed`]) |
 //! | `POST /v1/proposals` | [`SignedProposalRequest`] → as above; 403 unless a registered key signed it |
 //! | `GET /v1/transactions/{tx_id}` | [`TxStatusResponse`], 404 when unknown |
 //! | `GET /v1/state/{contract}/{key}?peer=` | [`StateEntry`], 404 when absent |
@@ -337,6 +337,18 @@ pub struct ApiContext {
     pub peers: Vec<(String, Arc<dyn PeerStore>)>,
     pub tracker: TxStatusTracker,
     pub limits: Limits,
+    /// Whether `POST /v1/transactions` signs with [`Self::client`] for whoever calls it: a trust
+    /// decision (see [`node_signing_allowed`]). Off unless set with [`Self::with_node_signing`];
+    /// when off the endpoint answers 403 and points to `/v1/proposals`.
+    pub node_signing: bool,
+}
+
+/// Whether an API bound to `bind` may sign `POST /v1/transactions` with the node's own client
+/// key: only for local clients (a loopback address: they could read the node's `keys.toml`
+/// anyway), or when the operator says every client that can reach the API is trusted
+/// (`up --allow-node-signing`). Elsewhere clients sign themselves and use `/v1/proposals`.
+pub fn node_signing_allowed(bind: SocketAddr, allow_anywhere: bool) -> bool {
+    allow_anywhere || bind.ip().is_loopback()
 }
 
 impl ApiContext {
@@ -367,7 +379,13 @@ impl ApiContext {
         if limits.max_body_bytes == 0 {
             return Err(ApiError::Config("max body bytes must be at least 1".into()));
         }
-        Ok(Self { log, topics, network, client, peers, tracker, limits })
+        Ok(Self { log, topics, network, client, peers, tracker, limits, node_signing: false })
+    }
+
+    /// Serves `POST /v1/transactions` (signed with the node's client key) when `allowed`.
+    pub fn with_node_signing(mut self, allowed: bool) -> Self {
+        self.node_signing = allowed;
+        self
     }
 
     fn peer(&self, name: Option<&str>) -> Result<(&str, &Arc<dyn PeerStore>), HttpError> {
@@ -412,7 +430,7 @@ pub struct RichQueryResponse {
 pub fn router(ctx: Arc<ApiContext>) -> Router {
     let limit = ctx.limits.max_body_bytes;
     Router::new()
-        .route("/v1/transactions", post(submit))
+        .route("/v1/transactions", if ctx.node_signing { post(submit) } else { post(node_signing_refused) })
         .route("/v1/proposals", post(submit_signed))
         .route("/v1/transactions/{tx_id}", get(tx_status))
         .route("/v1/state/{contract}", get(state_range))
@@ -590,6 +608,15 @@ async fn submit(State(ctx): State<Arc<ApiContext>>, ApiJson(req): ApiJson<Submit
         other => HttpError::internal(format!("the node's own proposal does not pass the endorser's checks: {other}")),
     })?;
     publish(&ctx, proposal, req.wait, timeout).await
+}
+
+/// `POST /v1/transactions` on an API that does not sign for its callers: 403, whatever the body.
+async fn node_signing_refused() -> HttpError {
+    HttpError::new(
+        StatusCode::FORBIDDEN,
+        "POST /v1/transactions signs with the node's own client key and is served only on a loopback address \
+         (or with `up --allow-node-signing`): sign the proposal with your org's registered key and POST it to /v1/proposals",
+    )
 }
 
 async fn submit_signed(
@@ -858,7 +885,7 @@ mod tests {
             tracker.start(log.clone(), &topics, PEER, StartFrom::End, shutdown.clone()).await.unwrap();
             let peers: Vec<(String, Arc<dyn PeerStore>)> = vec![(PEER.into(), store.clone())];
             let ctx =
-                ApiContext::new(log.clone(), topics.clone(), network, fx.clients[0].clone(), peers, tracker, limits).unwrap();
+                ApiContext::new(log.clone(), topics.clone(), network, fx.clients[0].clone(), peers, tracker, limits).unwrap().with_node_signing(true);
             let (addr, _task) = serve("127.0.0.1:0".parse().unwrap(), Arc::new(ctx), shutdown).await.unwrap();
             let url = format!("http://{addr}");
             Self { client: Client::new(&url).unwrap(), http: reqwest::Client::new(), url, _dir: dir, fx, log, topics, store, _stop: stop }

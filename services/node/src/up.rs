@@ -71,6 +71,10 @@ pub struct UpConfig {
     /// The one peer (e.g. `Org1.peer0`) whose validator writes `state-changes` and `tx-results`
     /// for Kafka Connect sinks; `None`: no peer does.
     pub publish_changes: Option<String>,
+    /// Serve `POST /v1/transactions` (signed with `client` for any caller) even when `http` is
+    /// not a loopback address: every client that can reach the API is then trusted to submit as
+    /// the node. Off by default; on loopback the endpoint is always served.
+    pub allow_node_signing: bool,
 }
 
 impl UpConfig {
@@ -86,6 +90,7 @@ impl UpConfig {
             state: StateBackend::Embedded,
             kafka: None,
             publish_changes: None,
+            allow_node_signing: false,
         }
     }
 }
@@ -321,7 +326,13 @@ async fn start_api(
     let stores = peers.iter().map(|p| (p.name.clone(), p.store.clone())).collect();
     let ctx = ApiContext::new(log.clone(), topics.clone(), network.clone(), client, stores, tracker, Limits::default())
         .map_err(|e| NodeError::Api(e.to_string()))?;
-    let app = api::router(Arc::new(ctx)).merge(ops);
+    let node_signing = api::node_signing_allowed(config.http, config.allow_node_signing);
+    if !node_signing {
+        tracing::info!(http = %config.http, "the API is not on loopback: POST /v1/transactions is refused (403); clients sign and use /v1/proposals (or start with --allow-node-signing)");
+    } else if !config.http.ip().is_loopback() {
+        tracing::warn!(http = %config.http, "--allow-node-signing: any client that reaches the API can submit as {}", ctx.client.identity().org);
+    }
+    let app = api::router(Arc::new(ctx.with_node_signing(node_signing))).merge(ops);
     let (addr, serving) = api::serve_router(config.http, app, shutdown).await.map_err(|e| NodeError::Api(e.to_string()))?;
     tasks.spawn(async move {
         let result = match serving.await {
@@ -398,4 +409,58 @@ async fn show_progress(peers: Vec<Peer>, mut shutdown: watch::Receiver<bool>) {
         bar.tick();
     }
     bar.finish_and_clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{SignedProposalRequest, SubmitRequest, TxState};
+    use crate::client::Client;
+
+    #[test]
+    fn only_a_loopback_api_signs_for_its_callers_unless_allowed() {
+        let allowed = |addr: &str, flag| api::node_signing_allowed(addr.parse().unwrap(), flag);
+        assert!(allowed("127.0.0.1:7050", false));
+        assert!(allowed("[::1]:7050", false));
+        assert!(!allowed("0.0.0.0:7050", false));
+        assert!(!allowed("[::]:7050", false));
+        assert!(!allowed("192.168.1.5:7050", false));
+        assert!(allowed("0.0.0.0:7050", true));
+    }
+
+    /// `up` bound to 0.0.0.0 (every interface, not loopback): `/v1/transactions` answers 403 and
+    /// points to `/v1/proposals` unless `allow_node_signing`; a proposal the client signed with a
+    /// registered key commits either way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn node_signing_on_a_non_loopback_api_needs_allow_node_signing() {
+        for allow in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = UpConfig { allow_node_signing: allow, ..UpConfig::new(dir.path().to_path_buf(), SocketAddr::from(([0, 0, 0, 0], 0))) };
+            let node = start(config).await.unwrap();
+            assert!(node.api_addr.ip().is_unspecified(), "bound to {}", node.api_addr);
+            let client = Client::new(&format!("http://127.0.0.1:{}", node.api_addr.port())).unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let running = tokio::spawn(node.run_until(async move {
+                let _ = stopped.await;
+            }));
+
+            let by_node = client.submit(&SubmitRequest { timeout_ms: 30_000, ..SubmitRequest::new("kv", "put", vec!["node".into(), "1".into()]) }).await;
+            if allow {
+                let verdict = by_node.expect("allowed: the node signs");
+                assert!(matches!(verdict.state, TxState::Committed { code: 0, .. }), "{verdict:?}");
+            } else {
+                let err = by_node.expect_err("a non-loopback API must not sign for its callers");
+                assert_eq!(err.status().map(|s| s.as_u16()), Some(403), "{err}");
+                assert!(err.to_string().contains("/v1/proposals") && err.to_string().contains("--allow-node-signing"), "{err}");
+            }
+
+            let keys = KeyStore::from_toml(&std::fs::read_to_string(dir.path().join("network").join("keys.toml")).unwrap()).unwrap();
+            let signer = keys.signer("Org2/client0").unwrap();
+            let proposal = Client::sign(&signer, "mychannel", "kv", "put", vec!["signed".into(), "1".into()], vec![allow as u8; 24], 1);
+            let verdict = client.submit_signed(&SignedProposalRequest::from_proposal(&proposal, true, 30_000)).await.expect("a signed proposal is served");
+            assert!(matches!(verdict.state, TxState::Committed { code: 0, .. }), "{verdict:?}");
+            stop.send(()).unwrap();
+            running.await.unwrap().unwrap();
+        }
+    }
 }

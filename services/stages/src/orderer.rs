@@ -18,7 +18,7 @@ use streamledger_core::crypto::Signer;
 use streamledger_core::cutter::{build_block, sign_block, ChainTip, Cutter, MarkerVerdict};
 use streamledger_core::model::{Block, BlockHeader, CutMarker, OrderedTx};
 use streamledger_core::network::Network;
-use streamledger_core::validation::check_block;
+use streamledger_core::validation::{check_block, check_block_signature};
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_ports::topics::{names, Topics};
 
@@ -222,8 +222,12 @@ pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
             }
             Some(batch) = blocks_rx.recv() => {
                 for r in batch? {
-                    if let Ok(block) = codec::decode::<Block>(&r.value) {
-                        replica.seen(&block);
+                    // Only an orderer's block counts as written: a forged one with the next
+                    // number would otherwise make every replica wait for a block nobody writes.
+                    match codec::decode::<Block>(&r.value) {
+                        Ok(block) if check_block_signature(&replica.config.network, &block).is_ok() => replica.seen(&block),
+                        Ok(block) => tracing::debug!(block = block.header.number, offset = r.offset, "block not signed by an orderer ignored"),
+                        Err(_) => {}
                     }
                 }
             }

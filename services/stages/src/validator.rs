@@ -13,9 +13,10 @@
 //! missing a committed change; a duplicate only re-applies a version a sink already holds.
 //!
 //! Restart point: the savepoint in its own store. A copy of a block already committed (another
-//! orderer replica took over) is skipped when it is identical, and reported loudly as a fork when
-//! it is not. A block that does not chain or is not signed by an orderer is dead-lettered; a good
-//! copy may still follow.
+//! orderer replica took over) is skipped when it is identical (a copy whose transactions do not
+//! match its data hash is dead-lettered), and reported loudly as a fork when it is not and an
+//! orderer signed it. A block that does not chain or is not signed by an orderer is
+//! dead-lettered; a good copy may still follow.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -23,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use streamledger_core::codec;
-use streamledger_core::crypto::block_header_hash;
+use streamledger_core::crypto::{block_data_hash, block_header_hash};
 use streamledger_core::model::{Block, BlockHeader, OrderedTx, TxResult, ValidatedBlock};
 use streamledger_core::publish;
 use streamledger_core::network::Network;
@@ -248,7 +249,17 @@ async fn admissible(
             Some(h) if h.number == number => Some(block_header_hash(h).to_vec()),
             _ => store.block(number)?.and_then(|s| codec::decode::<Block>(&s.bytes).ok()).map(|b| block_header_hash(&b.header).to_vec()),
         };
-        if committed.as_deref() != Some(&block_header_hash(&block.header)[..]) {
+        if committed.as_deref() == Some(&block_header_hash(&block.header)[..]) {
+            // A copy (another replica's) is skipped, unless its transactions are not those its
+            // header covers: reordered or altered by whoever wrote it.
+            if block_data_hash(&block.transactions)[..] != block.header.data_hash[..] {
+                let reason = format!("block {number} at offset {}: a copy of the committed block whose transactions do not match its data_hash (reordered or altered)", record.offset);
+                refuse(config, dead, record, reason).await?;
+            }
+        } else if let Err(e) = check_block_signature(&config.network, &block) {
+            // Not signed by an orderer: a forgery, refused like any other, not an alarm.
+            refuse(config, dead, record, format!("block {number} at offset {} is not the committed block {number}: {e}", record.offset)).await?;
+        } else {
             let reason = format!("FORK: block {number} at offset {} differs from the committed block {number}", record.offset);
             tracing::error!(peer = %config.peer, "{reason}");
             refuse(config, dead, record, reason).await?;
