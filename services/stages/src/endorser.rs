@@ -39,13 +39,23 @@ pub struct EndorserConfig {
     pub metrics: Arc<Metrics>,
     /// `Off` only for benchmarks (see `SignatureChecks`).
     pub signature_checks: SignatureChecks,
+    /// Proposals that reached the log longer ago than this are not simulated: the gateway gave up
+    /// on them (its endorsement timeout, 10 s by default) and has reported them rejected, so an
+    /// endorsement now would only be thrown away. Without this, an endorser that fell behind (a
+    /// CouchDB restart under load) spent minutes endorsing a backlog nobody waits for before it
+    /// reached new proposals. Twice the gateway's timeout leaves room for clock skew between the
+    /// producer that stamped the record and this process.
+    pub skip_older_than: Option<Duration>,
 }
+
+/// The default of [`EndorserConfig::skip_older_than`].
+pub const SKIP_OLDER_THAN: Duration = Duration::from_secs(20);
 
 impl EndorserConfig {
     pub fn new(network: Arc<Network>, topics: Topics, signer: Signer) -> Self {
         let group = format!("endorser-{}", signer.identity().org);
         let metrics = Metrics::detached(network.channel());
-        Self { network, topics, signer, group, batch: 256, metrics, signature_checks: SignatureChecks::On }
+        Self { network, topics, signer, group, batch: 256, metrics, signature_checks: SignatureChecks::On, skip_older_than: Some(SKIP_OLDER_THAN) }
     }
 }
 
@@ -82,7 +92,13 @@ pub async fn run(
         }
         counters.records_in.inc_by(records.len() as u64);
         let mut decoded = Vec::with_capacity(records.len());
-        for record in &records {
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let too_old = |record: &Record| config.skip_older_than.is_some_and(|age| now_ms - record.timestamp_ms > age.as_millis() as i64);
+        let expired = records.iter().filter(|r| too_old(r)).count();
+        if expired > 0 {
+            tracing::warn!(org = %org, expired, "skipped proposals older than {:?}: the gateway has already rejected them", config.skip_older_than.unwrap_or_default());
+        }
+        for record in records.iter().filter(|r| !too_old(r)) {
             match codec::decode::<Proposal>(&record.value) {
                 Ok(p) => decoded.push(p),
                 Err(e) => dead.send(record, e.to_string()).await?,
@@ -109,7 +125,9 @@ pub async fn run(
         }
         let outputs: Vec<OutRecord> = outputs.into_iter().map(|(record, ..)| record).collect();
         let n = outputs.len();
-        retry("appending endorsement results", &shutdown, || async { Ok(log.append(&results_topic, outputs.clone()).await?) }).await?;
+        if !outputs.is_empty() {
+            retry("appending endorsement results", &shutdown, || async { Ok(log.append(&results_topic, outputs.clone()).await?) }).await?;
+        }
         counters.records_out.inc_by(n as u64);
         let processed = last_offsets(&records);
         commit(consumer.as_mut(), &processed, &shutdown).await?;
@@ -165,4 +183,59 @@ pub(crate) fn last_offsets(records: &[Record]) -> Vec<(Arc<str>, i32, i64)> {
         }
     }
     last
+}
+
+#[cfg(test)]
+mod tests {
+    use streamledger_core::fixtures::Fixture;
+    use streamledger_core::state::MemState;
+    use streamledger_embedded::log::EmbeddedLog;
+
+    use super::*;
+
+    /// Runs an endorser over one proposal that reached the log a little while ago, and returns how
+    /// many endorsement results it wrote.
+    async fn results_for_one_proposal(skip_older_than: Option<Duration>) -> i64 {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        let f = Fixture::new();
+        let topics = Topics::default_for(f.network.channel());
+        for spec in topics.all() {
+            log.ensure_topic(spec).await.unwrap();
+        }
+        let p = f.proposal("kv", "put", &["k", "v"]);
+        log.append(topics.name(names::PROPOSALS), vec![OutRecord::keyed(p.tx_id.as_bytes(), codec::encode(&p).unwrap())]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut config = EndorserConfig::new(Arc::new(f.network.clone()), topics.clone(), f.peers[0].clone());
+        config.skip_older_than = skip_older_than;
+        let group = config.group.clone();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let log_for_run = log.clone();
+        let running = tokio::spawn(async move {
+            run(config, log_for_run, Arc::new(MemState::new()), Arc::new(Registry::builtin()), shutdown).await
+        });
+        // Done once the proposal's offset is committed: processed, endorsed or skipped.
+        let proposals = topics.name(names::PROPOSALS).to_string();
+        let partition = streamledger_ports::log::partition_for(p.tx_id.as_bytes(), log.partition_count(&proposals).await.unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while log.committed_offset(&group, &proposals, partition).await.unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "the endorser never got to the proposal");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.send(true).unwrap();
+        running.await.unwrap().unwrap();
+        let results = topics.name(names::ENDORSEMENT_RESULTS);
+        let mut total = 0;
+        for partition in 0..log.partition_count(results).await.unwrap() {
+            total += log.end_offset(results, partition).await.unwrap();
+        }
+        total
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_proposal_older_than_the_limit_is_skipped_and_a_fresh_one_endorsed() {
+        assert_eq!(results_for_one_proposal(None).await, 1, "without a limit it is endorsed");
+        assert_eq!(results_for_one_proposal(Some(Duration::from_secs(60))).await, 1, "younger than the limit: endorsed");
+        assert_eq!(results_for_one_proposal(Some(Duration::from_millis(10))).await, 0, "older than the limit: skipped, offset committed");
+    }
 }
