@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use streamledger_core::codec;
-use streamledger_core::crypto::block_header_hash;
+use streamledger_core::crypto::{block_data_hash, block_header_hash};
 use streamledger_core::model::Block;
 use streamledger_core::network::Network;
 use streamledger_core::validation::{check_block, check_block_signature};
@@ -72,7 +72,13 @@ fn consider(network: &Network, chain: &mut Chain, ahead: &mut BTreeMap<i64, (i64
     } else if number <= tip {
         let committed = &chain.blocks[number as usize];
         if block_header_hash(&block.header)[..] == committed.hash[..] {
-            chain.copies += 1;
+            // Same header: a copy if its transactions are the ones the header's data hash covers;
+            // otherwise a forgery (reordered or swapped transactions) that validators refuse.
+            if block_data_hash(&block.transactions)[..] == block.header.data_hash[..] {
+                chain.copies += 1;
+            } else {
+                chain.refused += 1;
+            }
             return;
         }
         // A different block for a number already in the chain: a fork if an orderer signed it

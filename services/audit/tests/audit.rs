@@ -153,3 +153,25 @@ async fn a_peer_that_disagrees_on_state_or_codes_is_reported() {
     let report = check(&r, false).await;
     assert!(report.violations.iter().any(|v| matches!(v, Violation::VerdictOffChain { number, .. } if *number == n + 5)), "{:#?}", report.violations);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reordered_copy_of_a_block_is_refused_not_counted_as_a_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> = EmbeddedLog::open(&dir.path().join("log")).unwrap();
+    let f = streamledger_core::fixtures::Fixture::new();
+    let topics = streamledger_ports::topics::Topics::default_for(f.network.channel());
+    for spec in topics.all() {
+        log.ensure_topic(spec).await.unwrap();
+    }
+    let txs = [f.tx(Rw::new().write("a", "1").build()), f.tx(Rw::new().write("b", "2").build())];
+    let block = f.block(0, &[0; 32], &txs);
+    let mut reordered = block.clone();
+    reordered.transactions.reverse();
+    for b in [&block, &block, &reordered] {
+        log.append(topics.name(names::BLOCKS), vec![OutRecord::unkeyed(codec::encode(b).unwrap())]).await.unwrap();
+    }
+    let config = AuditConfig { network: Arc::new(f.network.clone()), topics, stores: vec![], expect_settled: false, progress: false };
+    let report = audit(log, config).await.unwrap();
+    assert_eq!((report.blocks, report.block_copies, report.refused_block_records), (1, 1, 1), "{report:#?}");
+    assert!(!report.violations.iter().any(|v| matches!(v, Violation::Fork { .. })), "{:#?}", report.violations);
+}
