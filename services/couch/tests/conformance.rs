@@ -9,11 +9,10 @@ use std::sync::Arc;
 use common::*;
 use proptest::prelude::*;
 use streamledger_core::model::Version;
-use streamledger_core::state::{CommittedState, StateResult, TxLocation, VersionedValue, WriteBatch};
+use streamledger_core::state::{CommittedState, StateResult, WriteBatch};
 use streamledger_couch::CouchStore;
-use streamledger_ports::store::PeerStore;
 
-use streamledger_ports::conformance::{self, batch, keys, savepoint, stored};
+use streamledger_ports::conformance::{self, batch, keys};
 
 fn commit(store: &CouchStore, batch: &WriteBatch) -> StateResult<()> {
     conformance::commit(store, batch)
@@ -61,24 +60,7 @@ fn state_index_blocks_and_savepoint_survive_a_new_store() {
     logs();
     let url = shared_server().url();
     let channel = channel("persist");
-    {
-        let store = open(&url, &channel);
-        assert_eq!(store.savepoint().unwrap(), None);
-        commit(&store, &batch(0, &[("ns", "k", Some("v0")), ("ns", "gone", Some("x"))], &[("t0", 0)])).unwrap();
-        commit(&store, &batch(1, &[("ns", "k", Some("v1")), ("ns", "gone", None)], &[("t1", 3)])).unwrap();
-    }
-    let store = open(&url, &channel);
-    assert_eq!(store.savepoint().unwrap(), Some(savepoint(1)));
-    assert_eq!(store.get("ns", "k").unwrap(), Some(VersionedValue { value: b"v1".to_vec(), version: Version::new(1, 0) }));
-    assert_eq!(store.get("ns", "gone").unwrap(), None);
-    assert_eq!(store.tx_location("t1").unwrap(), Some(TxLocation { block: 1, position: 3, code: 0 }));
-    assert_eq!(store.tx_location("t0").unwrap().map(|l| l.block), Some(0));
-    assert_eq!(store.block(0).unwrap(), Some(stored(0)));
-    assert_eq!(store.block(1).unwrap(), Some(stored(1)));
-    assert_eq!(store.block(2).unwrap(), None);
-    // And it goes on from where it was.
-    commit(&store, &batch(2, &[], &[])).unwrap();
-    assert_eq!(store.savepoint().unwrap().map(|s| s.block), Some(2));
+    conformance::everything_survives_a_new_store(&|| Box::new(open(&url, &channel)));
 }
 
 #[test]

@@ -357,7 +357,7 @@ mod tests {
 
     use super::*;
 
-    use streamledger_ports::conformance::{self, batch, keys, savepoint, stored};
+    use streamledger_ports::conformance::{self, batch, keys};
 
     fn commit(store: &EmbeddedStore, batch: &WriteBatch) -> StateResult<()> {
         conformance::commit(store, batch)
@@ -387,24 +387,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A missing parent directory is created.
         let path = dir.path().join("peers/org1/peer.redb");
-        {
-            let store = EmbeddedStore::open(&path).unwrap();
-            assert_eq!(store.savepoint().unwrap(), None);
-            commit(&store, &batch(0, &[("ns", "k", Some("v0")), ("ns", "gone", Some("x"))], &[("t0", 0)])).unwrap();
-            commit(&store, &batch(1, &[("ns", "k", Some("v1")), ("ns", "gone", None)], &[("t1", 3)])).unwrap();
-        }
-        let store = EmbeddedStore::open(&path).unwrap();
-        assert_eq!(store.savepoint().unwrap(), Some(savepoint(1)));
-        assert_eq!(store.get("ns", "k").unwrap(), Some(VersionedValue { value: b"v1".to_vec(), version: Version::new(1, 0) }));
-        assert_eq!(store.get("ns", "gone").unwrap(), None);
-        assert_eq!(store.tx_location("t1").unwrap(), Some(TxLocation { block: 1, position: 3, code: 0 }));
-        assert_eq!(store.tx_location("t0").unwrap().map(|l| l.block), Some(0));
-        assert_eq!(store.block(0).unwrap(), Some(stored(0)));
-        assert_eq!(store.block(1).unwrap(), Some(stored(1)));
-        assert_eq!(store.block(2).unwrap(), None);
-        // And it goes on from where it was.
-        commit(&store, &batch(2, &[], &[])).unwrap();
-        assert_eq!(store.savepoint().unwrap().map(|s| s.block), Some(2));
+        conformance::everything_survives_a_new_store(&|| Box::new(EmbeddedStore::open(&path).unwrap()));
     }
 
     #[test]

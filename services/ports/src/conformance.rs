@@ -83,6 +83,29 @@ pub fn duplicate_gap_and_inconsistent_commits_are_refused(store: &dyn PeerStore,
     commit(store, &batch(2, &[], &[])).unwrap();
 }
 
+/// State, tx index, blocks and savepoint outlive the store: `open` gives a store over the same
+/// place each time (a file, a CouchDB database); the first is fresh.
+pub fn everything_survives_a_new_store(open: &dyn Fn() -> Box<dyn PeerStore>) {
+    {
+        let store = open();
+        assert_eq!(store.savepoint().unwrap(), None);
+        commit(store.as_ref(), &batch(0, &[("ns", "k", Some("v0")), ("ns", "gone", Some("x"))], &[("t0", 0)])).unwrap();
+        commit(store.as_ref(), &batch(1, &[("ns", "k", Some("v1")), ("ns", "gone", None)], &[("t1", 3)])).unwrap();
+    }
+    let store = open();
+    assert_eq!(store.savepoint().unwrap(), Some(savepoint(1)));
+    assert_eq!(store.get("ns", "k").unwrap(), Some(VersionedValue { value: b"v1".to_vec(), version: Version::new(1, 0) }));
+    assert_eq!(store.get("ns", "gone").unwrap(), None);
+    assert_eq!(store.tx_location("t1").unwrap(), Some(TxLocation { block: 1, position: 3, code: 0 }));
+    assert_eq!(store.tx_location("t0").unwrap().map(|l| l.block), Some(0));
+    assert_eq!(store.block(0).unwrap(), Some(stored(0)));
+    assert_eq!(store.block(1).unwrap(), Some(stored(1)));
+    assert_eq!(store.block(2).unwrap(), None);
+    // And it goes on from where it was.
+    commit(store.as_ref(), &batch(2, &[], &[])).unwrap();
+    assert_eq!(store.savepoint().unwrap().map(|s| s.block), Some(2));
+}
+
 /// On a fresh store: the tx-id index keeps the first occurrence, within a block and across blocks.
 pub fn tx_index_keeps_the_first_occurrence(store: &dyn PeerStore) {
     let mut b0 = batch(0, &[], &[("dup", 0), ("dup", 1)]);
