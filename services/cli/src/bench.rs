@@ -39,12 +39,17 @@ pub struct BenchArgs {
     pub txs: Option<u64>,
     /// embedded (the whole network in this process, on a fresh temporary data directory),
     /// http://HOST:PORT (a running `streamledger up`, through its API; needs --network-dir), or
-    /// kafka (not built yet).
+    /// kafka (the cluster given by --kafka that the stages run on: proposals are produced to
+    /// `<channel>.proposals` and verdicts read from the topics; needs --network-dir).
     #[arg(long, env = "STREAMLEDGER_BENCH_TARGET", default_value = "embedded")]
     pub target: Target,
-    /// HTTP target: the node's DATA/network directory; its keys.toml signs the proposals.
+    /// HTTP and Kafka targets: the network's directory (the node's DATA/network, or the one
+    /// `streamledger network init` wrote); its keys.toml signs the proposals.
     #[arg(long, env = "STREAMLEDGER_NETWORK_DIR")]
     pub network_dir: Option<PathBuf>,
+    /// Kafka target: the cluster, as for the stage commands.
+    #[command(flatten)]
+    pub kafka: crate::KafkaArgs,
     /// Embedded target: run in this data directory and keep it (default: a temporary one,
     /// removed afterwards).
     #[arg(long, env = "STREAMLEDGER_BENCH_DATA_DIR")]
@@ -118,6 +123,7 @@ impl BenchArgs {
             stop,
             target: self.target.clone(),
             network_dir: self.network_dir.clone(),
+            kafka: self.kafka.config().map_err(|e| BenchError::Config(e.to_string()))?,
             data_dir: self.data_dir.clone(),
             client: self.client.clone(),
             tx_timeout: seconds("--timeout", self.timeout)?,
@@ -210,11 +216,15 @@ mod tests {
         assert!(err.contains("--duration"), "{err}");
     }
 
-    #[tokio::test]
-    async fn what_is_not_built_yet_says_so() {
-        for flags in [&["--target", "kafka"][..]] {
-            let err = run(parse(flags).unwrap()).await.unwrap_err().to_string();
-            assert!(err.contains("not built yet"), "{flags:?}: {err}");
-        }
+    #[test]
+    fn the_kafka_target_takes_the_stage_commands_kafka_flags() {
+        let c = parse(&["--target", "kafka", "--kafka", "b1:9092,b2:9092", "--network-dir", "network"]).unwrap().to_config().unwrap();
+        assert_eq!(c.target, Target::Kafka);
+        assert_eq!(c.kafka.as_ref().and_then(|k| k.bootstrap_servers()), Some("b1:9092,b2:9092"));
+        c.validate().unwrap();
+        let err = parse(&["--target", "kafka", "--network-dir", "network"]).unwrap().to_config().unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("--kafka BROKERS"), "{err}");
+        let err = parse(&["--kafka", "b1:9092"]).unwrap().to_config().unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("--target kafka only"), "{err}");
     }
 }

@@ -113,7 +113,7 @@ struct TopicsArgs {
 }
 
 /// Where the Kafka cluster is and how to talk to it.
-#[derive(clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct KafkaArgs {
     /// Kafka bootstrap servers, e.g. `broker1:9092,broker2:9092`. (Not `STREAMLEDGER_KAFKA_*`:
     /// those variables are librdkafka properties.)

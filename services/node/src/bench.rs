@@ -8,10 +8,11 @@
 //!   blind write per transaction, like Caliper's createAsset);
 //! - load ([`Mode`]): a fixed rate (open loop) or a fixed backlog of transactions without a verdict
 //!   (closed loop), until a duration or a transaction count ([`Stop`]);
-//! - targets ([`Target`]): the embedded network started in-process (proposals are appended to the
-//!   proposals topic through the log port, verdicts read from `validated-blocks` and
-//!   `rejections`), or a running `streamledger up` through its HTTP API (proposals signed here with
-//!   a key from the network's key store).
+//! - targets ([`Target`]): the embedded network started in-process, or a Kafka cluster the stages
+//!   run on (both through the log port: proposals appended to the proposals topic keyed by tx id,
+//!   verdicts read from one peer's `validated-blocks` and from `rejections`; on Kafka the bench is
+//!   an outside producer), or a running `streamledger up` through its HTTP API (on Kafka and HTTP,
+//!   proposals are signed here with a key from the network's key store).
 //!
 //! The report ([`BenchReport`]) has committed tx/s, submit and commit latency percentiles, the
 //! count per validation code, peak RSS and the per-transaction crypto ceiling of the
@@ -22,7 +23,8 @@
 //! - a transaction *starts* when it is due: at its scheduled time in rate mode (so that a client
 //!   that falls behind shows as latency, not as a lower rate: no coordinated omission), when a
 //!   backlog slot frees in backlog mode. Signing is part of it, as in any client;
-//! - *submit latency*: start to the durable append (embedded) or the API's 202 (HTTP);
+//! - *submit latency*: start to the durable append (embedded), the brokers' acknowledgement
+//!   (Kafka, `acks=all`) or the API's 202 (HTTP);
 //! - *commit latency*: start to the first peer's verdict, for transactions committed in a block
 //!   (any validation code);
 //! - *committed tx/s*: transactions committed in a block (all codes; VALID separately) divided by
@@ -45,6 +47,7 @@ use streamledger_core::model::{Proposal, Rejection, ValidatedBlock};
 use streamledger_core::network::{KeyStore, Network};
 use streamledger_core::policy::{Role, SignerRef};
 use streamledger_core::validation::TxValidationCode;
+use streamledger_kafka::{KafkaConfig, KafkaLog};
 use streamledger_ports::log::{Log, OutRecord, Subscription};
 use streamledger_ports::topics::{names, Topics};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -81,8 +84,6 @@ pub const MAX_VALUE_SIZE: usize = 1 << 20;
 pub enum BenchError {
     #[error("bench: {0}")]
     Config(String),
-    #[error("bench: {what} is not built yet: {why}")]
-    NotBuilt { what: &'static str, why: &'static str },
     #[error("bench: {path}: {message}")]
     File { path: PathBuf, message: String },
     #[error(transparent)]
@@ -176,7 +177,8 @@ pub enum Target {
     Embedded,
     /// A running `streamledger up`, through its HTTP API at this base URL.
     Http(String),
-    /// A Kafka deployment (issue 4's runtime): not built yet.
+    /// A Kafka cluster the stages run on (`up --kafka` or the stage processes): proposals are
+    /// produced straight to the proposals topic, verdicts read from the verdict topics.
     Kafka,
 }
 
@@ -235,8 +237,10 @@ pub struct BenchConfig {
     pub mode: Mode,
     pub stop: Stop,
     pub target: Target,
-    /// HTTP target: the network's `network/` directory (network.toml and keys.toml).
+    /// HTTP and Kafka targets: the network's `network/` directory (network.toml and keys.toml).
     pub network_dir: Option<PathBuf>,
+    /// Kafka target: the cluster (librdkafka properties, `bootstrap.servers` included).
+    pub kafka: Option<KafkaConfig>,
     /// Embedded target: the data directory to run in (kept); a fresh temporary one (removed)
     /// when absent.
     pub data_dir: Option<PathBuf>,
@@ -264,6 +268,7 @@ impl Default for BenchConfig {
             stop: Stop::Duration(Duration::from_secs(20)),
             target: Target::Embedded,
             network_dir: None,
+            kafka: None,
             data_dir: None,
             client: "Org1/client0".into(),
             tx_timeout: Duration::from_secs(60),
@@ -279,8 +284,10 @@ impl Default for BenchConfig {
 impl BenchConfig {
     /// Refuses what is not built and what cannot run, naming the flag.
     pub fn validate(&self) -> Result<(), BenchError> {
-        if self.target == Target::Kafka {
-            return Err(BenchError::NotBuilt { what: "--target kafka", why: "it needs the Kafka runtime (issue 4); use embedded or http://HOST:PORT" });
+        match (&self.target, &self.kafka) {
+            (Target::Kafka, None) => return Err(BenchError::Config("a Kafka target needs --kafka BROKERS (or STREAMLEDGER_BROKERS)".into())),
+            (Target::Kafka, Some(_)) | (_, None) => {}
+            (_, Some(_)) => return Err(BenchError::Config("--kafka (or STREAMLEDGER_BROKERS) applies to --target kafka only".into())),
         }
         // The switch reaches the stages only when they run in this process; a remote `up` keeps
         // its own (always on).
@@ -325,6 +332,9 @@ impl BenchConfig {
         }
         if matches!(self.target, Target::Http(_)) && self.network_dir.is_none() {
             return bad("an HTTP target needs --network-dir: the node's DATA/network directory, whose keys.toml signs the proposals".into());
+        }
+        if self.target == Target::Kafka && self.network_dir.is_none() {
+            return bad("a Kafka target needs --network-dir: the network's directory (network.toml, and keys.toml to sign the proposals)".into());
         }
         Ok(())
     }
@@ -985,7 +995,8 @@ enum Outcome {
 
 /// What the driver hears from the target's tasks.
 enum Event {
-    /// Durably appended (embedded) or accepted by the API (HTTP).
+    /// Durably appended (embedded), acknowledged by the brokers (Kafka) or accepted by the API
+    /// (HTTP).
     Accepted { tx_ids: Vec<String>, at: Instant },
     /// Verdicts: one block's (with its number and size), or rejections.
     Outcomes { block: Option<(i64, usize)>, outcomes: Vec<(String, Outcome)>, at: Instant },
@@ -1299,9 +1310,10 @@ fn recheck(client: &Client, events: &mpsc::UnboundedSender<Event>, outstanding: 
 // Targets.
 // ---------------------------------------------------------------------------------------------
 
-/// Appends proposals to the proposals topic, many per append (one durable write each), keyed by
-/// tx id as the API does (the gateway joins proposals and endorsements by partition).
-async fn embedded_submitter(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<Vec<Proposal>>, events: mpsc::UnboundedSender<Event>) {
+/// Appends proposals to the proposals topic, many per append (one durable write each, or one
+/// acknowledged produce of many records on Kafka), keyed by tx id as the API does (the gateway
+/// joins proposals and endorsements by partition).
+async fn log_submitter(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<Vec<Proposal>>, events: mpsc::UnboundedSender<Event>) {
     while let Some(mut batch) = rx.recv().await {
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -1347,7 +1359,7 @@ async fn embedded_submitter(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Rece
 /// Follows one peer's verdicts on `validated-blocks` and the `rejections` topic, from their ends
 /// as of now (so: start it before submitting anything). Cheaper than the API's status tracker for
 /// this: one decode per block and no waiter per transaction.
-async fn start_embedded_follower(
+async fn start_log_follower(
     log: Arc<dyn Log>,
     topics: &Topics,
     peer: String,
@@ -1533,8 +1545,37 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     match &config.target {
         Target::Embedded => run_embedded(&config, calibration).await,
         Target::Http(url) => run_http(&config, url, calibration).await,
-        Target::Kafka => Err(BenchError::NotBuilt { what: "--target kafka", why: "it needs the Kafka runtime (issue 4)" }),
+        Target::Kafka => run_kafka(&config, calibration).await,
     }
+}
+
+/// The ends of a harness on a log (embedded or Kafka): a submitter appending the proposals and a
+/// follower reading one peer's verdicts, stopped together by [`LogTasks::stop`].
+struct LogTasks {
+    stop: watch::Sender<bool>,
+    submitter: JoinHandle<()>,
+    follower: JoinHandle<()>,
+}
+
+impl LogTasks {
+    /// Call after the rounds (which drop the harness, and with it the submitter's input).
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.submitter.await;
+        let _ = self.follower.await;
+    }
+}
+
+/// A harness that appends proposals to the log and follows `peer`'s verdicts from the verdict
+/// topics' ends as of now.
+async fn log_harness(log: Arc<dyn Log>, topics: &Topics, peer: String, signer: Signer, channel: String) -> Result<(Harness, LogTasks), BenchError> {
+    let (stop, stop_rx) = watch::channel(false);
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let follower = start_log_follower(log.clone(), topics, peer, events_tx.clone(), stop_rx).await?;
+    let (submit, submit_rx) = mpsc::channel(4);
+    let submitter = tokio::spawn(log_submitter(log, topics.name(names::PROPOSALS).to_string(), submit_rx, events_tx.clone()));
+    let harness = Harness { submit, events, events_tx, http: None, signer, channel };
+    Ok((harness, LogTasks { stop, submitter, follower }))
 }
 
 async fn run_embedded(config: &BenchConfig, calibration: Calibration) -> Result<BenchReport, BenchError> {
@@ -1544,20 +1585,16 @@ async fn run_embedded(config: &BenchConfig, calibration: Calibration) -> Result<
     let node =
         up::start(UpConfig { client: config.client.clone(), signature_checks, ..UpConfig::new(dir.path.clone(), any_port) }).await?;
     let (_, keys) = up::load_or_create_network(&dir.path.join("network"))?;
-    let signer = keys.signer(&config.client).map_err(|e| BenchError::Config(format!("--client: {e}")))?;
+    let signer = client_signer(&keys, config)?;
     let network = (*node.network).clone();
     let topics = Topics::default_for(network.channel());
     let log: Arc<dyn Log> = node.log.clone();
     let peer = node.peers.first().map(|p| p.name.clone()).ok_or_else(|| BenchError::Failed("the network has no peer".into()))?;
     let peers = node.peers.len();
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (events_tx, events) = mpsc::unbounded_channel();
-    let follower = start_embedded_follower(log.clone(), &topics, peer, events_tx.clone(), stop_rx.clone()).await?;
-    let (submit, submit_rx) = mpsc::channel(4);
-    let submitter = tokio::spawn(embedded_submitter(log, topics.name(names::PROPOSALS).to_string(), submit_rx, events_tx.clone()));
+    let (harness, tasks) = log_harness(log, &topics, peer, signer, network.channel().to_string()).await?;
     let node_task = {
-        let (events, mut stop) = (events_tx.clone(), stop_rx.clone());
+        let (events, mut stop) = (harness.events_tx.clone(), tasks.stop.subscribe());
         tokio::spawn(async move {
             let result = node
                 .run_until(async move {
@@ -1574,14 +1611,11 @@ async fn run_embedded(config: &BenchConfig, calibration: Calibration) -> Result<
             result
         })
     };
-    let harness = Harness { submit, events, events_tx, http: None, signer, channel: network.channel().to_string() };
     // Every org runs an endorser and a validator (`up::start`).
     let prepared = Prepared { harness, network, endorsers: peers, validators: peers, via_api: false };
     let result = rounds(config, prepared, calibration, "embedded".into()).await;
 
-    let _ = stop_tx.send(true);
-    let _ = submitter.await;
-    let _ = follower.await;
+    tasks.stop().await;
     let stopped = node_task.await.map_err(|e| BenchError::Failed(format!("the embedded network task failed: {e}")))?;
     let mut report = result?;
     stopped?;
@@ -1604,10 +1638,26 @@ fn load_network_dir(dir: &Path) -> Result<(Network, KeyStore), BenchError> {
     Ok((network, keys))
 }
 
+fn client_signer(keys: &KeyStore, config: &BenchConfig) -> Result<Signer, BenchError> {
+    keys.signer(&config.client).map_err(|e| BenchError::Config(format!("--client: {e}")))
+}
+
+/// A remote target's `--network-dir`: the network, the signer of the proposals, and the directory
+/// (for messages).
+fn remote_network(config: &BenchConfig, target: &str) -> Result<(Network, Signer, PathBuf), BenchError> {
+    let dir = config.network_dir.clone().ok_or_else(|| BenchError::Config(format!("{target} needs --network-dir")))?;
+    let (network, keys) = load_network_dir(&dir)?;
+    let signer = client_signer(&keys, config)?;
+    Ok((network, signer, dir))
+}
+
+/// Orgs with a peer: each runs one endorser (its consumer group) and one validator.
+fn orgs_with_peers(network: &Network) -> usize {
+    network.config().orgs.iter().filter(|o| o.members.iter().any(|m| m.role == Role::Peer)).count()
+}
+
 async fn run_http(config: &BenchConfig, url: &str, calibration: Calibration) -> Result<BenchReport, BenchError> {
-    let dir = config.network_dir.as_deref().ok_or_else(|| BenchError::Config("an HTTP target needs --network-dir".into()))?;
-    let (network, keys) = load_network_dir(dir)?;
-    let signer = keys.signer(&config.client).map_err(|e| BenchError::Config(format!("--client: {e}")))?;
+    let (network, signer, dir) = remote_network(config, "an HTTP target")?;
     let client = Client::new(url)?;
     let status = client.status().await?;
     if status.channel != network.channel() {
@@ -1627,7 +1677,7 @@ async fn run_http(config: &BenchConfig, url: &str, calibration: Calibration) -> 
     let follower = tokio::spawn(http_follower(client.clone(), peer.name.clone(), next, events_tx.clone(), stop_rx));
     let (submit, submit_rx) = mpsc::channel(4);
     let submitter = tokio::spawn(http_submitter(client.clone(), submit_rx, events_tx.clone()));
-    let endorsers = network.config().orgs.iter().filter(|o| o.members.iter().any(|m| m.role == Role::Peer)).count();
+    let endorsers = orgs_with_peers(&network);
     let validators = status.peers.len();
     let harness = Harness { submit, events, events_tx, http: Some(client), signer, channel: network.channel().to_string() };
     let prepared = Prepared { harness, network, endorsers, validators, via_api: true };
@@ -1635,6 +1685,37 @@ async fn run_http(config: &BenchConfig, url: &str, calibration: Calibration) -> 
     let _ = stop_tx.send(true);
     let _ = follower.await;
     submitter.abort();
+    result
+}
+
+/// A Kafka cluster the stages run on, as an outside producer: proposals signed with the network's
+/// client key are produced to `<channel>.proposals` keyed by tx id, and the verdicts are the first
+/// org's peer's on `<channel>.validated-blocks` (as `up` follows its first peer) and the gateway's
+/// on `<channel>.rejections`, both followed from their ends at start. Creates no topic: they are
+/// the deployment's (`streamledger topics apply`).
+async fn run_kafka(config: &BenchConfig, calibration: Calibration) -> Result<BenchReport, BenchError> {
+    let kafka = config.kafka.clone().ok_or_else(|| BenchError::Config("a Kafka target needs --kafka BROKERS".into()))?;
+    let brokers = kafka.bootstrap_servers().unwrap_or("?").to_string();
+    let (network, signer, dir) = remote_network(config, "a Kafka target")?;
+    let topics = Topics::default_for(network.channel());
+    let log: Arc<dyn Log> = KafkaLog::connect(kafka).await.map_err(|e| BenchError::Failed(format!("Kafka at {brokers}: {e}")))?;
+    for name in [names::PROPOSALS, names::VALIDATED_BLOCKS, names::REJECTIONS] {
+        let topic = topics.name(name);
+        log.partition_count(topic).await.map_err(|e| {
+            BenchError::Failed(format!(
+                "Kafka at {brokers}: topic {topic} of channel {} ({}): {e}; are the stages running there (streamledger topics apply)?",
+                network.channel(),
+                dir.display()
+            ))
+        })?;
+    }
+    let first_org = network.org_names().next().ok_or_else(|| BenchError::Config(format!("{}: the network has no org", dir.display())))?.to_string();
+    let peer = format!("{first_org}.{}", up::peer_of(&network, &first_org)?);
+    let (harness, tasks) = log_harness(log, &topics, peer, signer, network.channel().to_string()).await?;
+    let peers = orgs_with_peers(&network);
+    let prepared = Prepared { harness, network, endorsers: peers, validators: peers, via_api: false };
+    let result = rounds(config, prepared, calibration, format!("kafka {brokers}")).await;
+    tasks.stop().await;
     result
 }
 
@@ -1948,8 +2029,16 @@ mod tests {
         assert_eq!("smallbank".parse::<WorkloadKind>(), Ok(WorkloadKind::Smallbank));
         assert!("ycsb".parse::<WorkloadKind>().unwrap_err().contains("transfer, smallbank or kv"));
 
-        let not_built = BenchConfig { target: Target::Kafka, ..BenchConfig::default() }.validate().unwrap_err().to_string();
-        assert!(not_built.contains("--target kafka is not built yet"), "{not_built}");
+        let kafka = || Some(KafkaConfig::default().with("bootstrap.servers", "127.0.0.1:9092"));
+        let needs = BenchConfig { target: Target::Kafka, network_dir: Some("n".into()), ..BenchConfig::default() }.validate().unwrap_err().to_string();
+        assert!(needs.contains("--kafka BROKERS"), "{needs}");
+        let needs = BenchConfig { target: Target::Kafka, kafka: kafka(), ..BenchConfig::default() }.validate().unwrap_err().to_string();
+        assert!(needs.contains("--network-dir"), "{needs}");
+        BenchConfig { target: Target::Kafka, kafka: kafka(), network_dir: Some("n".into()), ..BenchConfig::default() }.validate().unwrap();
+        let stray = BenchConfig { kafka: kafka(), ..BenchConfig::default() }.validate().unwrap_err().to_string();
+        assert!(stray.contains("--target kafka only"), "{stray}");
+        let remote = BenchConfig { no_signature_checks: true, target: Target::Kafka, kafka: kafka(), network_dir: Some("n".into()), ..BenchConfig::default() };
+        assert!(remote.validate().unwrap_err().to_string().contains("embedded target only"));
         assert!(BenchConfig { no_signature_checks: true, ..BenchConfig::default() }.validate().is_ok());
         let remote = BenchConfig { no_signature_checks: true, target: Target::Http("http://127.0.0.1:7050".into()), ..BenchConfig::default() };
         let refused = remote.validate().unwrap_err().to_string();
