@@ -212,7 +212,7 @@ pub async fn audit(log: Arc<dyn Log>, config: AuditConfig) -> Result<AuditReport
         let number = verdict.block_number;
         let height = report.peers.entry(verdict.peer.clone()).or_insert(-1);
         *height = (*height).max(number);
-        let on_chain = chain.blocks.get(number.max(0) as usize).filter(|_| number >= 0).is_some_and(|b| b.hash == verdict.block_hash);
+        let on_chain = usize::try_from(number).ok().and_then(|n| chain.blocks.get(n)).is_some_and(|b| b.hash == verdict.block_hash);
         if !on_chain {
             violations.push(Violation::VerdictOffChain { peer: verdict.peer.clone(), number });
             continue;

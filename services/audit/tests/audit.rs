@@ -11,7 +11,7 @@ use streamledger_core::model::{Block, Proposal, TxResult, ValidatedBlock};
 use streamledger_core::validation::TxValidationCode;
 use streamledger_embedded::log::EmbeddedLog;
 use streamledger_embedded::store::EmbeddedStore;
-use streamledger_ports::log::{Log, OutRecord};
+use streamledger_ports::log::{ensure_topics, Log, OutRecord};
 use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::names;
 use streamledger_stages::testkit::{Options, TestNetwork};
@@ -160,9 +160,7 @@ async fn a_reordered_copy_of_a_block_is_refused_not_counted_as_a_copy() {
     let log: Arc<dyn Log> = EmbeddedLog::open(&dir.path().join("log")).unwrap();
     let f = streamledger_core::fixtures::Fixture::new();
     let topics = streamledger_ports::topics::Topics::default_for(f.network.channel());
-    for spec in topics.all() {
-        log.ensure_topic(spec).await.unwrap();
-    }
+    ensure_topics(log.as_ref(), &topics).await.unwrap();
     let txs = [f.tx(Rw::new().write("a", "1").build()), f.tx(Rw::new().write("b", "2").build())];
     let block = f.block(0, &[0; 32], &txs);
     let mut reordered = block.clone();

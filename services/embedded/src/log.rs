@@ -916,15 +916,7 @@ mod tests {
     async fn errors_name_the_topic_partition_and_size() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), &[("t", 2)]).await;
-        for err in [
-            log.append("missing.topic", vec![OutRecord::to_partition(0, b"x")]).await.unwrap_err(),
-            log.end_offset("missing.topic", 0).await.unwrap_err(),
-            log.partition_count("missing.topic").await.unwrap_err(),
-            log.consumer(Subscription::group("g", "missing.topic")).await.err().unwrap(),
-        ] {
-            assert!(err.to_string().contains("missing.topic"), "{err}");
-            assert!(!err.retryable);
-        }
+        streamledger_ports::conformance::missing_topics_are_named_and_not_retried(log.as_ref()).await;
         let big = vec![0u8; MAX_RECORD_BYTES + 1];
         let err = log.append("t", vec![OutRecord::unkeyed(big)]).await.unwrap_err().to_string();
         assert!(err.contains("topic t") && err.contains(&(MAX_RECORD_BYTES + 1).to_string()), "{err}");

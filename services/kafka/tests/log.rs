@@ -290,15 +290,7 @@ async fn errors_name_the_topic_and_partition() {
     let broker = Broker::start();
     let log = broker.log().await;
     let t = topic(&log, 2).await;
-    for err in [
-        log.append("missing.topic", vec![OutRecord::to_partition(0, b"x")]).await.unwrap_err(),
-        log.end_offset("missing.topic", 0).await.unwrap_err(),
-        log.partition_count("missing.topic").await.unwrap_err(),
-        log.consumer(Subscription::group("g", "missing.topic")).await.err().unwrap(),
-    ] {
-        assert!(err.to_string().contains("missing.topic"), "{err}");
-        assert!(!err.retryable, "{err}");
-    }
+    streamledger_ports::conformance::missing_topics_are_named_and_not_retried(log.as_ref()).await;
     let err = log.append(&t, vec![OutRecord::to_partition(2, b"x")]).await.unwrap_err().to_string();
     assert!(err.contains(&format!("partition 2 of topic {t}")), "{err}");
     assert_eq!(log.end_offset(&t, 0).await.unwrap(), 0, "a refused batch appends nothing");

@@ -841,7 +841,7 @@ mod tests {
     use streamledger_core::state::{TxLocation, WriteBatch};
     use streamledger_embedded::log::EmbeddedLog;
     use streamledger_embedded::store::EmbeddedStore;
-    use streamledger_ports::log::{partition_for, Record, Subscription};
+    use streamledger_ports::log::{ensure_topics, partition_for, Record, Subscription};
     use streamledger_ports::store::{BlockCommit, Savepoint, StoredBlock};
 
     use super::*;
@@ -876,9 +876,7 @@ mod tests {
             let network = Network::new(c).unwrap();
             let log = EmbeddedLog::open(&dir.path().join("log")).unwrap();
             let topics = Topics::default_for(network.channel());
-            for spec in topics.all() {
-                log.ensure_topic(spec).await.unwrap();
-            }
+            ensure_topics(log.as_ref(), &topics).await.unwrap();
             let store = Arc::new(EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap());
             let (stop, shutdown) = watch::channel(false);
             let tracker = TxStatusTracker::default();

@@ -15,7 +15,7 @@ use streamledger_core::contract::Registry;
 use streamledger_core::state::CommittedState;
 use streamledger_core::write_rules::CouchDbRules;
 use streamledger_kafka::{KafkaConfig, KafkaLog};
-use streamledger_ports::log::Log;
+use streamledger_ports::log::{ensure_topics, Log};
 use streamledger_ports::topics::Topics;
 use streamledger_stages::validator::PeerProgress;
 use streamledger_stages::{endorser, gateway, orderer, validator, Metrics, StageError};
@@ -54,9 +54,7 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
     let network = Arc::new(network);
     let topics = Topics::default_for(network.channel());
     let log: Arc<dyn Log> = KafkaLog::connect(config.kafka.clone()).await?;
-    for spec in topics.all() {
-        log.ensure_topic(spec).await?;
-    }
+    ensure_topics(log.as_ref(), &topics).await?;
     let prometheus = prometheus::Registry::new();
     let metrics = Metrics::new(&prometheus, network.channel()).map_err(|e| NodeError::Api(format!("metrics: {e}")))?;
     let signer = |owner: &str| keys.signer(owner).map_err(|e| NodeError::Network(e.to_string()));

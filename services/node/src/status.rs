@@ -468,14 +468,12 @@ mod tests {
     async fn follows_the_topics_of_a_real_log() {
         use streamledger_core::model::TxResult;
         use streamledger_embedded::log::EmbeddedLog;
-        use streamledger_ports::log::OutRecord;
+        use streamledger_ports::log::{ensure_topics, OutRecord};
 
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(dir.path()).unwrap();
         let topics = Topics::default_for("mychannel");
-        for spec in topics.all() {
-            log.ensure_topic(spec).await.unwrap();
-        }
+        ensure_topics(log.as_ref(), &topics).await.unwrap();
         let vb_topic = topics.name(names::VALIDATED_BLOCKS);
         let rj_topic = topics.name(names::REJECTIONS);
         // Something from before the start: not seen when starting from the end.

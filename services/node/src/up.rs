@@ -21,7 +21,7 @@ use streamledger_core::validation::TxValidationCode;
 use streamledger_core::write_rules::CouchDbRules;
 use streamledger_embedded::log::EmbeddedLog;
 use streamledger_embedded::store::EmbeddedStore;
-use streamledger_ports::log::Log;
+use streamledger_ports::log::{ensure_topics, Log};
 use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::Topics;
 use streamledger_stages::validator::PeerProgress;
@@ -225,10 +225,7 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
             streamledger_kafka::KafkaLog::connect(kafka.clone()).await?
         }
     };
-    // Creates what is missing; an existing topic is left as it is (`topics check` reports drift).
-    for spec in topics.all() {
-        log.ensure_topic(spec).await?;
-    }
+    ensure_topics(log.as_ref(), &topics).await?;
     let dyn_log = log.clone();
     let (shutdown_tx, shutdown) = watch::channel(false);
     let registry = Arc::new(Registry::builtin());

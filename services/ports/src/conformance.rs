@@ -1,6 +1,6 @@
 //! Support for tests (like the core's `fixtures`): checks every peer store must pass, whatever
-//! it stores on, so the embedded store and CouchDB are held to the same rules by the same code.
-//! Assertions panic, as tests expect.
+//! it stores on, so the embedded store and CouchDB are held to the same rules by the same code;
+//! and the same for the log adapters (embedded and Kafka). Assertions panic, as tests expect.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use std::sync::Arc;
 use streamledger_core::model::Version;
 use streamledger_core::state::{StateResult, TxLocation, VersionedValue, WriteBatch};
 
+use crate::log::{Log, OutRecord, Subscription};
 use crate::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 
 pub fn savepoint(block: i64) -> Savepoint {
@@ -202,5 +203,19 @@ pub fn agrees_with_the_reference(store: &dyn PeerStore, blocks: Vec<RandomBlock>
             assert_eq!(store.tx_location(&id).unwrap(), model.tx_location(&id).unwrap(), "{id}");
         }
         assert_eq!(store.savepoint().unwrap().map(|s| s.block), model.height());
+    }
+}
+
+/// Every call on a topic the log does not have fails naming the topic, and not as retryable
+/// (waiting will not create it).
+pub async fn missing_topics_are_named_and_not_retried(log: &dyn Log) {
+    for err in [
+        log.append("missing.topic", vec![OutRecord::to_partition(0, b"x")]).await.unwrap_err(),
+        log.end_offset("missing.topic", 0).await.unwrap_err(),
+        log.partition_count("missing.topic").await.unwrap_err(),
+        log.consumer(Subscription::group("g", "missing.topic")).await.err().unwrap(),
+    ] {
+        assert!(err.to_string().contains("missing.topic"), "{err}");
+        assert!(!err.retryable, "{err}");
     }
 }

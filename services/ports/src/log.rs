@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::topics::TopicSpec;
+use crate::topics::{TopicSpec, Topics};
 
 /// A record as read from a topic partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +125,15 @@ pub trait Consumer: Send {
     /// Records not yet read, per assigned partition: (topic, partition, end offset - position).
     /// What the consumer-lag metric and readiness are made of.
     fn lag(&self) -> Vec<(String, i32, i64)>;
+}
+
+/// Creates every topic of the channel that is missing; existing ones are left as they are
+/// (`topics check` reports drift).
+pub async fn ensure_topics(log: &dyn Log, topics: &Topics) -> LogResult<()> {
+    for spec in topics.all() {
+        log.ensure_topic(spec).await?;
+    }
+    Ok(())
 }
 
 /// Kafka's default partitioner for keyed records (`murmur2(key) & 0x7fffffff % partitions`), so

@@ -12,7 +12,7 @@ use streamledger_core::fixtures::{Fixture, Rw};
 use streamledger_core::write_rules::CouchDbRules;
 use streamledger_embedded::log::EmbeddedLog;
 use streamledger_embedded::store::EmbeddedStore;
-use streamledger_ports::log::{Log, OutRecord};
+use streamledger_ports::log::{ensure_topics, Log, OutRecord};
 use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::{names, Topics};
 use streamledger_stages::validator::{self, PeerProgress, ValidatorConfig};
@@ -29,9 +29,7 @@ fn bench(c: &mut Criterion) {
     let log: Arc<dyn Log> = EmbeddedLog::open(&dir.path().join("log")).unwrap();
     let blocks_topic = topics.name(names::BLOCKS).to_string();
     runtime.block_on(async {
-        for spec in topics.all() {
-            log.ensure_topic(spec).await.unwrap();
-        }
+        ensure_topics(log.as_ref(), &topics).await.unwrap();
         let mut previous = vec![0u8; 32]; // what block 0 links to
         for n in 0..BLOCKS {
             let txs: Vec<_> = (0..TXS_PER_BLOCK).map(|i| f.tx(Rw::new().write(&format!("k{n}-{i}"), "v").build())).collect();

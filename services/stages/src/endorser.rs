@@ -93,12 +93,12 @@ pub async fn run(
         counters.records_in.inc_by(records.len() as u64);
         let mut decoded = Vec::with_capacity(records.len());
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        let too_old = |record: &Record| config.skip_older_than.is_some_and(|age| now_ms - record.timestamp_ms > age.as_millis() as i64);
-        let expired = records.iter().filter(|r| too_old(r)).count();
-        if expired > 0 {
-            tracing::warn!(org = %org, expired, "skipped proposals older than {:?}: the gateway has already rejected them", config.skip_older_than.unwrap_or_default());
+        let (expired, fresh): (Vec<&Record>, Vec<&Record>) =
+            records.iter().partition(|r| config.skip_older_than.is_some_and(|age| now_ms - r.timestamp_ms > age.as_millis() as i64));
+        if !expired.is_empty() {
+            tracing::warn!(org = %org, expired = expired.len(), "skipped proposals older than {:?}: the gateway has already rejected them", config.skip_older_than.unwrap_or_default());
         }
-        for record in records.iter().filter(|r| !too_old(r)) {
+        for record in fresh {
             match codec::decode::<Proposal>(&record.value) {
                 Ok(p) => decoded.push(p),
                 Err(e) => dead.send(record, e.to_string()).await?,
@@ -190,6 +190,7 @@ mod tests {
     use streamledger_core::fixtures::Fixture;
     use streamledger_core::state::MemState;
     use streamledger_embedded::log::EmbeddedLog;
+    use streamledger_ports::log::ensure_topics;
 
     use super::*;
 
@@ -200,9 +201,7 @@ mod tests {
         let log = EmbeddedLog::open(dir.path()).unwrap();
         let f = Fixture::new();
         let topics = Topics::default_for(f.network.channel());
-        for spec in topics.all() {
-            log.ensure_topic(spec).await.unwrap();
-        }
+        ensure_topics(log.as_ref(), &topics).await.unwrap();
         let p = f.proposal("kv", "put", &["k", "v"]);
         log.append(topics.name(names::PROPOSALS), vec![OutRecord::keyed(p.tx_id.as_bytes(), codec::encode(&p).unwrap())]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -12,7 +12,7 @@ use streamledger_core::model::{Block, DeadLetter, Proposal, Rejection};
 use streamledger_core::network::Network;
 use streamledger_core::validation::TxValidationCode;
 use streamledger_core::write_rules::CouchDbRules;
-use streamledger_ports::log::{Log, OutRecord, Subscription};
+use streamledger_ports::log::{ensure_topics, Log, OutRecord, Subscription};
 use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::{names, Topics};
 use tokio::sync::watch;
@@ -65,9 +65,7 @@ impl TestNetwork {
         f.network = Network::new(config).expect("the test network is valid");
         let network = Arc::new(f.network.clone());
         let topics = Topics::default_for(network.channel());
-        for spec in topics.all() {
-            log.ensure_topic(spec).await.expect("topics are created");
-        }
+        ensure_topics(log.as_ref(), &topics).await.expect("topics are created");
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let registry = Arc::new(Registry::builtin());

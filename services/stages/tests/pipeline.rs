@@ -11,7 +11,7 @@ use streamledger_core::fixtures::Fixture;
 use streamledger_core::validation::{AnyWrite, TxValidationCode};
 use streamledger_embedded::log::EmbeddedLog;
 use streamledger_embedded::store::EmbeddedStore;
-use streamledger_ports::log::{Log, OutRecord};
+use streamledger_ports::log::{ensure_topics, Log, OutRecord};
 use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::{names, Topics};
 use streamledger_stages::testkit::{scenarios, Options, TestNetwork};
@@ -84,9 +84,7 @@ async fn a_read_only_replay_skips_garbage_but_stops_at_a_broken_chain_naming_the
     let f = Fixture::new();
     let topics = Topics::default_for(f.network.channel());
     let log: Arc<dyn Log> = EmbeddedLog::open(&dir.path().join("log")).unwrap();
-    for spec in topics.all() {
-        log.ensure_topic(spec).await.unwrap();
-    }
+    ensure_topics(log.as_ref(), &topics).await.unwrap();
     let tx = |k: &str| f.tx(Rw::new().write(k, "v").build());
     let b0 = f.block(0, &GENESIS_PREVIOUS_HASH, &[tx("a")]);
     let b1 = f.block(1, &block_header_hash(&b0.header), &[tx("b")]);

@@ -19,7 +19,7 @@ use streamledger_core::validation::TxValidationCode;
 use streamledger_core::write_rules::CouchDbRules;
 use streamledger_embedded::log::EmbeddedLog;
 use streamledger_embedded::store::EmbeddedStore;
-use streamledger_ports::log::{partition_for, Log, OutRecord, Record, Subscription};
+use streamledger_ports::log::{ensure_topics, partition_for, Log, OutRecord, Record, Subscription};
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 use streamledger_ports::topics::{names, Topics};
 use streamledger_stages::testkit::{scenarios, Options, TestNetwork};
@@ -210,9 +210,7 @@ async fn a_publisher_that_crashes_before_its_savepoint_republishes_and_the_fold_
     let f = Fixture::new();
     let topics = Topics::default_for(f.network.channel());
     let log: Arc<dyn Log> = EmbeddedLog::open(&dir.path().join("log")).unwrap();
-    for spec in topics.all() {
-        log.ensure_topic(spec).await.unwrap();
-    }
+    ensure_topics(log.as_ref(), &topics).await.unwrap();
     // Block 1 reads `a` at a stale version (MVCC_READ_CONFLICT, no write); block 2, the one the
     // crash hits, overwrites `a` and deletes `b`.
     let txs = [
