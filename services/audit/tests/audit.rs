@@ -105,7 +105,7 @@ async fn an_unsubmitted_transaction_in_a_signed_block_is_reported_and_peers_behi
     let last = tip(&r).await;
     // Signed by a real orderer key, linking, valid: only the proposals topic shows nobody sent it.
     let forged = r.net.f.tx(Rw::new().write("k", "v").build());
-    let block = r.net.f.block(last.header.number + 1, &block_header_hash(&last.header), &[forged.clone()]);
+    let block = r.net.f.block(last.header.number + 1, &block_header_hash(&last.header), std::slice::from_ref(&forged));
     append(&r, names::BLOCKS, &block).await;
     let report = check(&r, true).await;
     assert!(report.violations.contains(&Violation::Unsubmitted { tx_id: forged.proposal.tx_id.clone(), block: block.header.number, position: 0 }), "{:#?}", report.violations);
