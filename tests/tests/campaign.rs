@@ -322,7 +322,8 @@ async fn full_disk(rng: &mut StdRng, fig: &mut Figures) {
     std::fs::remove_file(&filler).unwrap();
     // The embedded log and store name the file in each: the OS's "No space left on device", or,
     // when a write failed before (redb then refuses the file), "an earlier disk error left FILE
-    // unusable; restart the process". One CI run saw only the second.
+    // unusable; restart the process". One CI run had no "No space left" line; its node log was not
+    // kept, so which message it did print is not known.
     up = recover(up, dir.path(), "full disk", &["No space left", "disk error"], &load, fig);
     pause(rng, 500, 1_500).await;
     let accepted = load.finish().await;
