@@ -567,13 +567,15 @@ impl Histogram {
         if self.count == 0 {
             return None;
         }
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        // One conversion for every field: `as_secs_f64() * 1e3` rounds differently from
+        // `micros / 1e3` (492248 µs gave a p99 of 492.2480000000001 above a max of 492.248).
+        let ms = |us: u128| us as f64 / 1e3;
         Some(LatencySummary {
             count: self.count,
-            p50_ms: ms(self.percentile(50.0)),
-            p95_ms: ms(self.percentile(95.0)),
-            p99_ms: ms(self.percentile(99.0)),
-            max_ms: self.max_us as f64 / 1e3,
+            p50_ms: ms(self.percentile(50.0).as_micros()),
+            p95_ms: ms(self.percentile(95.0).as_micros()),
+            p99_ms: ms(self.percentile(99.0).as_micros()),
+            max_ms: ms(u128::from(self.max_us)),
             mean_ms: self.sum_us as f64 / self.count as f64 / 1e3,
         })
     }
@@ -1895,6 +1897,15 @@ mod tests {
         assert!((s.p50_ms - 20.0).abs() < 0.05 && (s.p95_ms - 40.0).abs() < 0.1 && s.max_ms == 40.0, "{s:?}");
         assert!((s.mean_ms - 25.0).abs() < 1e-9);
         assert_eq!(Histogram::new().summary(), None, "no samples is not zero latency");
+    }
+
+    #[test]
+    fn summary_percentiles_never_exceed_the_maximum() {
+        // A CI run saw p95 = 492.2480000000001 over max = 492.248 from two float conversions.
+        for us in [492_248u64, 1_000_003, 123_456_789, 7, 99_999] {
+            let s = histogram([Duration::from_micros(us)]).summary().unwrap();
+            assert!(s.p50_ms <= s.p95_ms && s.p95_ms <= s.p99_ms && s.p99_ms <= s.max_ms, "{us} µs: {s:?}");
+        }
     }
 
     #[test]
