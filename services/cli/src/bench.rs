@@ -38,7 +38,8 @@ pub struct BenchArgs {
     #[arg(long, env = "STREAMLEDGER_BENCH_TXS")]
     pub txs: Option<u64>,
     /// embedded (the whole network in this process, on a fresh temporary data directory),
-    /// http://HOST:PORT (a running `streamledger up`, through its API; needs --network-dir), or
+    /// http://HOST:PORT or https://HOST:PORT (a running `streamledger up`, through its API; needs
+    /// --network-dir, and --cacert for https), or
     /// kafka (the cluster given by --kafka that the stages run on: proposals are produced to
     /// `<channel>.proposals` and verdicts read from the topics; needs --network-dir).
     #[arg(long, env = "STREAMLEDGER_BENCH_TARGET", default_value = "embedded")]
@@ -47,6 +48,9 @@ pub struct BenchArgs {
     /// `streamledger network init` wrote); its keys.toml signs the proposals.
     #[arg(long, env = "STREAMLEDGER_NETWORK_DIR")]
     pub network_dir: Option<PathBuf>,
+    /// HTTPS target: the CA its certificate must be signed by.
+    #[command(flatten)]
+    pub cacert: crate::clients::CaCertArg,
     /// Kafka target: the cluster, as for the stage commands.
     #[command(flatten)]
     pub kafka: crate::KafkaArgs,
@@ -138,6 +142,11 @@ impl BenchArgs {
 
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let config = args.to_config()?;
+    // The benchmark builds its API client from the URL alone, deep inside; it trusts what this
+    // process trusts.
+    if let Some(ca) = args.cacert.load().map_err(|e| BenchError::Config(e.to_string()))? {
+        streamledger_node::client::trust_in_process(ca);
+    }
     let report = bench::run(config).await?;
     if args.json {
         eprint!("{}", report.table());

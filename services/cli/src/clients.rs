@@ -5,20 +5,45 @@
 //! when the transaction is rejected, invalid or still pending, and when the API says no.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use streamledger_node::api::{BlockResponse, RangeQuery, RichQueryRequest, StateEntry, SubmitRequest, TxState, ValueEncoding, MAX_RANGE_LIMIT};
-use streamledger_node::client::{Client, ClientError};
+use streamledger_node::client::{Client, ClientError, TrustedCa};
+use streamledger_node::tls::TlsFileError;
 
 /// How often `blocks --follow` asks for the height.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Args)]
 pub struct ApiArgs {
-    /// The node's HTTP API.
+    /// The node's HTTP API (http:// or https://).
     #[arg(long, env = "STREAMLEDGER_API", default_value = "http://127.0.0.1:7050")]
     pub api: String,
+    #[command(flatten)]
+    pub cacert: CaCertArg,
+}
+
+impl ApiArgs {
+    fn client(&self) -> Result<Client, ClientCommandError> {
+        Ok(Client::with_ca(&self.api, self.cacert.load()?.as_ref())?)
+    }
+}
+
+/// The CA an https:// API's certificate must be signed by; shared with `bench`.
+#[derive(Debug, Clone, Args)]
+pub struct CaCertArg {
+    /// For an https:// API: trust the CA certificates in this PEM file (e.g. a private CA's),
+    /// and no others. Without it, no certificate is trusted.
+    #[arg(long, env = "STREAMLEDGER_CACERT")]
+    pub cacert: Option<PathBuf>,
+}
+
+impl CaCertArg {
+    pub fn load(&self) -> Result<Option<TrustedCa>, TlsFileError> {
+        self.cacert.as_deref().map(TrustedCa::load).transpose()
+    }
 }
 
 /// The three subcommands, to flatten into the binary's command enum.
@@ -96,6 +121,8 @@ pub struct BlocksArgs {
 pub enum ClientCommandError {
     #[error(transparent)]
     Api(#[from] ClientError),
+    #[error(transparent)]
+    Tls(#[from] TlsFileError),
     #[error("transaction {tx_id} was rejected by the {stage}: {reason}")]
     Rejected { tx_id: String, stage: String, reason: String },
     #[error("transaction {tx_id} is in block {block} but invalid: {code_name} (code {code})")]
@@ -134,7 +161,7 @@ pub async fn run_blocks(args: BlocksArgs) -> Result<(), ClientCommandError> {
 
 /// `submit`, printing to `out`.
 pub async fn submit(args: SubmitArgs, out: &mut impl Write) -> Result<(), ClientCommandError> {
-    let client = Client::new(&args.api.api)?;
+    let client = args.api.client()?;
     let request = SubmitRequest {
         contract: args.contract,
         function: args.function,
@@ -170,7 +197,7 @@ fn print_entry(out: &mut impl Write, entry: &StateEntry) -> std::io::Result<()> 
 
 /// `query`, printing to `out`.
 pub async fn query(args: QueryArgs, out: &mut impl Write) -> Result<(), ClientCommandError> {
-    let client = Client::new(&args.api.api)?;
+    let client = args.api.client()?;
     if let Some(key) = &args.key {
         let entry = client.get_state(&args.contract, key, args.peer.as_deref()).await?;
         print_entry(out, &entry)?;
@@ -246,7 +273,7 @@ pub async fn blocks(args: BlocksArgs, out: &mut impl Write) -> Result<(), Client
     if args.from < 0 {
         return Err(ClientCommandError::Usage(format!("--from {}: block numbers start at 0", args.from)));
     }
-    let client = Client::new(&args.api.api)?;
+    let client = args.api.client()?;
     let peer = args.peer.as_deref();
     let mut next = args.from;
     loop {
@@ -295,5 +322,19 @@ mod tests {
         assert!(err.to_string().contains("--start"), "{err}");
         let Ok(ClientCommand::Query(q)) = parse(&["query", "kv", "--start", "a", "--limit", "5"]) else { panic!("not a query") };
         assert_eq!((q.key, q.start.as_deref(), q.limit), (None, Some("a"), Some(5)));
+    }
+
+    #[tokio::test]
+    async fn a_bad_ca_file_is_named_before_anything_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.txt");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let missing = dir.path().join("missing.pem");
+        for (file, expected) in [(&not_pem, "no certificate in it"), (&missing, "No such file")] {
+            let file_arg = file.to_str().unwrap();
+            let Ok(ClientCommand::Query(q)) = parse(&["query", "kv", "k", "--api", "https://127.0.0.1:1", "--cacert", file_arg]) else { panic!("not a query") };
+            let err = query(q, &mut Vec::new()).await.unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{file_arg}: ")) && err.contains(expected), "{err}");
+        }
     }
 }

@@ -91,6 +91,31 @@ struct StageArgs {
     state: streamledger_node::up::StateBackend,
     #[command(flatten)]
     kafka: KafkaArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// HTTPS on the endpoints a command serves: both files, or neither for plain HTTP.
+#[derive(Debug, Clone, clap::Args)]
+struct TlsArgs {
+    /// Serve HTTPS only, with this certificate (PEM: the server's certificate first, then any
+    /// intermediates). Needs --tls-key.
+    #[arg(long, env = "STREAMLEDGER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1). Needs --tls-cert.
+    #[arg(long, env = "STREAMLEDGER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Read and checked before anything starts, so that a bad file stops the command at once.
+    fn load(&self) -> Result<Option<streamledger_node::tls::ServerTls>, CliError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(streamledger_node::tls::ServerTls::load(cert, key)?)),
+            // clap's `requires` refuses one without the other.
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -188,6 +213,8 @@ struct UpArgs {
     /// Run on a Kafka cluster (`--kafka BROKERS`) instead of the embedded log.
     #[command(flatten)]
     kafka: KafkaArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 impl UpArgs {
@@ -262,6 +289,8 @@ enum CliError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
+    #[error(transparent)]
+    Tls(#[from] streamledger_node::tls::TlsFileError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
@@ -351,6 +380,7 @@ async fn stage(kind: StageKind, args: StageArgs) -> Result<(), CliError> {
         kafka,
         listen: args.listen,
         state: args.state,
+        tls: args.tls.load()?,
     };
     streamledger_node::stage::run(config, stop_signal()).await?;
     Ok(())
@@ -387,7 +417,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 
 async fn up(args: UpArgs) -> Result<(), CliError> {
     use std::io::IsTerminal;
+    let tls = args.tls.load()?;
+    let scheme = streamledger_node::tls::scheme(tls.as_ref());
     let config = streamledger_node::up::UpConfig {
+        tls,
         state: args.state()?,
         kafka: args.kafka.config()?,
         client: args.client.clone(),
@@ -398,7 +431,7 @@ async fn up(args: UpArgs) -> Result<(), CliError> {
     };
     let node = streamledger_node::up::start(config).await?;
     // On stdout, one line, so that scripts and tests can find the API.
-    println!("streamledger up: data in {}, API on http://{}", args.data_dir.display(), node.api_addr);
+    println!("streamledger up: data in {}, API on {scheme}://{}", args.data_dir.display(), node.api_addr);
     node.run_until(stop_signal()).await?;
     Ok(())
 }
@@ -479,6 +512,19 @@ mod tests {
         let err = up_args(&["--state", "http://db:5984", "--couchdb-max-batch-update-size", "0"]).state().unwrap_err().to_string();
         assert!(err.contains("maxBatchUpdateSize"), "{err}");
         assert!(Cli::try_parse_from(["streamledger", "up", "--state", "ftp://x"]).is_err());
+    }
+
+    #[test]
+    fn tls_takes_both_files_or_neither_and_names_a_bad_one() {
+        for (args, missing) in [(["--tls-key", "k.pem"], "--tls-cert"), (["--tls-cert", "c.pem"], "--tls-key")] {
+            let up = Cli::try_parse_from(["streamledger", "up"].iter().chain(&args)).err().expect("refused").to_string();
+            assert!(up.contains(missing), "{up}");
+            let stage = Cli::try_parse_from(["streamledger", "gateway"].iter().chain(&args)).err().expect("refused").to_string();
+            assert!(stage.contains(missing), "{stage}");
+        }
+        assert!(up_args(&[]).tls.load().unwrap().is_none(), "no TLS without the flags");
+        let err = up_args(&["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"]).tls.load().unwrap_err().to_string();
+        assert!(err.starts_with("/nonexistent/cert.pem: "), "{err}");
     }
 }
 

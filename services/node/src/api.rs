@@ -43,6 +43,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::status::{Status, TxStatusTracker};
+use crate::tls::ServerTls;
 
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
@@ -452,28 +453,38 @@ pub async fn serve(
     ctx: Arc<ApiContext>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), ApiError> {
-    serve_router(addr, router(ctx), shutdown).await
+    serve_router(addr, router(ctx), None, shutdown).await
 }
 
 /// Serves any router the way [`serve`] does: the API, or the API merged with the operations
-/// endpoints, or those alone for a process without the API.
+/// endpoints, or those alone for a process without the API. With `tls`, HTTPS only.
 pub async fn serve_router(
     addr: SocketAddr,
     app: Router,
-    mut shutdown: watch::Receiver<bool>,
+    tls: Option<&ServerTls>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), ApiError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ApiError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| ApiError::Bind { addr, source })?;
-    tracing::info!(%bound, "HTTP API listening");
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                // `wait_for` fails only when the sender is gone, which also means shut down.
-                let _ = shutdown.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    tracing::info!(url = %format!("{}://{bound}", crate::tls::scheme(tls)), "HTTP API listening");
+    let task = match tls {
+        None => tokio::spawn(serve_until(listener, app, shutdown)),
+        Some(tls) => tokio::spawn(serve_until(tls.listener(listener), app, shutdown)),
+    };
     Ok((bound, task))
+}
+
+async fn serve_until<L>(listener: L, app: Router, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            // `wait_for` fails only when the sender is gone, which also means shut down.
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
 }
 
 /// A refusal or failure, answered as `{"error": message}`.

@@ -2,7 +2,12 @@
 //! request and response types of [`crate::api`].
 //!
 //! Errors name the method, the URL and, when the server answered, its status and error text.
+//!
+//! `https://` URLs are verified against the CA certificates given with [`TrustedCa`] only: there
+//! is no built-in root store, so a node with a private CA's certificate needs its CA file.
 
+use std::path::Path;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode, Url};
@@ -30,7 +35,7 @@ const QUOTE_LIMIT: usize = 500;
 pub enum ClientError {
     #[error("API address {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("{method} {url}: {source}")]
+    #[error("{method} {url}: {}{}", causes(source), untrusted_hint(source))]
     Transport { method: Method, url: String, source: reqwest::Error },
     #[error("{method} {url}: HTTP {status}: {message}")]
     Http { method: Method, url: String, status: StatusCode, message: String },
@@ -61,6 +66,59 @@ impl ClientError {
     }
 }
 
+/// reqwest's error and its causes, where a TLS failure says what it was ("invalid peer
+/// certificate: UnknownIssuer"); reqwest's own message is only "error sending request".
+fn causes(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // hyper and hyper-util repeat their cause in their own message at times.
+        if !text.ends_with(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn untrusted_hint(error: &reqwest::Error) -> &'static str {
+    let text = causes(error);
+    // rustls' words for a certificate no trusted CA signed (BadSignature: one of the same name).
+    if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        " (the server's certificate is not signed by a trusted CA: give its CA file, --cacert FILE)"
+    } else {
+        ""
+    }
+}
+
+/// The CA certificates (a PEM file of one or more) that `https://` servers' certificates must
+/// chain to.
+#[derive(Debug, Clone)]
+pub struct TrustedCa {
+    certs: Vec<reqwest::Certificate>,
+}
+
+impl TrustedCa {
+    /// Reads and checks the file; the error names it.
+    pub fn load(path: &Path) -> Result<Self, crate::tls::TlsFileError> {
+        let certs = crate::tls::load_certs(path)?
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der).map_err(|e| crate::tls::TlsFileError { path: path.to_path_buf(), message: e.to_string() }))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { certs })
+    }
+}
+
+/// What [`Client::new`] trusts: set once per process by [`trust_in_process`].
+static PROCESS_CA: OnceLock<TrustedCa> = OnceLock::new();
+
+/// Makes every later [`Client::new`] of this process trust `ca`, for code that builds its client
+/// from a URL alone (the benchmark's HTTP target). The first call wins; later ones are ignored.
+pub fn trust_in_process(ca: TrustedCa) {
+    let _ = PROCESS_CA.set(ca);
+}
+
 /// A client of one node's API.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -69,23 +127,27 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of the API at `base_url`, e.g. `http://127.0.0.1:7050`.
+    /// A client of the API at `base_url`, e.g. `http://127.0.0.1:7050` or `https://node:7050`;
+    /// `https://` trusts what [`trust_in_process`] was given, if anything.
     pub fn new(base_url: &str) -> Result<Self, ClientError> {
+        Self::with_ca(base_url, PROCESS_CA.get())
+    }
+
+    /// A client whose `https://` connections trust `ca` (and nothing else).
+    pub fn with_ca(base_url: &str, ca: Option<&TrustedCa>) -> Result<Self, ClientError> {
         let bad = |reason: String| ClientError::BadUrl { url: base_url.to_string(), reason };
         let base = Url::parse(base_url).map_err(|e| bad(e.to_string()))?;
-        match base.scheme() {
-            "http" => {}
-            // reqwest is built without TLS here: say so now rather than on the first request.
-            "https" => return Err(bad("https is not supported by this build; use http:// (behind a TLS proxy if needed)".into())),
-            other => return Err(bad(format!("scheme {other:?} is not http"))),
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(bad(format!("scheme {:?} is not http or https", base.scheme())));
         }
         if base.cannot_be_a_base() || base.host().is_none() {
             return Err(bad("not an http://host:port address".into()));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| bad(format!("cannot build the HTTP client: {e}")))?;
+        let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        for cert in ca.map(|ca| ca.certs.as_slice()).unwrap_or_default() {
+            builder = builder.add_root_certificate(cert.clone());
+        }
+        let http = builder.build().map_err(|e| bad(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self { base, http })
     }
 
@@ -246,10 +308,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_plain_http_base_urls_are_accepted() {
+    fn only_http_and_https_base_urls_are_accepted() {
+        assert!(Client::new("https://node:7050").is_ok());
         for (url, expected) in [
-            ("https://node:7050", "https is not supported"),
-            ("ftp://node", "not http"),
+            ("ftp://node", "not http or https"),
             ("127.0.0.1:7050", "API address"),
             ("http://", "API address"),
         ] {

@@ -5,6 +5,7 @@ pub mod api;
 pub mod client;
 pub mod ops;
 pub mod status;
+pub mod tls;
 pub mod bench;
 pub mod replay;
 pub mod stage;

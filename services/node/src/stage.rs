@@ -46,6 +46,8 @@ pub struct StageConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub listen: SocketAddr,
     pub state: StateBackend,
+    /// Serve those endpoints over HTTPS only, with this certificate and key.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Runs the stage until `stop` resolves or the stage fails.
@@ -102,7 +104,7 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
     }
 
     let ops = crate::ops::router(prometheus, metrics);
-    let (addr, serving) = api::serve_router(config.listen, ops, shutdown.clone()).await.map_err(|e| NodeError::Api(e.to_string()))?;
+    let (addr, serving) = api::serve_router(config.listen, ops, config.tls.as_ref(), shutdown.clone()).await.map_err(|e| NodeError::Api(e.to_string()))?;
     tasks.spawn(async move {
         let result = match serving.await {
             Ok(Ok(())) => Ok(()),
@@ -112,6 +114,6 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
         ("metrics endpoint".to_string(), result)
     });
     // On stdout, one line, so that scripts and tests can find the endpoints.
-    println!("streamledger {:?}: metrics on http://{addr}/metrics", config.kind);
+    println!("streamledger {:?}: metrics on {}://{addr}/metrics", config.kind, crate::tls::scheme(config.tls.as_ref()));
     crate::up::supervise(tasks, shutdown_tx, stop).await
 }

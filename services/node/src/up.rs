@@ -75,6 +75,8 @@ pub struct UpConfig {
     /// not a loopback address: every client that can reach the API is then trusted to submit as
     /// the node. Off by default; on loopback the endpoint is always served.
     pub allow_node_signing: bool,
+    /// Serve the API over HTTPS only, with this certificate and key; `None`: plain HTTP.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl UpConfig {
@@ -91,6 +93,7 @@ impl UpConfig {
             kafka: None,
             publish_changes: None,
             allow_node_signing: false,
+            tls: None,
         }
     }
 }
@@ -127,7 +130,7 @@ pub struct Peer {
 }
 
 /// Opens a peer's store on the chosen backend (embedded: `<data_dir>/peers/<peer>.redb`).
-pub(crate) async fn open_store(state: &StateBackend, data_dir: &Path, network: &Network, peer: &str) -> Result<Arc<dyn PeerStore>, NodeError> {
+pub async fn open_store(state: &StateBackend, data_dir: &Path, network: &Network, peer: &str) -> Result<Arc<dyn PeerStore>, NodeError> {
     match state {
         StateBackend::Embedded => {
             let path = data_dir.join("peers").join(format!("{peer}.redb"));
@@ -330,7 +333,7 @@ async fn start_api(
         tracing::warn!(http = %config.http, "--allow-node-signing: any client that reaches the API can submit as {}", ctx.client.identity().org);
     }
     let app = api::router(Arc::new(ctx.with_node_signing(node_signing))).merge(ops);
-    let (addr, serving) = api::serve_router(config.http, app, shutdown).await.map_err(|e| NodeError::Api(e.to_string()))?;
+    let (addr, serving) = api::serve_router(config.http, app, config.tls.as_ref(), shutdown).await.map_err(|e| NodeError::Api(e.to_string()))?;
     tasks.spawn(async move {
         let result = match serving.await {
             Ok(Ok(())) => Ok(()),

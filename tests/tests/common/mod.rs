@@ -66,7 +66,7 @@ pub fn args(list: &[&str]) -> Vec<String> {
 pub struct Up {
     child: Option<Child>,
     pub pid: u32,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://` when started with `--tls-cert`.
     pub api: String,
     pub client: Client,
     pub data_dir: PathBuf,
@@ -107,11 +107,13 @@ impl Up {
             Ok(line) => line,
             Err(e) => panic!("streamledger up (pid {pid}) printed no API line within {START_TIMEOUT:?} ({e}); exited: {:?}", up.try_exit()),
         };
-        let expected_start = format!("streamledger up: data in {}, API on http://", up.data_dir.display());
+        let expected_start = format!("streamledger up: data in {}, API on ", up.data_dir.display());
         assert!(line.starts_with(&expected_start), "unexpected first line of up: {line:?}");
-        let addr = &line[expected_start.len()..];
+        let url = &line[expected_start.len()..];
+        let addr = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")).unwrap_or_else(|| panic!("no http(s):// URL in {line:?}"));
         assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "the API should listen on a real port of 127.0.0.1: {line:?}");
-        up.api = format!("http://{addr}");
+        up.api = url.to_string();
+        // Over https this client trusts no CA: a TLS test makes its own with `Client::with_ca`.
         up.client = Client::new(&up.api).expect("API client");
         eprintln!("[up] pid {pid} serving {} on {}", up.data_dir.display(), up.api);
         up
@@ -141,22 +143,7 @@ impl Up {
 
     /// SIGTERM (a graceful stop), and wait for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
-        let started = Instant::now();
-        let sent = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status().expect("run kill -TERM");
-        assert!(sent.success(), "kill -TERM {} failed: {sent}", self.pid);
-        let mut child = self.child.take().expect("the node is running");
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                eprintln!("[up] pid {} stopped by SIGTERM in {:?}: {status}", self.pid, started.elapsed());
-                return status;
-            }
-            if started.elapsed() > STOP_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("streamledger up (pid {}) did not exit within {STOP_TIMEOUT:?} of SIGTERM", self.pid);
-            }
-            std::thread::sleep(POLL);
-        }
+        terminate("up", self.child.take().expect("the node is running"))
     }
 
     /// The lines of the node's log that mention `needle`, each prefixed with the start it is from
@@ -186,6 +173,26 @@ impl Drop for Up {
         if std::thread::panicking() {
             print_tail(&self.log, LOG_TAIL_LINES);
         }
+    }
+}
+
+/// SIGTERM `child` (a graceful stop) and wait for its exit; after STOP_TIMEOUT it is killed and
+/// the test fails. `name` is what the test's output calls it.
+pub fn terminate(name: &str, mut child: Child) -> ExitStatus {
+    let (pid, started) = (child.id(), Instant::now());
+    let sent = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("run kill -TERM");
+    assert!(sent.success(), "kill -TERM {pid} failed: {sent}");
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            eprintln!("[{name}] pid {pid} stopped by SIGTERM in {:?}: {status}", started.elapsed());
+            return status;
+        }
+        if started.elapsed() > STOP_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} (pid {pid}) did not exit within {STOP_TIMEOUT:?} of SIGTERM");
+        }
+        std::thread::sleep(POLL);
     }
 }
 

@@ -103,7 +103,8 @@ impl StageNet {
         if let Some(rx) = stage.first_line.take() {
             let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{name} printed no metrics line: {e}"));
             let url = line.rsplit(' ').next().unwrap_or_default();
-            assert!(url.starts_with("http://127.0.0.1:") && url.ends_with("/metrics"), "{name}: unexpected first line {line:?}");
+            let local = url.starts_with("http://127.0.0.1:") || url.starts_with("https://127.0.0.1:");
+            assert!(local && url.ends_with("/metrics"), "{name}: unexpected first line {line:?}");
             stage.metrics = Some(url.to_string());
         }
         stage.metrics.clone().expect("read above")
@@ -117,6 +118,12 @@ impl StageNet {
         let status = child.wait().expect("wait");
         assert_eq!(status.signal(), Some(9), "{name} should have died of SIGKILL: {status}");
         eprintln!("[{name}] SIGKILLed");
+    }
+
+    /// SIGTERM (a graceful stop), and wait for the exit.
+    pub fn terminate(&mut self, name: &str) -> std::process::ExitStatus {
+        let child = self.stages.get_mut(name).and_then(|s| s.child.take()).unwrap_or_else(|| panic!("{name} is not running"));
+        terminate(name, child)
     }
 
     /// A `transfer` proposal signed by Org1's client, with a nonce (hence a tx id) of its own.

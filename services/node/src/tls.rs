@@ -1,0 +1,237 @@
+//! Optional TLS on the HTTP endpoints this project serves (the `up` API, the stages' `/metrics`,
+//! `/healthz` and `/readyz`), and the loading of the CA certificates the API client trusts.
+//!
+//! rustls on the ring provider: rustls' default provider, aws-lc-rs, needs cmake to build. Only
+//! the server is authenticated: clients are not asked for certificates (no mutual TLS).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+/// How long a client may take over its handshake before its connection is dropped: a client that
+/// connects and sends nothing must not keep a task and a socket forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A certificate, key or CA file that cannot be used, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {message}", path.display())]
+pub struct TlsFileError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+fn file_error(path: &Path, message: impl Into<String>) -> TlsFileError {
+    TlsFileError { path: path.to_path_buf(), message: message.into() }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    std::fs::read(path).map_err(|e| file_error(path, e.to_string()))
+}
+
+/// `https` with TLS, else `http`: for the lines and logs that name an endpoint.
+pub fn scheme(tls: Option<&ServerTls>) -> &'static str {
+    if tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// Every certificate of a PEM file (a chain, or a bundle of CAs), each checked to be a
+/// well-formed X.509 certificate now: rustls would only find a broken one at the first handshake.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+    let bytes = read(path)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(path, format!("not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no certificate in it (expected PEM: -----BEGIN CERTIFICATE-----)"));
+    }
+    for (i, cert) in certs.iter().enumerate() {
+        // Parsing it as a trust anchor is the cheapest full parse rustls offers.
+        rustls::RootCertStore::empty()
+            .add(cert.clone())
+            .map_err(|e| file_error(path, format!("certificate {} of {} is not valid: {e}", i + 1, certs.len())))?;
+    }
+    Ok(certs)
+}
+
+/// The server side of TLS: a certificate chain and its private key.
+#[derive(Clone)]
+pub struct ServerTls {
+    config: Arc<rustls::ServerConfig>,
+    cert: PathBuf,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").field("cert", &self.cert).finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// `cert`: PEM, the server's certificate first, then any intermediates. `key`: its private
+    /// key in PEM (PKCS#8, PKCS#1 or SEC1). Errors name the file at fault, including a key that
+    /// does not belong to the certificate.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsFileError> {
+        let certs = load_certs(cert)?;
+        let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => {
+                file_error(key, "no private key in it (expected PEM: -----BEGIN PRIVATE KEY-----, or an RSA or EC one)")
+            }
+            e => file_error(key, format!("not a PEM private key: {e}")),
+        })?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| file_error(cert, format!("TLS setup: {e}")))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key_der)
+            .map_err(|e| file_error(key, format!("cannot serve {} with this key: {e}", cert.display())))?;
+        Ok(Self { config: Arc::new(config), cert: cert.to_path_buf() })
+    }
+
+    /// Wraps a bound listener: what it accepts is TLS only.
+    pub(crate) fn listener(&self, tcp: TcpListener) -> TlsListener {
+        TlsListener { tcp, acceptor: TlsAcceptor::from(self.config.clone()), handshakes: JoinSet::new() }
+    }
+}
+
+/// A listener for `axum::serve` that hands over only connections whose TLS handshake succeeded.
+/// Each handshake runs in a task of its own, so a slow or silent client holds up no other; one
+/// that fails (plain HTTP on this port, a client that does not trust the certificate) is logged
+/// and dropped, and the server goes on. Dropping the listener (on shutdown) aborts the
+/// handshakes in flight.
+pub(crate) struct TlsListener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
+}
+
+async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) -> Option<(TlsStream<TcpStream>, SocketAddr)> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some((tls, peer)),
+        // debug, not warn: any client that can connect could otherwise fill the log.
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed; connection dropped");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out; connection dropped");
+            None
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            // Both branches are cancel-safe, as axum needs (it drops this future on shutdown).
+            tokio::select! {
+                // axum's own accept for TCP: it retries on errors, pausing when out of sockets.
+                (tcp, peer) = axum::serve::Listener::accept(&mut self.tcp) => {
+                    self.handshakes.spawn(handshake(self.acceptor.clone(), tcp, peer));
+                }
+                Some(done) = self.handshakes.join_next() => {
+                    if let Ok(Some(connection)) = done {
+                        return connection;
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// The process tests' certificate maker, so that both make certificates the same way.
+#[cfg(test)]
+#[path = "../../../tests/tests/common/pki.rs"]
+mod test_pki;
+
+#[cfg(test)]
+mod tests {
+    use super::test_pki::{self as pki, write_pki};
+    use super::*;
+
+    fn error_of<T: std::fmt::Debug>(result: Result<T, TlsFileError>) -> String {
+        result.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_files_are_named_with_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki::Pki { ca, cert, key } = write_pki(dir.path(), "server");
+        assert!(ServerTls::load(&cert, &key).is_ok());
+        assert_eq!(load_certs(&ca).unwrap().len(), 1);
+
+        let missing = dir.path().join("missing.pem");
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "just some text\n").unwrap();
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n").unwrap();
+        let other_key = dir.path().join("other.key");
+        std::fs::write(&other_key, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+
+        for (what, err, file, expected) in [
+            ("missing certificate", error_of(ServerTls::load(&missing, &key)), &missing, "No such file"),
+            ("missing key", error_of(ServerTls::load(&cert, &missing)), &missing, "No such file"),
+            ("certificate not PEM", error_of(ServerTls::load(&not_pem, &key)), &not_pem, "no certificate in it"),
+            ("key not PEM", error_of(ServerTls::load(&cert, &not_pem)), &not_pem, "no private key in it"),
+            // A certificate file given as the key, and a key file given as the certificate.
+            ("certificate as key", error_of(ServerTls::load(&cert, &cert)), &cert, "no private key in it"),
+            ("key as certificate", error_of(ServerTls::load(&key, &key)), &key, "no certificate in it"),
+            ("broken certificate", error_of(ServerTls::load(&broken, &key)), &broken, "certificate 1 of 1 is not valid"),
+            ("key of another certificate", error_of(ServerTls::load(&cert, &other_key)), &other_key, "cannot serve"),
+            ("CA not PEM", error_of(load_certs(&not_pem)), &not_pem, "no certificate in it"),
+        ] {
+            assert!(err.starts_with(&format!("{}: ", file.display())) && err.contains(expected), "{what}: {err}");
+        }
+    }
+
+    /// Over HTTPS through [`crate::api::serve_router`]: a client trusting the CA is served; plain
+    /// HTTP and a client trusting nothing fail their handshake and the server goes on; shutdown
+    /// ends the server.
+    #[tokio::test]
+    async fn serves_https_survives_failed_handshakes_and_shuts_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = write_pki(dir.path(), "server");
+        let tls = ServerTls::load(&pki.cert, &pki.key).unwrap();
+        let app = axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), shutdown).await.unwrap();
+
+        let mut trusting = reqwest::Client::builder();
+        for der in load_certs(&pki.ca).unwrap() {
+            trusting = trusting.add_root_certificate(reqwest::Certificate::from_der(&der).unwrap());
+        }
+        let trusting = trusting.build().unwrap();
+        let https = format!("https://localhost:{}/ping", addr.port());
+        let ping = || async { trusting.get(&https).send().await.unwrap().text().await.unwrap() };
+        assert_eq!(ping().await, "pong");
+
+        let plain = reqwest::get(format!("http://{addr}/ping")).await;
+        assert!(plain.is_err(), "plain HTTP on the TLS port: {plain:?}");
+        let untrusting = reqwest::Client::new().get(&https).send().await.unwrap_err();
+        assert!(format!("{:?}", untrusting).contains("UnknownIssuer"), "{untrusting:?}");
+        // A client that connects and says nothing holds up no one.
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ping().await, "pong", "still serving");
+
+        stop.send(true).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    }
+}

@@ -1,0 +1,125 @@
+//! HTTPS (`--tls-cert`, `--tls-key`) on `streamledger up`'s API and on a stage process's
+//! operations endpoints, with a CA and a server certificate made here: the CLI over https with
+//! `--cacert`; plain HTTP and clients that do not trust the CA refused while the server goes on;
+//! a graceful stop.
+
+mod common;
+
+#[path = "../../services/kafka/tests/common/mod.rs"]
+mod kafka;
+
+#[path = "common/stagenet.rs"]
+mod stagenet;
+
+#[path = "common/pki.rs"]
+mod pki;
+
+use std::path::Path;
+
+use common::*;
+use streamledger_node::client::{Client, TrustedCa};
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 temp path")
+}
+
+/// A reqwest client that trusts only the CA in `ca`, for endpoints the typed client does not cover.
+fn trusting(ca: &Path) -> reqwest::Client {
+    let pem = std::fs::read(ca).unwrap();
+    let mut builder = reqwest::Client::builder();
+    for cert in reqwest::Certificate::from_pem_bundle(&pem).unwrap() {
+        builder = builder.add_root_certificate(cert);
+    }
+    builder.build().unwrap()
+}
+
+/// `up` over HTTPS: the CLI submits and queries with `--cacert`; plain HTTP to the TLS port, a
+/// CLI without `--cacert` and one trusting another CA all fail, and the node keeps serving; a
+/// benchmark runs over https; SIGTERM stops the node cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_https_only_and_only_to_clients_that_trust_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = pki::write_pki(dir.path(), "server");
+    let stranger = pki::write_pki(dir.path(), "stranger");
+    let mut up = Up::start_with(dir.path(), &["--tls-cert", path(&server.cert), "--tls-key", path(&server.key)]);
+    assert!(up.api.starts_with("https://127.0.0.1:"), "the startup line names https: {}", up.api);
+    let api = up.api.clone();
+    let (ca, other_ca) = (path(&server.ca), path(&stranger.ca));
+    bounded("up over https", 120, async {
+        // (a) The CLI, trusting the CA.
+        let run = cli(Some(&api), &["submit", "transfer", "create", "alice", "100", "--cacert", ca]).await;
+        run.assert_success();
+        let (tx_id, verdict) = parse_submit(&run);
+        assert_eq!(verdict.expect("submit waits for the verdict").0, "VALID", "{run:?}");
+        let run = cli(Some(&api), &["query", "transfer", "alice", "--cacert", ca]).await;
+        run.assert_success();
+        assert_eq!(parse_query(&run)["balance"], 100, "{run:?}");
+        // The typed client too, and the CA from the environment as from the flag.
+        let client = Client::with_ca(&api, Some(&TrustedCa::load(&server.ca).unwrap())).unwrap();
+        assert!(client.tx_status(&tx_id).await.unwrap().is_valid());
+        let mut blocks = tokio::process::Command::new(binary());
+        blocks.args(["blocks"]).env("STREAMLEDGER_API", &api).env("STREAMLEDGER_CACERT", ca).kill_on_drop(true);
+        let out = blocks.output().await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.contains(&tx_id), "blocks with STREAMLEDGER_CACERT: {out:?}");
+
+        // (b) Plain HTTP on the TLS port: no answer, and the node goes on.
+        let plain = reqwest::get(format!("{}/v1/status", api.replacen("https://", "http://", 1))).await;
+        eprintln!("tls: plain http to the TLS port -> {plain:?}");
+        assert!(plain.is_err(), "plain HTTP must not be served: {plain:?}");
+        up.assert_running("a plain HTTP request");
+
+        // (c) Clients that do not trust the CA: refused, naming the certificate problem.
+        let run = cli(Some(&api), &["query", "transfer", "alice"]).await;
+        run.assert_failure();
+        eprintln!("tls: no --cacert -> {}", run.stderr.trim());
+        assert!(run.stderr.contains("UnknownIssuer") && run.stderr.contains("--cacert"), "{run:?}");
+        let run = cli(Some(&api), &["submit", "transfer", "create", "mallory", "1", "--cacert", other_ca]).await;
+        run.assert_failure();
+        assert!(run.stderr.contains("UnknownIssuer"), "{run:?}");
+        let status = trusting(&server.ca).get(format!("{api}/v1/status")).send().await.expect("still serving after refused handshakes");
+        assert_eq!(status.status(), 200);
+        // Nothing the refused clients sent reached the ledger.
+        let err = client.get_state("transfer", "mallory", None).await.unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+
+        // The benchmark's HTTP target over https.
+        let net = up.data_dir.join("network");
+        let bench = ["bench", "--target", &api, "--network-dir", path(&net), "--workload", "kv", "--txs", "20", "--json", "--no-progress"];
+        let run = cli(None, &[&bench[..], &["--cacert", ca]].concat()).await;
+        run.assert_success();
+        let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {run:?}"));
+        assert_eq!((report["submitted"].as_u64(), report["valid"].as_u64()), (Some(20), Some(20)), "{run:?}");
+        let untrusting = cli(None, &bench).await;
+        untrusting.assert_failure();
+        assert!(untrusting.stderr.contains("UnknownIssuer"), "{untrusting:?}");
+    })
+    .await;
+    let status = up.terminate();
+    assert!(status.success(), "a graceful stop with TLS: {status}");
+}
+
+/// A stage process with `--tls-cert`: `/metrics` and `/healthz` over https to a client trusting
+/// the CA, not over plain HTTP; SIGTERM stops it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_serves_its_operations_endpoints_over_https() {
+    let mut net = stagenet::StageNet::start("").await;
+    let server = pki::write_pki(net.dir.path(), "server");
+    net.spawn("gw", &["gateway", "--tls-cert", path(&server.cert), "--tls-key", path(&server.key)]);
+    let metrics = net.metrics_url("gw");
+    assert!(metrics.starts_with("https://127.0.0.1:"), "the startup line names https: {metrics}");
+    let http = trusting(&server.ca);
+    bounded("a stage over https", 60, async {
+        let res = http.get(&metrics).send().await.expect("GET /metrics over https");
+        assert_eq!(res.status(), 200);
+        let text = res.text().await.unwrap();
+        assert!(text.contains("streamledger_"), "not the stage's metrics: {}", &text[..text.len().min(300)]);
+        let plain = reqwest::get(metrics.replacen("https://", "http://", 1)).await;
+        assert!(plain.is_err(), "plain HTTP must not be served: {plain:?}");
+        let health = http.get(metrics.replace("/metrics", "/healthz")).send().await.expect("GET /healthz after a refused handshake");
+        assert_eq!(health.status(), 200);
+    })
+    .await;
+    let status = net.terminate("gw");
+    assert!(status.success(), "a graceful stop with TLS: {status}");
+}
