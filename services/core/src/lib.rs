@@ -17,6 +17,7 @@ pub mod model;
 pub mod network;
 pub mod policy;
 pub mod publish;
+pub mod recent;
 pub mod simulation;
 pub mod state;
 pub mod validation;

@@ -593,14 +593,48 @@ pub struct LatencySummary {
 
 /// Peak resident memory of this process (`VmHWM`), on Linux.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    parse_vm_hwm(&status)
+    proc_status_bytes("VmHWM:")
 }
 
-fn parse_vm_hwm(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+/// Resident memory of this process now (`VmRSS`), on Linux.
+pub fn current_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmRSS:")
+}
+
+fn proc_status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_status_kb(&status, field)
+}
+
+fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.trim_start_matches(field).trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Resident memory sampled once a minute through the measured round: the flatness goal
+/// compares minute 1 with minute 5 of a sustained run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryTrend {
+    /// `by_minute_mib[i]` is the resident memory at the end of minute `i + 1`.
+    pub by_minute_mib: Vec<f64>,
+    /// Growth from minute 1 to the last sample (minute 5 when the round lasted five minutes),
+    /// as a fraction: 0.1 is +10%. `None` with fewer than two samples.
+    pub growth_from_minute_1: Option<f64>,
+}
+
+impl MemoryTrend {
+    fn from_samples(bytes: &[u64]) -> Option<Self> {
+        if bytes.is_empty() {
+            return None;
+        }
+        let by_minute_mib: Vec<f64> = bytes.iter().map(|b| *b as f64 / (1024.0 * 1024.0)).collect();
+        let growth_from_minute_1 = match by_minute_mib.as_slice() {
+            [first, .., last] if *first > 0.0 => Some(last / first - 1.0),
+            _ => None,
+        };
+        Some(Self { by_minute_mib, growth_from_minute_1 })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -885,6 +919,8 @@ pub struct BenchReport {
     pub mean_block_txs: f64,
     /// `None` for a remote target: its memory is not this process's.
     pub peak_rss_bytes: Option<u64>,
+    /// `None` for a remote target, or a round shorter than a minute.
+    pub memory_by_minute: Option<MemoryTrend>,
     pub crypto: CryptoReport,
 }
 
@@ -964,6 +1000,14 @@ impl BenchReport {
             Some(b) => writeln!(t, "peak RSS: {:.1} MiB (the whole process: network and client)", b as f64 / (1024.0 * 1024.0))?,
             None => writeln!(t, "peak RSS: n/a (remote target)")?,
         }
+        if let Some(m) = &self.memory_by_minute {
+            let mib: Vec<String> = m.by_minute_mib.iter().map(|v| format!("{v:.0}")).collect();
+            write!(t, "resident memory at the end of each minute: {} MiB", mib.join(", "))?;
+            match m.growth_from_minute_1 {
+                Some(g) => writeln!(t, " (minute {} vs minute 1: {:+.1}%)", m.by_minute_mib.len(), g * 100.0)?,
+                None => writeln!(t)?,
+            }
+        }
         let c = &self.crypto;
         let k = &c.calibration;
         writeln!(t)?;
@@ -1035,6 +1079,8 @@ struct RoundResult {
     submit_latency: Histogram,
     commit_latency: Histogram,
     blocks: HashMap<i64, usize>,
+    /// This process's resident memory at the end of each minute of the round.
+    rss_by_minute: Vec<u64>,
 }
 
 impl RoundResult {
@@ -1199,6 +1245,9 @@ async fn drive(h: &mut Harness, next: &mut dyn FnMut() -> Option<Op>, plan: &Pla
             while let Ok(event) = h.events.try_recv() {
                 handle(event, &mut r, &mut outstanding)?;
             }
+        }
+        if start.elapsed() >= Duration::from_secs(60 * (r.rss_by_minute.len() as u64 + 1)) {
+            r.rss_by_minute.extend(current_rss_bytes());
         }
         if last_draw.elapsed() >= Duration::from_millis(100) {
             last_draw = Instant::now();
@@ -1619,9 +1668,10 @@ async fn run_embedded(config: &BenchConfig, calibration: Calibration) -> Result<
 
     tasks.stop().await;
     let stopped = node_task.await.map_err(|e| BenchError::Failed(format!("the embedded network task failed: {e}")))?;
-    let mut report = result?;
+    let (mut report, rss_by_minute) = result?;
     stopped?;
     report.peak_rss_bytes = peak_rss_bytes();
+    report.memory_by_minute = MemoryTrend::from_samples(&rss_by_minute);
     drop(dir);
     Ok(report)
 }
@@ -1683,7 +1733,8 @@ async fn run_http(config: &BenchConfig, url: &str, calibration: Calibration) -> 
     let validators = status.peers.len();
     let harness = Harness { submit, events, events_tx, http: Some(client), signer, channel: network.channel().to_string() };
     let prepared = Prepared { harness, network, endorsers, validators, via_api: true };
-    let result = rounds(config, prepared, calibration, url.to_string()).await;
+    // The remote target's memory is not this process's: the samples are dropped.
+    let result = rounds(config, prepared, calibration, url.to_string()).await.map(|(report, _)| report);
     let _ = stop_tx.send(true);
     let _ = follower.await;
     submitter.abort();
@@ -1716,13 +1767,14 @@ async fn run_kafka(config: &BenchConfig, calibration: Calibration) -> Result<Ben
     let (harness, tasks) = log_harness(log, &topics, peer, signer, network.channel().to_string()).await?;
     let peers = orgs_with_peers(&network);
     let prepared = Prepared { harness, network, endorsers: peers, validators: peers, via_api: false };
-    let result = rounds(config, prepared, calibration, format!("kafka {brokers}")).await;
+    let result = rounds(config, prepared, calibration, format!("kafka {brokers}")).await.map(|(report, _)| report);
     tasks.stop().await;
     result
 }
 
-/// The setup round, then the measured round, then the report.
-async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibration, target: String) -> Result<BenchReport, BenchError> {
+/// The setup round, then the measured round, then the report and this process's resident memory
+/// at the end of each minute of the measured round.
+async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibration, target: String) -> Result<(BenchReport, Vec<u64>), BenchError> {
     let Prepared { mut harness, network, endorsers, validators, via_api } = prepared;
     let w = &config.workload;
     let contract = w.kind.contract();
@@ -1776,7 +1828,7 @@ async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibrati
     let ratio = |tps: f64| if ceiling_tps > 0.0 { tps / ceiling_tps } else { 0.0 };
     let batch = &network.config().batch;
     let smallbank = w.kind == WorkloadKind::Smallbank;
-    Ok(BenchReport {
+    let report = BenchReport {
         workload: w.kind,
         accounts: w.kind.needs_accounts().then_some(w.accounts),
         hot_ratio: w.kind.needs_accounts().then_some(w.hot_ratio),
@@ -1820,6 +1872,7 @@ async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibrati
         blocks,
         mean_block_txs,
         peak_rss_bytes: None,
+        memory_by_minute: None,
         crypto: CryptoReport {
             calibration,
             shape,
@@ -1828,7 +1881,8 @@ async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibrati
             committed_ratio: ratio(committed_tps),
             valid_ratio: ratio(valid_tps),
         },
-    })
+    };
+    Ok((report, r.rss_by_minute))
 }
 
 #[cfg(test)]
@@ -1909,14 +1963,28 @@ mod tests {
     }
 
     #[test]
-    fn vm_hwm_is_read_in_bytes() {
+    fn proc_status_memory_is_read_in_bytes() {
         let status = "Name:\tstreamledger\nVmPeak:\t  200 kB\nVmHWM:\t   123456 kB\nVmRSS:\t 1000 kB\n";
-        assert_eq!(parse_vm_hwm(status), Some(123_456 * 1024));
-        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+        assert_eq!(parse_status_kb(status, "VmHWM:"), Some(123_456 * 1024));
+        assert_eq!(parse_status_kb(status, "VmRSS:"), Some(1000 * 1024));
+        assert_eq!(parse_status_kb("Name: x\n", "VmHWM:"), None);
         // This process, on Linux.
         if cfg!(target_os = "linux") {
             assert!(peak_rss_bytes().unwrap() > 0);
+            assert!(current_rss_bytes().unwrap() > 0);
         }
+    }
+
+    #[test]
+    fn memory_trend_compares_the_last_minute_with_the_first() {
+        const MIB: u64 = 1024 * 1024;
+        let m = MemoryTrend::from_samples(&[400 * MIB, 420 * MIB, 430 * MIB, 440 * MIB, 460 * MIB]).unwrap();
+        assert_eq!(m.by_minute_mib, vec![400.0, 420.0, 430.0, 440.0, 460.0]);
+        assert!((m.growth_from_minute_1.unwrap() - 0.15).abs() < 1e-12, "{m:?}");
+        let shrinking = MemoryTrend::from_samples(&[200 * MIB, 100 * MIB]).unwrap();
+        assert!((shrinking.growth_from_minute_1.unwrap() + 0.5).abs() < 1e-12);
+        assert_eq!(MemoryTrend::from_samples(&[MIB]).unwrap().growth_from_minute_1, None, "one sample is no trend");
+        assert_eq!(MemoryTrend::from_samples(&[]), None, "a round under a minute has no samples");
     }
 
     fn generator(kind: WorkloadKind, accounts: usize, hot_ratio: f64, hot_accounts: usize) -> Generator {
@@ -2035,7 +2103,8 @@ mod tests {
         assert_eq!("embedded".parse::<Target>(), Ok(Target::Embedded));
         assert_eq!("kafka".parse::<Target>(), Ok(Target::Kafka));
         assert_eq!("http://127.0.0.1:7050/".parse::<Target>(), Ok(Target::Http("http://127.0.0.1:7050".into())));
-        assert!("https://x:1".parse::<Target>().unwrap_err().contains("https is not supported"));
+        assert_eq!("https://x:1/".parse::<Target>(), Ok(Target::Http("https://x:1".into())), "TLS is the client's business");
+        assert!("http://".parse::<Target>().is_err(), "a URL without a host");
         assert!("fabric".parse::<Target>().unwrap_err().contains("expected embedded, kafka or http://HOST:PORT"));
         assert_eq!("smallbank".parse::<WorkloadKind>(), Ok(WorkloadKind::Smallbank));
         assert!("ycsb".parse::<WorkloadKind>().unwrap_err().contains("transfer, smallbank or kv"));

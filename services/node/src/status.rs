@@ -11,13 +11,14 @@
 //! wait on the returned [`Waiter`] after: a verdict that arrives between the append and the wait
 //! would otherwise be missed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use streamledger_core::codec;
 use streamledger_core::model::{Rejection, ValidatedBlock};
+use streamledger_core::recent::RecentMap;
 use streamledger_core::validation::TxValidationCode;
 use streamledger_ports::log::{Consumer, Log, LogError, Record, Subscription};
 use streamledger_ports::topics::{names, Topics};
@@ -70,9 +71,7 @@ pub enum StartFrom {
 }
 
 struct State {
-    statuses: HashMap<String, Status>,
-    /// Insertion order of `statuses`' keys, to forget the oldest first.
-    order: VecDeque<String>,
+    statuses: RecentMap<Status>,
     waiters: HashMap<String, Vec<(u64, oneshot::Sender<Status>)>>,
     next_waiter: u64,
     /// The consumer task has ended: nothing new will be recorded, so new waits end at once.
@@ -80,7 +79,6 @@ struct State {
 }
 
 struct Shared {
-    capacity: usize,
     state: Mutex<State>,
 }
 
@@ -100,7 +98,7 @@ pub struct TxStatusTracker {
 
 impl std::fmt::Debug for TxStatusTracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TxStatusTracker").field("capacity", &self.shared.capacity).field("known", &self.len()).finish()
+        f.debug_struct("TxStatusTracker").field("capacity", &self.shared.lock().statuses.capacity()).field("known", &self.len()).finish()
     }
 }
 
@@ -114,13 +112,12 @@ impl TxStatusTracker {
     /// An empty tracker remembering at most `capacity` outcomes. Feed it with [`Self::start`].
     pub fn new(capacity: usize) -> Self {
         let state = State {
-            statuses: HashMap::new(),
-            order: VecDeque::new(),
+            statuses: RecentMap::new(capacity),
             waiters: HashMap::new(),
             next_waiter: 0,
             stopped: false,
         };
-        Self { shared: Arc::new(Shared { capacity: capacity.max(1), state: Mutex::new(state) }) }
+        Self { shared: Arc::new(Shared { state: Mutex::new(state) }) }
     }
 
     /// The outcome known for `tx_id`, if any.
@@ -182,20 +179,11 @@ impl TxStatusTracker {
         if matches!(known, Some(Status::Committed { .. })) {
             return;
         }
-        let is_new = known.is_none();
         for (_, waiter) in st.waiters.remove(tx_id).unwrap_or_default() {
             // A waiter that gave up has dropped its receiver: nothing to do for it.
             let _ = waiter.send(status.clone());
         }
-        st.statuses.insert(tx_id.to_string(), status);
-        if is_new {
-            st.order.push_back(tx_id.to_string());
-            while st.order.len() > self.shared.capacity {
-                if let Some(old) = st.order.pop_front() {
-                    st.statuses.remove(&old);
-                }
-            }
-        }
+        st.statuses.insert(tx_id, status);
     }
 
     /// Starts following `peer`'s verdicts and the rejections, from `from`, until `shutdown` turns

@@ -13,7 +13,7 @@
 //! topping up an account, say) is a new attempt, as in Fabric, where only the chain's tx ids are
 //! spent.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use streamledger_core::crypto;
 use streamledger_core::model::{EndorsementResult, OrderedTx, Proposal, Rejection};
 use streamledger_core::network::Network;
 use streamledger_core::policy::SignerRef;
+use streamledger_core::recent::RecentMap;
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_ports::topics::{names, Topics};
 
@@ -82,8 +83,7 @@ enum Resolution {
 struct Gateway {
     config: GatewayConfig,
     pending: HashMap<String, Pending>,
-    resolved: HashMap<String, Resolution>,
-    resolved_order: VecDeque<String>,
+    resolved: RecentMap<Resolution>,
     held: BTreeMap<(Arc<str>, i32), BTreeMap<i64, u32>>,
     seen: HashMap<(Arc<str>, i32), i64>,
 }
@@ -91,24 +91,16 @@ struct Gateway {
 impl Gateway {
     fn new(config: GatewayConfig) -> Self {
         Self {
+            resolved: RecentMap::new(config.remember_resolved),
             config,
             pending: HashMap::new(),
-            resolved: HashMap::new(),
-            resolved_order: VecDeque::new(),
             held: BTreeMap::new(),
             seen: HashMap::new(),
         }
     }
 
-    fn remember(&mut self, tx_id: String, how: Resolution) {
-        if self.resolved.insert(tx_id.clone(), how).is_none() {
-            self.resolved_order.push_back(tx_id);
-            while self.resolved_order.len() > self.config.remember_resolved {
-                if let Some(old) = self.resolved_order.pop_front() {
-                    self.resolved.remove(&old);
-                }
-            }
-        }
+    fn remember(&mut self, tx_id: &str, how: Resolution) {
+        self.resolved.insert(tx_id, how);
     }
 
     fn hold(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {
@@ -136,7 +128,7 @@ impl Gateway {
             Outcome::Ordered(_) => Resolution::Ordered,
             Outcome::Rejected(_) => Resolution::Rejected,
         };
-        self.remember(tx_id.to_string(), how);
+        self.remember(tx_id, how);
         outcome
     }
 
@@ -306,7 +298,7 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
     let mut gateway = Gateway::new(config);
     let remembered = remember_tail(&log, &ordered_topic, &rejections_topic, gateway.config.remember_resolved).await?;
     for (id, how) in remembered {
-        gateway.remember(id, how);
+        gateway.remember(&id, how);
     }
     let mut consumer = log
         .consumer(Subscription::Group { group: gateway.config.group.clone(), topics: vec![proposals.clone(), results] })
