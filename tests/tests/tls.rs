@@ -17,7 +17,6 @@ mod pki;
 use std::path::Path;
 
 use common::*;
-use streamledger_node::client::{Client, TrustedCa};
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 temp path")
@@ -41,7 +40,7 @@ async fn up_serves_https_only_and_only_to_clients_that_trust_its_ca() {
     let dir = tempfile::tempdir().unwrap();
     let server = pki::write_pki(dir.path(), "server");
     let stranger = pki::write_pki(dir.path(), "stranger");
-    let mut up = Up::start_with(dir.path(), &["--tls-cert", path(&server.cert), "--tls-key", path(&server.key)]);
+    let mut up = Up::start_with_ca(dir.path(), &["--tls-cert", path(&server.cert), "--tls-key", path(&server.key)], Some(&server.ca));
     assert!(up.api.starts_with("https://127.0.0.1:"), "the startup line names https: {}", up.api);
     let api = up.api.clone();
     let (ca, other_ca) = (path(&server.ca), path(&stranger.ca));
@@ -55,7 +54,7 @@ async fn up_serves_https_only_and_only_to_clients_that_trust_its_ca() {
         run.assert_success();
         assert_eq!(parse_query(&run)["balance"], 100, "{run:?}");
         // The typed client too, and the CA from the environment as from the flag.
-        let client = Client::with_ca(&api, Some(&TrustedCa::load(&server.ca).unwrap())).unwrap();
+        let client = up.client.clone();
         assert!(client.tx_status(&tx_id).await.unwrap().is_valid());
         let mut blocks = tokio::process::Command::new(binary());
         blocks.args(["blocks"]).env("STREAMLEDGER_API", &api).env("STREAMLEDGER_CACERT", ca).kill_on_drop(true);
@@ -69,14 +68,18 @@ async fn up_serves_https_only_and_only_to_clients_that_trust_its_ca() {
         assert!(plain.is_err(), "plain HTTP must not be served: {plain:?}");
         up.assert_running("a plain HTTP request");
 
-        // (c) Clients that do not trust the CA: refused, naming the certificate problem.
+        // (c) Clients that do not trust the CA: a CLI without --cacert is told to give one; a
+        // CLI and a client trusting another CA fail their handshake, and the node goes on.
         let run = cli(Some(&api), &["query", "transfer", "alice"]).await;
         run.assert_failure();
         eprintln!("tls: no --cacert -> {}", run.stderr.trim());
-        assert!(run.stderr.contains("UnknownIssuer") && run.stderr.contains("--cacert"), "{run:?}");
+        assert!(run.stderr.contains("--cacert FILE"), "{run:?}");
         let run = cli(Some(&api), &["submit", "transfer", "create", "mallory", "1", "--cacert", other_ca]).await;
         run.assert_failure();
-        assert!(run.stderr.contains("UnknownIssuer"), "{run:?}");
+        eprintln!("tls: another CA -> {}", run.stderr.trim());
+        assert!(run.stderr.contains("UnknownIssuer") && run.stderr.contains("--cacert"), "{run:?}");
+        let refused = trusting(&stranger.ca).get(format!("{api}/v1/status")).send().await;
+        assert!(refused.is_err(), "a client trusting another CA: {refused:?}");
         let status = trusting(&server.ca).get(format!("{api}/v1/status")).send().await.expect("still serving after refused handshakes");
         assert_eq!(status.status(), 200);
         // Nothing the refused clients sent reached the ledger.
@@ -90,7 +93,7 @@ async fn up_serves_https_only_and_only_to_clients_that_trust_its_ca() {
         run.assert_success();
         let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {run:?}"));
         assert_eq!((report["submitted"].as_u64(), report["valid"].as_u64()), (Some(20), Some(20)), "{run:?}");
-        let untrusting = cli(None, &bench).await;
+        let untrusting = cli(None, &[&bench[..], &["--cacert", other_ca]].concat()).await;
         untrusting.assert_failure();
         assert!(untrusting.stderr.contains("UnknownIssuer"), "{untrusting:?}");
     })

@@ -159,7 +159,7 @@ impl axum::serve::Listener for TlsListener {
 /// The process tests' certificate maker, so that both make certificates the same way.
 #[cfg(test)]
 #[path = "../../../tests/tests/common/pki.rs"]
-mod test_pki;
+pub(crate) mod test_pki;
 
 #[cfg(test)]
 mod tests {

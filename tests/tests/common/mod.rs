@@ -14,7 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use streamledger_node::api::{BlockResponse, StateEntry, SubmitRequest, TxState, TxStatusResponse};
-use streamledger_node::client::{Client, ClientError};
+use streamledger_node::client::{Client, ClientError, TrustedCa};
 
 /// How long `up` may take to print its API line.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -82,6 +82,11 @@ impl Up {
 
     /// [`Up::start`] with more flags for `up` (e.g. `--state URL`).
     pub fn start_with(dir: &Path, extra: &[&str]) -> Up {
+        Up::start_with_ca(dir, extra, None)
+    }
+
+    /// [`Up::start_with`], with `client` trusting the CA in `ca` (for `--tls-cert`).
+    pub fn start_with_ca(dir: &Path, extra: &[&str], ca: Option<&Path>) -> Up {
         let data_dir = dir.join("data");
         let log = dir.join("up.log");
         let mut log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open the node's log file");
@@ -113,8 +118,8 @@ impl Up {
         let addr = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")).unwrap_or_else(|| panic!("no http(s):// URL in {line:?}"));
         assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "the API should listen on a real port of 127.0.0.1: {line:?}");
         up.api = url.to_string();
-        // Over https this client trusts no CA: a TLS test makes its own with `Client::with_ca`.
-        up.client = Client::new(&up.api).expect("API client");
+        let ca = ca.map(|ca| TrustedCa::load(ca).expect("the test CA"));
+        up.client = Client::with_ca(&up.api, ca.as_ref()).expect("API client");
         eprintln!("[up] pid {pid} serving {} on {}", up.data_dir.display(), up.api);
         up
     }
