@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args};
-use streamledger_node::bench::{self, BenchConfig, BenchError, Mode, Stop, WorkloadConfig, WorkloadKind};
+use streamledger_node::bench::{self, BenchConfig, BenchError, Mode, Stop, Target, WorkloadConfig, WorkloadKind};
 
 /// The backlog when neither `--rate` nor `--backlog` is given: two blocks' worth at the default
 /// MaxMessageCount (500), so the orderer always has a full block waiting.
@@ -42,9 +42,8 @@ pub struct BenchArgs {
     /// --network-dir, and --cacert for https), or
     /// kafka (the cluster given by --kafka that the stages run on: proposals are produced to
     /// `<channel>.proposals` and verdicts read from the topics; needs --network-dir).
-    /// (Parsed after --cacert is read: an https:// target's client is made as it is parsed.)
     #[arg(long, env = "STREAMLEDGER_BENCH_TARGET", default_value = "embedded")]
-    pub target: String,
+    pub target: Target,
     /// HTTP and Kafka targets: the network's directory (the node's DATA/network, or the one
     /// `streamledger network init` wrote); its keys.toml signs the proposals.
     #[arg(long, env = "STREAMLEDGER_NETWORK_DIR")]
@@ -126,7 +125,7 @@ impl BenchArgs {
             },
             mode,
             stop,
-            target: self.target.parse().map_err(|e| BenchError::Config(format!("--target {}: {e}", self.target)))?,
+            target: self.target.clone(),
             network_dir: self.network_dir.clone(),
             kafka: self.kafka.config().map_err(|e| BenchError::Config(e.to_string()))?,
             data_dir: self.data_dir.clone(),
@@ -142,12 +141,12 @@ impl BenchArgs {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
-    // The benchmark makes its API client from the URL alone (when the target is parsed, and
-    // again deep inside), trusting what this process trusts: so the CA comes first.
+    let config = args.to_config()?;
+    // The benchmark makes its API client from the URL alone, deep inside; it trusts what this
+    // process trusts.
     if let Some(ca) = args.cacert.load().map_err(|e| BenchError::Config(e.to_string()))? {
         streamledger_node::client::trust_in_process(ca);
     }
-    let config = args.to_config()?;
     let report = bench::run(config).await?;
     if args.json {
         eprint!("{}", report.table());
@@ -161,7 +160,6 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
-    use streamledger_node::bench::Target;
 
     use super::*;
 
@@ -221,10 +219,8 @@ mod tests {
     fn bad_values_are_named() {
         let err = parse(&["--workload", "ycsb"]).err().unwrap().to_string();
         assert!(err.contains("transfer, smallbank or kv"), "{err}");
-        let err = parse(&["--target", "tcp://x"]).unwrap().to_config().unwrap_err().to_string();
-        assert!(err.contains("--target tcp://x") && err.contains("embedded, kafka or http://HOST:PORT"), "{err}");
-        let err = parse(&["--target", "https://node:7050"]).unwrap().to_config().unwrap_err().to_string();
-        assert!(err.contains("--cacert FILE"), "{err}");
+        let err = parse(&["--target", "tcp://x"]).err().unwrap().to_string();
+        assert!(err.contains("embedded, kafka or http://HOST:PORT"), "{err}");
         let err = parse(&["--duration=-1"]).unwrap().to_config().unwrap_err().to_string();
         assert!(err.contains("--duration"), "{err}");
     }
