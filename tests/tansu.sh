@@ -3,10 +3,25 @@
 # (no Docker, no JVM). See DESIGN.md, "What this machine has".
 #
 #   bash tests/tansu.sh install                  build tansu once into $HOME/.cache/streamledger/tansu
-#   bash tests/tansu.sh start PORT DATADIR [PID] start a broker on 127.0.0.1:PORT storing in DATADIR;
-#                                                with PID, the broker is stopped when that process exits
+#   bash tests/tansu.sh start PORT DATADIR [PID] [--authentication] [--advertised-port PORT2]
+#                                                start a broker on 127.0.0.1:PORT storing in DATADIR;
+#                                                with PID, the broker is stopped when that process exits;
+#                                                --authentication: clients must authenticate with SASL;
+#                                                --advertised-port: advertise 127.0.0.1:PORT2 in metadata
+#                                                (a TLS front that forwards to PORT listens there)
+#   bash tests/tansu.sh user PORT NAME PASSWORD [scram256|scram512]
+#                                                create a SCRAM user through the broker on PORT (one
+#                                                started without --authentication: tansu's user command
+#                                                cannot authenticate); users live in DATADIR's sqlite file
 #   bash tests/tansu.sh stop DATADIR             stop the broker started in DATADIR
 #   bash tests/tansu.sh path                     print the binary's path (fails when not installed)
+#
+# What tansu 0.6.0 offers for security, read from its source and tried: SASL with --authentication
+# (SCRAM-SHA-256 and SCRAM-SHA-512, checked against the users created above; not PLAIN: its SASL
+# library is built without it, and a PLAIN handshake is refused), and no TLS: `--cert` and `--key`
+# are in one clap group, so giving both is refused ("the argument '--cert <CERT>' cannot be used
+# with '--key <KEY>'"), and the broker never uses the TLS acceptor it would build. The TLS tests
+# put a TLS front before it (services/kafka/tests/common/secure.rs).
 #
 # Storage is sqlite (the libsql engine): the memory engine loses acknowledged records and gives
 # consumer groups no assignment. tansu 0.6.0 does not create topics on first use; create them
@@ -47,8 +62,17 @@ cmd_install() {
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 cmd_start() {
-    local port="${1:-}" dir="${2:-}" owner="${3:-}"
-    [ -n "$port" ] && [ -n "$dir" ] || die "usage: tansu.sh start PORT DATADIR [OWNER_PID]"
+    local positional=() authentication=() advertised=""
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --authentication) authentication=(--authentication); shift ;;
+            --advertised-port) advertised="${2:-}"; [ -n "$advertised" ] || die "--advertised-port needs a port"; shift 2 ;;
+            *) positional+=("$1"); shift ;;
+        esac
+    done
+    local port="${positional[0]:-}" dir="${positional[1]:-}" owner="${positional[2]:-}"
+    [ -n "$port" ] && [ -n "$dir" ] || die "usage: tansu.sh start PORT DATADIR [OWNER_PID] [--authentication] [--advertised-port PORT2]"
+    advertised="${advertised:-$port}"
     installed || die "tansu $VERSION is not installed: run \`bash tests/tansu.sh install\` first"
     mkdir -p "$dir"
     dir="$(cd "$dir" && pwd)"
@@ -66,8 +90,9 @@ cmd_start() {
         cd "$dir"
         exec "$BIN" broker \
             --listener-url "tcp://127.0.0.1:$port" \
-            --advertised-listener-url "tcp://127.0.0.1:$port" \
+            --advertised-listener-url "tcp://127.0.0.1:$advertised" \
             --storage-engine "sqlite://tansu.db" \
+            ${authentication[@]+"${authentication[@]}"} \
             </dev/null >>"$dir/tansu.log" 2>&1
     ) &
     local pid=$!
@@ -99,6 +124,14 @@ cmd_start() {
     echo "tansu $VERSION on 127.0.0.1:$port (pid $pid, data $dir)"
 }
 
+cmd_user() {
+    local port="${1:-}" name="${2:-}" password="${3:-}" mechanism="${4:-scram512}"
+    [ -n "$port" ] && [ -n "$name" ] && [ -n "$password" ] || die "usage: tansu.sh user PORT NAME PASSWORD [scram256|scram512]"
+    installed || die "tansu $VERSION is not installed: run \`bash tests/tansu.sh install\` first"
+    "$BIN" user create --broker "tcp://127.0.0.1:$port" --mechanism "$mechanism" "$name" "$password" \
+        || die "could not create user $name ($mechanism) through the broker on 127.0.0.1:$port"
+}
+
 cmd_stop() {
     local dir="${1:-}"
     [ -n "$dir" ] || die "usage: tansu.sh stop DATADIR"
@@ -121,7 +154,8 @@ cmd_stop() {
 case "${1:-}" in
     install) cmd_install ;;
     start) shift; cmd_start "$@" ;;
+    user) shift; cmd_user "$@" ;;
     stop) shift; cmd_stop "$@" ;;
     path) installed || die "tansu $VERSION is not installed: run \`bash tests/tansu.sh install\`"; echo "$BIN" ;;
-    *) die "usage: tansu.sh install | start PORT DATADIR [OWNER_PID] | stop DATADIR | path" ;;
+    *) die "usage: tansu.sh install | start PORT DATADIR [OWNER_PID] [--authentication] [--advertised-port PORT2] | user PORT NAME PASSWORD [MECHANISM] | stop DATADIR | path" ;;
 esac

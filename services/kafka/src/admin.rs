@@ -2,14 +2,15 @@
 //! `ensure_topic`, `partition_count`, `end_offset` and [`crate::topics`] are made of.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use streamledger_ports::log::{LogError, LogResult};
 use streamledger_ports::topics::TopicSpec;
 
@@ -82,6 +83,93 @@ pub(crate) fn fit_to_cluster(spec: &TopicSpec, brokers: i32) -> (i32, BTreeMap<S
     (replication, configs, notes)
 }
 
+/// The context of the client [`KafkaAdmin::connect`] checks the cluster with. When librdkafka
+/// cannot talk to a broker because a TLS handshake failed or SASL authentication was refused, it
+/// says so only through the error callback, run for events on the client's main queue, while the
+/// metadata request just fails with "broker transport failure". rdkafka's admin client never
+/// polls that queue; a producer's `poll` does, and this context keeps what it reports.
+#[derive(Default)]
+struct ConnectContext {
+    last_error: Mutex<Option<(Option<RDKafkaErrorCode>, String)>>,
+}
+
+impl ClientContext for ConnectContext {
+    /// librdkafka also logs each failed connection attempt (facility FAIL), one or two lines per
+    /// attempt, all at once when `check_cluster` polls: those go to debug, since the error it
+    /// returns carries the one that says most. Everything else is logged as rdkafka's default
+    /// context does.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if fac == "FAIL" {
+            tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}");
+        } else {
+            DefaultClientContext.log(level, fac, log_message);
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka retries a failed connection within milliseconds and each failure comes here:
+        // debug only, check_cluster's error carries the one kept below.
+        tracing::debug!("librdkafka: {error}: {reason}");
+        let code = error.rdkafka_error_code();
+        let mut last = self.last_error.lock().unwrap_or_else(PoisonError::into_inner);
+        // Keeps the error that says most: a failed TLS handshake or SASL authentication alternates
+        // with transport errors saying less ("certificate verify failed", as a broken connection),
+        // and "1/1 brokers are down" follows the error that says why.
+        let rank = |code: Option<RDKafkaErrorCode>| match code {
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL) => 2,
+            Some(RDKafkaErrorCode::AllBrokersDown) => 0,
+            _ => 1,
+        };
+        if last.as_ref().is_none_or(|(held, _)| rank(code) >= rank(*held)) {
+            *last = Some((code, reason.to_string()));
+        }
+    }
+}
+
+impl ProducerContext for ConnectContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+/// How many brokers the cluster named by `config` has, asked by a short-lived producer client
+/// that sends nothing (see [`ConnectContext`]). On failure the error names `bootstrap` and, when
+/// librdkafka said why (a TLS or SASL failure), gives its reason and is not retryable: the same
+/// certificate or password fails the same way again.
+fn check_cluster(config: ClientConfig, bootstrap: &str) -> LogResult<i32> {
+    let what = format!("fetch cluster metadata from {bootstrap}");
+    let producer: BaseProducer<ConnectContext> =
+        config.create_with_context(ConnectContext::default()).map_err(|e| log_error(format!("create kafka client for {bootstrap}"), &e))?;
+    let metadata = producer.client().fetch_metadata(None, REQUEST_TIMEOUT);
+    match metadata {
+        Ok(metadata) => Ok(metadata.brokers().len() as i32),
+        Err(e) => {
+            // Runs the error callback for the events queued meanwhile.
+            producer.poll(Duration::from_millis(200));
+            let mut err = log_error(what, &e);
+            let last = producer.context().last_error.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            if let Some((code, reason)) = last {
+                err.message = format!("{}; last broker error: {reason}", err.message);
+                if matches!(code, Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)) {
+                    err.retryable = false;
+                }
+            }
+            Err(err)
+        }
+    }
+}
+
+/// librdkafka refuses a missing or unreadable file with, for example, "ssl.ca.location failed:
+/// error:05880020:x509 certificate routines::BIO lib", without the file's name: add the value of
+/// each `*.location` property the message names.
+fn name_files(mut err: LogError, config: &KafkaConfig) -> LogError {
+    for (key, value) in config.librdkafka_properties() {
+        if key.ends_with(".location") && err.message.contains(key) {
+            err.message = format!("{} ({key}={value})", err.message);
+        }
+    }
+    err
+}
+
 /// An admin client for the cluster. Cheap to share (`Arc`).
 pub struct KafkaAdmin {
     client: Arc<AdminClient<DefaultClientContext>>,
@@ -92,16 +180,19 @@ pub struct KafkaAdmin {
 
 impl KafkaAdmin {
     /// Creates the admin client and checks that the cluster answers (a retryable error naming
-    /// `bootstrap.servers` when it does not).
+    /// `bootstrap.servers` when it does not; one that also says why, and is not retryable, when
+    /// TLS or SASL failed: see [`check_cluster`]).
     pub async fn connect(config: &KafkaConfig) -> LogResult<Self> {
         config.validate().map_err(|e| LogError::new("kafka config", e, false))?;
         let bootstrap = config.bootstrap_servers().unwrap_or_default().to_string();
         let client: AdminClient<DefaultClientContext> = client_config(config, CLIENT_DEFAULTS, &[])
             .create()
-            .map_err(|e| log_error("create kafka admin client", &e))?;
+            .map_err(|e| name_files(log_error(format!("create kafka admin client for {bootstrap}"), &e), config))?;
         let infinite_retention = config.infinite_retention_ms().to_string();
+        let check = client_config(config, CLIENT_DEFAULTS, &[]);
+        let (b, what) = (bootstrap.clone(), format!("check the kafka cluster at {bootstrap}"));
+        let brokers = tokio::task::spawn_blocking(move || check_cluster(check, &b)).await.map_err(|e| task_failed(what, e))??;
         let admin = Self { client: Arc::new(client), bootstrap, infinite_retention };
-        let brokers = admin.broker_count().await?;
         tracing::info!(bootstrap = %admin.bootstrap, brokers, "connected to kafka");
         Ok(admin)
     }

@@ -117,7 +117,7 @@ async fn offsets_are_contiguous_per_partition_and_end_offsets_follow() {
             tokio::spawn(async move {
                 let mut placed = Vec::new();
                 for b in 0..10u8 {
-                    placed.extend(log.append(&t, vec![OutRecord::to_partition(1, &[w, b, 0]), OutRecord::to_partition(1, &[w, b, 1])]).await.unwrap());
+                    placed.extend(log.append(&t, vec![OutRecord::to_partition(1, [w, b, 0]), OutRecord::to_partition(1, [w, b, 1])]).await.unwrap());
                 }
                 placed
             })
@@ -176,7 +176,7 @@ async fn a_group_commits_and_a_new_member_resumes_after_the_commit() {
     let log = broker.log().await;
     let t = topic(&log, 2).await;
     let g = unique("g");
-    log.append(&t, (0..5).map(|i| OutRecord::to_partition(0, &[i])).chain((0..3).map(|i| OutRecord::to_partition(1, &[i]))).collect()).await.unwrap();
+    log.append(&t, (0..5).map(|i| OutRecord::to_partition(0, [i])).chain((0..3).map(|i| OutRecord::to_partition(1, [i]))).collect()).await.unwrap();
     let mut c = log.consumer(Subscription::group(&g, &t)).await.unwrap();
     assert_eq!(read_n(&mut c, 8, Duration::from_secs(30)).await.len(), 8);
     assert_eq!(c.assignment(), vec![(t.clone(), 0), (t.clone(), 1)]);
@@ -222,7 +222,7 @@ async fn two_members_of_one_group_split_four_partitions() {
     assert!(early.is_empty());
     let owned: BTreeSet<(String, i32)> = a.assignment().into_iter().chain(b.assignment()).collect();
     assert_eq!(owned.len(), 4, "disjoint and covering: {:?} / {:?}", a.assignment(), b.assignment());
-    log.append(&t, (0..4).flat_map(|p| (0..5u8).map(move |i| OutRecord::to_partition(p, &[p as u8, i]))).collect()).await.unwrap();
+    log.append(&t, (0..4).flat_map(|p| (0..5u8).map(move |i| OutRecord::to_partition(p, [p as u8, i]))).collect()).await.unwrap();
     let mut seen: BTreeMap<(i32, i64), usize> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while seen.len() < 20 {
@@ -242,7 +242,7 @@ async fn assign_from_an_offset_end_offset_and_lag() {
     let broker = Broker::start();
     let log = broker.log().await;
     let t = topic(&log, 1).await;
-    log.append(&t, (0..10u8).map(|i| OutRecord::to_partition(0, &[i])).collect()).await.unwrap();
+    log.append(&t, (0..10u8).map(|i| OutRecord::to_partition(0, [i])).collect()).await.unwrap();
     assert_eq!(log.end_offset(&t, 0).await.unwrap(), 10);
     let mut c = log.consumer(Subscription::assign(&t, 0, 3)).await.unwrap();
     assert_eq!(c.assignment(), vec![(t.clone(), 0)]);
@@ -368,7 +368,7 @@ async fn acknowledged_records_and_group_offsets_survive_a_broker_kill_9() {
         let records = (0..10).map(|i| OutRecord::keyed(format!("tx-{batch}-{i}"), vec![batch, i])).collect();
         placed.extend(log.append(&proposals, records).await.unwrap());
     }
-    log.append(&blocks, (0..5u8).map(|i| OutRecord::to_partition(0, &[i])).collect()).await.unwrap();
+    log.append(&blocks, (0..5u8).map(|i| OutRecord::to_partition(0, [i])).collect()).await.unwrap();
     {
         let mut c = log.consumer(Subscription::group(&g, &blocks)).await.unwrap();
         let got = read_n(&mut c, 5, Duration::from_secs(30)).await;
@@ -381,7 +381,7 @@ async fn acknowledged_records_and_group_offsets_survive_a_broker_kill_9() {
     let plain = KafkaLog::connect(streamledger_kafka::KafkaConfig::bootstrap(&broker.bootstrap())).await.unwrap();
     let wiped = unique("minus-one");
     plain.ensure_topic(&spec(&wiped, 1)).await.unwrap();
-    plain.append(&wiped, (0..3u8).map(|i| OutRecord::to_partition(0, &[i])).collect()).await.unwrap();
+    plain.append(&wiped, (0..3u8).map(|i| OutRecord::to_partition(0, [i])).collect()).await.unwrap();
 
     broker.kill9();
     broker.restart();

@@ -39,6 +39,9 @@ pub fn init_tracing() {
 pub struct Broker {
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Extra `tests/tansu.sh start` flags (`--authentication`, `--advertised-port P`), kept for
+    /// restarts; none for a plain broker.
+    flags: Vec<String>,
 }
 
 impl Broker {
@@ -54,7 +57,7 @@ impl Broker {
         );
         let dir = tempfile::tempdir().expect("temp dir for tansu");
         let port = free_port();
-        let broker = Broker { port, dir };
+        let broker = Broker { port, dir, flags: Vec::new() };
         broker.run_start();
         broker
     }
@@ -65,6 +68,7 @@ impl Broker {
             .args(["start", &self.port.to_string()])
             .arg(self.dir.path())
             .arg(std::process::id().to_string())
+            .args(&self.flags)
             .output()
             .expect("run bash tests/tansu.sh start");
         assert!(
@@ -117,6 +121,30 @@ impl Broker {
     /// Starts the broker again on the same port and sqlite file.
     pub fn restart(&self) {
         self.run_start();
+    }
+
+    /// Stops the broker and starts it again on the same port and sqlite file with other
+    /// `tests/tansu.sh start` flags (the secured brokers of `security.rs`).
+    pub fn restart_with(&mut self, flags: &[String]) {
+        self.stop();
+        self.flags = flags.to_vec();
+        self.run_start();
+    }
+
+    pub fn stop(&self) {
+        let out = Command::new("bash").arg(script()).arg("stop").arg(self.dir.path()).output().expect("run bash tests/tansu.sh stop");
+        assert!(out.status.success(), "tansu did not stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Creates a SCRAM user (`scram256` or `scram512`) through this broker, which must be running
+    /// without `--authentication`.
+    pub fn create_user(&self, name: &str, password: &str, mechanism: &str) {
+        let out = Command::new("bash")
+            .arg(script())
+            .args(["user", &self.port.to_string(), name, password, mechanism])
+            .output()
+            .expect("run bash tests/tansu.sh user");
+        assert!(out.status.success(), "creating user {name}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
