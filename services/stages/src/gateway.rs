@@ -37,7 +37,9 @@ pub struct GatewayConfig {
     pub max_pending: usize,
     /// How long a transaction may wait for its policy to be met.
     pub endorsement_timeout: Duration,
-    /// Resolved tx ids remembered to ignore late or re-delivered inputs.
+    /// Resolved tx ids remembered to ignore late or re-delivered inputs. Endorsers skip
+    /// proposals older than twice the endorsement timeout, so late inputs come within about 20 s;
+    /// the default covers 28 s at 3,500 tx/s (the embedded peak measured here) in about 15 MB.
     pub remember_resolved: usize,
     pub batch: usize,
     pub metrics: Arc<Metrics>,
@@ -52,7 +54,7 @@ impl GatewayConfig {
             group: "gateway".into(),
             max_pending: 50_000,
             endorsement_timeout: Duration::from_secs(10),
-            remember_resolved: 200_000,
+            remember_resolved: 100_000,
             batch: 512,
         }
     }
