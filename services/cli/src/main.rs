@@ -297,24 +297,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     move |source| CliError::Io { path: path.to_path_buf(), source }
 }
 
-/// At most two glibc malloc arenas. By default glibc gives each of the pipeline's threads that
-/// contend for the allocator an arena of its own (up to 8 per core), and memory freed in one
-/// arena is not reused by the others: under a sustained load the resident memory kept growing
-/// after the heap had levelled off. With two arenas and smaller redb caches (measured together,
-/// README: Performance) it levels off, at the same peak throughput. Set before any thread
-/// starts; `MALLOC_ARENA_MAX` in the environment still overrides it.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; no thread has been started yet.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
