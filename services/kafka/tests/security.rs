@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{read_n, unique};
+use common::{read_n, unique, Broker};
 use secure::{SecureBroker, User};
 use streamledger_kafka::config::{INFINITE_RETENTION, RETENTION_MAX};
 use streamledger_kafka::{KafkaConfig, KafkaLog};
@@ -113,8 +113,7 @@ async fn sasl_plaintext_with_scram_produces_and_consumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_or_an_unknown_user_is_refused_naming_the_broker_and_the_cause() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki::write_pki(dir.path(), "kafka");
-    let broker = SecureBroker::start(&[User("alice", "alice-secret", "scram512")], Some((&pki.cert, &pki.key)));
+    let (broker, pki) = SecureBroker::scram_over_tls(dir.path(), "alice", "alice-secret");
     let bootstrap = broker.bootstrap();
     for (name, user, password) in [("wrong-password", "alice", "not-her-secret"), ("unknown-user", "mallory", "alice-secret")] {
         let mut lines = vec!["security.protocol=SASL_SSL".to_string(), format!("ssl.ca.location={}", pki.ca.display())];
