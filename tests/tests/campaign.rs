@@ -42,6 +42,8 @@ const ACCOUNTS: usize = 24;
 const INITIAL_BALANCE: u64 = 1_000_000;
 /// After the last fault, how long every accepted transaction has to get its verdict.
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(45);
+/// Resident memory past which an overloaded process has a queue without a bound (the machine has 24 GiB).
+const OVERLOAD_LIMIT_MB: u64 = 2_048;
 /// After the last fault healed, how long a new transaction may take to commit.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -220,7 +222,8 @@ async fn embedded_kills(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
 }
 
 /// The peers' world state on a CouchDB-API server (pouchdb-server) that is stopped and started
-/// again under load.
+/// again under load, and frozen (SIGSTOP) for a while: the validators then stall on it as slow
+/// consumers while the endorsers, the gateway and the orderers go on.
 async fn couchdb_restarts(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
     let server = couch::PouchServer::start();
     let dir = tempfile::tempdir().unwrap();
@@ -233,6 +236,11 @@ async fn couchdb_restarts(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
         pause(rng, 200, 2_000).await;
         server.start_again();
         *fig.faults.entry("CouchDB-API server restart").or_default() += 1;
+        pause(rng, 300, 1_500).await;
+        server.set_frozen(true);
+        pause(rng, 1_000, 4_000).await;
+        server.set_frozen(false);
+        *fig.faults.entry("CouchDB-API server frozen 1-4 s (slow consumer, embedded)").or_default() += 1;
     }
     pause(rng, 300, 1_000).await;
     let accepted = load.finish().await;
@@ -256,6 +264,17 @@ impl SmallDisk {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
         Ok(SmallDisk { path: path.to_path_buf() })
+    }
+
+    /// Remounts the file system read-only (`true`) or read-write. Read-only fails while a process
+    /// holds a file open for writing ("mount point is busy"), so the node must be stopped first.
+    fn set_read_only(&self, read_only: bool) -> Result<(), String> {
+        let how = if read_only { "remount,ro" } else { "remount,rw" };
+        let out = std::process::Command::new("mount").args(["-o", how]).arg(&self.path).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("mount -o {how} {}: {}", self.path.display(), String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(())
     }
 
     /// Fills what is left with one file; returns its path.
@@ -299,22 +318,27 @@ fn recover(mut up: Up, dir: &Path, what: &str, error_texts: &[&str], load: &Load
     up
 }
 
-/// The embedded store's disk fills up under load: the node must say so clearly, lose nothing
-/// accepted, corrupt nothing, and go on once space is freed and it is restarted. (A read-only
-/// data dir is not injected: a tmpfs cannot be remounted read-only while the node holds its
-/// files open for writing.)
-async fn full_disk(rng: &mut StdRng, fig: &mut Figures) {
+/// `up` on a data dir on a 256 MB tmpfs, its accounts created and a load running. `None` (noted as
+/// not run) where a tmpfs cannot be mounted, i.e. not as root.
+async fn start_on_small_disk(scenario: &str, rng: &mut StdRng, fig: &mut Figures) -> Option<(tempfile::TempDir, SmallDisk, Up, Load)> {
     let dir = tempfile::tempdir().unwrap();
     let disk = match SmallDisk::mount(&dir.path().join("data"), 256) {
         Ok(d) => d,
         Err(e) => {
-            fig.notes.push(format!("full disk: NOT RUN, a tmpfs could not be mounted ({e}); it needs root"));
-            return;
+            fig.notes.push(format!("{scenario}: NOT RUN, a tmpfs could not be mounted ({e}); it needs root"));
+            return None;
         }
     };
-    let mut up = Up::start(dir.path());
+    let up = Up::start(dir.path());
     create_accounts(&up.client).await;
     let load = Load::start(up.client.clone(), rng.gen_range(0..1_000));
+    Some((dir, disk, up, load))
+}
+
+/// The embedded store's disk fills up under load: the node must say so clearly, lose nothing
+/// accepted, corrupt nothing, and go on once space is freed and it is restarted.
+async fn full_disk(rng: &mut StdRng, fig: &mut Figures) {
+    let Some((dir, disk, mut up, load)) = start_on_small_disk("full disk", rng, fig).await else { return };
     pause(rng, 300, 1_000).await;
     let filler = disk.fill();
     *fig.faults.entry("full disk (embedded data dir)").or_default() += 1;
@@ -330,6 +354,42 @@ async fn full_disk(rng: &mut StdRng, fig: &mut Figures) {
     settle_and_audit("full disk", up, accepted, &dir.path().join("data"), fig).await;
 }
 
+/// The data dir turns read-only under a crashed node (as a kernel does to a file system after
+/// I/O errors): starting the node must fail at once with an error naming the file and the cause,
+/// and once the file system is writable again the node must resume with nothing lost or
+/// corrupted. A live switch is not injected: the file system cannot be remounted read-only while
+/// the node holds its files open for writing ("mount point is busy").
+async fn read_only_data_dir(rng: &mut StdRng, fig: &mut Figures) {
+    let Some((dir, disk, mut up, load)) = start_on_small_disk("read-only data dir", rng, fig).await else { return };
+    let data = dir.path().join("data");
+    pause(rng, 300, 1_500).await;
+    up.sigkill();
+    if let Err(e) = disk.set_read_only(true) {
+        fig.violations.push(format!("read-only data dir: {e}"));
+    }
+    *fig.faults.entry("read-only data dir (embedded, across a crash)").or_default() += 1;
+    let data_arg = data.to_str().unwrap();
+    let refused = cli(None, &["up", "--data-dir", data_arg, "--http", "127.0.0.1:0", "--no-progress"]).await;
+    let named = refused.stderr.lines().find(|l| l.contains("Read-only file system") && l.contains(data_arg));
+    match (refused.status.success(), named) {
+        (false, Some(line)) => fig.notes.push(format!("read-only data dir: up refused to start ({}): {}", refused.status, line.trim())),
+        _ => fig.violations.push(format!(
+            "read-only data dir: up should exit with an error naming the file and \"Read-only file system\"; it exited {} with stderr {:?}",
+            refused.status,
+            refused.stderr.lines().rev().take(5).collect::<Vec<_>>()
+        )),
+    }
+    pause(rng, 300, 1_000).await;
+    if let Err(e) = disk.set_read_only(false) {
+        fig.violations.push(format!("read-only data dir: {e}"));
+    }
+    up = Up::start(dir.path());
+    load.retarget(up.client.clone());
+    pause(rng, 500, 1_500).await;
+    let accepted = load.finish().await;
+    settle_and_audit("read-only data dir", up, accepted, &data, fig).await;
+}
+
 /// Resident memory of a process in MB, from /proc.
 fn rss_mb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -341,7 +401,6 @@ fn rss_mb(pid: u32) -> Option<u64> {
 /// Resident memory is sampled every second; growth past 2 GiB (the machine has 24) would mean
 /// a queue without a bound.
 async fn overload(len: &Length, seconds: u64, fig: &mut Figures) {
-    const LIMIT_MB: u64 = 2_048;
     let dir = tempfile::tempdir().unwrap();
     let up = Up::start(dir.path());
     create_accounts(&up.client).await;
@@ -359,21 +418,32 @@ async fn overload(len: &Length, seconds: u64, fig: &mut Figures) {
         samples.len(),
         accepted.len() as f64 / samples.len().max(1) as f64
     ));
-    if peak > LIMIT_MB {
-        fig.violations.push(format!("overload: resident memory reached {peak} MB (limit {LIMIT_MB} MB)"));
+    if peak > OVERLOAD_LIMIT_MB {
+        fig.violations.push(format!("overload: resident memory reached {peak} MB (limit {OVERLOAD_LIMIT_MB} MB)"));
     }
     settle_and_audit("overload", up, accepted, &dir.path().join("data"), fig).await;
 }
 
 /// Every stage its own OS process on a tansu broker, under transfers produced straight to Kafka:
-/// stage processes SIGKILLed one at a time at random and restarted, and the broker SIGKILLed and
-/// restarted. Only what the broker acknowledged counts as submitted.
+/// stage processes SIGKILLed one at a time at random and restarted, the broker SIGKILLed and
+/// restarted, and the CouchDB-API server that Org2's validator keeps its state in restarted.
+/// Only what the broker acknowledged counts as submitted.
 async fn kafka_kills(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
     let name = "kafka kills";
     // A killed group member's partitions move after 6 s, not librdkafka's 45 s.
     let mut net = StageNet::start("session.timeout.ms=6000\nheartbeat.interval.ms=1000\n").await;
-    for (stage, args) in ALL_STAGES {
-        net.spawn(stage, args);
+    // Org2's validator on CouchDB, Org1's on its embedded store: the checker compares the two.
+    let couch = couch::PouchServer::start();
+    let couch_url = couch.url();
+    let args_of = |stage: &str| -> Vec<&str> {
+        let mut args = stage_args(stage).to_vec();
+        if stage == "v2" {
+            args.extend(["--state", couch_url.as_str()]);
+        }
+        args
+    };
+    for (stage, _) in ALL_STAGES {
+        net.spawn(stage, &args_of(stage));
     }
     for (stage, _) in ALL_STAGES {
         net.metrics_url(stage); // started: it printed its endpoint
@@ -428,11 +498,49 @@ async fn kafka_kills(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
             let (stage, _) = ALL_STAGES[rng.gen_range(0..ALL_STAGES.len())];
             net.sigkill(stage);
             pause(rng, 200, 1_500).await;
-            net.spawn(stage, stage_args(stage));
+            net.spawn(stage, &args_of(stage));
             *fig.faults.entry("SIGKILL of a stage process (Kafka)").or_default() += 1;
         }
     }
+    // Once per run, whatever the draws: the CouchDB-API server restarted under load.
+    couch.stop();
+    let down_ms = rng.gen_range(500..2_000);
+    produce_for(&mut net, rng, &mut submitted, down_ms).await;
+    couch.start_again();
+    *fig.faults.entry("CouchDB-API server restart (Kafka, Org2's validator)").or_default() += 1;
     produce_for(&mut net, rng, &mut submitted, 1_000).await;
+
+    // Overload: a burst far past what the stages commit, produced as fast as the broker takes
+    // it. The stages must work through it (or reject, and say so) with bounded memory.
+    let burst_size = len.rounds * 750;
+    let burst: Vec<Proposal> = (0..burst_size)
+        .map(|i| {
+            let from = i % ACCOUNTS;
+            let to = (from + 1 + (i / ACCOUNTS) % (ACCOUNTS - 1)) % ACCOUNTS;
+            net.proposal("transfer", &[&account(from), &account(to), "1"])
+        })
+        .collect();
+    let produced_at = Instant::now();
+    net.produce(&burst).await;
+    let produce_s = produced_at.elapsed().as_secs_f64();
+    submitted.extend(burst.iter().map(|p| p.tx_id.clone()));
+    *fig.faults.entry("overload burst (Kafka)").or_default() += 1;
+    let mut peak: BTreeMap<&str, u64> = BTreeMap::new();
+    while produced_at.elapsed() < Duration::from_secs(10) {
+        for (stage, _) in ALL_STAGES {
+            if let Some(mb) = net.stages[stage].child.as_ref().and_then(|c| rss_mb(c.id())) {
+                let p = peak.entry(stage).or_default();
+                *p = (*p).max(mb);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    fig.notes.push(format!("{name}: overload burst of {burst_size} proposals produced in {produce_s:.1} s; peak resident memory per stage over 10 s (MB): {peak:?}"));
+    for (stage, mb) in &peak {
+        if *mb > OVERLOAD_LIMIT_MB {
+            fig.violations.push(format!("{name}: stage {stage} grew to {mb} MB under the overload burst (bound {OVERLOAD_LIMIT_MB} MB)"));
+        }
+    }
 
     // Liveness, then every acknowledged transaction settled.
     let started = Instant::now();
@@ -476,10 +584,10 @@ async fn kafka_kills(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
     net.sigkill("v2");
     let mut args: Vec<String> = ["audit", "--network-dir", net.net_dir.to_str().unwrap(), "--settled", "--json"].map(String::from).to_vec();
     args.extend(net.kafka_args.iter().cloned());
-    for (stage, peer) in [("v1", PEERS[0]), ("v2", PEERS[1])] {
-        args.push("--store".into());
-        args.push(format!("{peer}={}", net.dir.path().join(stage).join("peers").join(format!("{peer}.redb")).display()));
-    }
+    args.push("--store".into());
+    args.push(format!("{}={}", PEERS[0], net.dir.path().join("v1").join("peers").join(format!("{}.redb", PEERS[0])).display()));
+    args.push("--store".into());
+    args.push(format!("{}={couch_url}", PEERS[1]));
     let audit = cli(None, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let report: serde_json::Value = serde_json::from_str(&audit.stdout).unwrap_or_else(|e| panic!("{name}: the audit printed no report ({e}): {audit:?}"));
     for v in report["violations"].as_array().expect("a violations list") {
@@ -510,6 +618,7 @@ async fn fault_campaign() {
         embedded_kills(&mut rng, &len, &mut fig).await;
         couchdb_restarts(&mut rng, &len, &mut fig).await;
         full_disk(&mut rng, &mut fig).await;
+        read_only_data_dir(&mut rng, &mut fig).await;
         overload(&len, 8, &mut fig).await;
         kafka_kills(&mut rng, &len, &mut fig).await;
     })

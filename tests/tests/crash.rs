@@ -218,6 +218,13 @@ async fn sigkill_under_load_every_accepted_transaction_gets_a_verdict() {
         // the kill whose answer never reached the client.
         let on_topic: usize = audit.stdout.lines().find_map(|l| l.strip_prefix("proposals acknowledged")).and_then(|l| l.split_whitespace().next()).and_then(|n| n.parse().ok()).expect("the audit prints the proposals");
         assert!(on_topic >= accepted.len() + ACCOUNTS + 3, "{on_topic} proposals on the topic, {} accepted", accepted.len() + ACCOUNTS + 3);
+        // A mistyped store path is an error naming it, not an empty store created and audited.
+        let typo = dir.path().join("data").join("peers").join("Org1.peer9.redb");
+        let data_arg = dir.path().join("data");
+        let bad = cli(None, &["audit", "--data-dir", data_arg.to_str().unwrap(), "--store", &format!("Org1.peer0={}", typo.display())]).await;
+        bad.assert_failure();
+        assert!(bad.stderr.contains(&typo.display().to_string()) && bad.stderr.contains("no such peer store file"), "{}", bad.stderr);
+        assert!(!typo.exists(), "the audit created {}", typo.display());
     })
     .await;
 }

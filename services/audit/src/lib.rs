@@ -225,9 +225,11 @@ pub async fn audit(log: Arc<dyn Log>, config: AuditConfig) -> Result<AuditReport
         }
         agree(number, format!("peer {}'s verdict", verdict.peer), &verdict.state_hash, &mut violations);
     }
+    let mut store_heights = Vec::new();
     for (peer, store) in &config.stores {
         let savepoint = store.savepoint().map_err(|e| AuditError::Store { peer: peer.clone(), message: e.to_string() })?;
         let height = savepoint.as_ref().map_or(-1, |s| s.block);
+        store_heights.push((peer, height));
         let best = report.peers.entry(peer.clone()).or_insert(-1);
         *best = (*best).max(height);
         if let Some(sp) = savepoint {
@@ -235,9 +237,17 @@ pub async fn audit(log: Arc<dyn Log>, config: AuditConfig) -> Result<AuditReport
         }
     }
     if config.expect_settled {
+        let tip = chain.tip();
         for (peer, height) in &report.peers {
-            if *height < chain.tip() {
-                violations.push(Violation::PeerBehind { peer: peer.clone(), height: *height, tip: chain.tip() });
+            if *height < tip {
+                violations.push(Violation::PeerBehind { peer: peer.clone(), height: *height, tip });
+            }
+        }
+        // A store given behind a peer whose verdicts reached the tip: another database than the
+        // peer's (a wrong path, an empty database), which would otherwise pass unseen.
+        for (peer, height) in store_heights {
+            if height < tip && report.peers.get(peer).is_some_and(|best| *best >= tip) {
+                violations.push(Violation::PeerBehind { peer: format!("{peer}'s store"), height, tip });
             }
         }
     }

@@ -86,6 +86,21 @@ async fn a_healthy_run_has_no_violations_and_its_books_balance() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_store_given_for_a_peer_at_the_tip_is_behind() {
+    let mut r = ran().await;
+    let empty = tempfile::tempdir().unwrap();
+    r.stores[1].1 = Arc::new(EmbeddedStore::open(&empty.path().join("empty.redb")).unwrap());
+    let report = check(&r, true).await;
+    let peer = format!("{}'s store", r.stores[1].0);
+    assert!(
+        matches!(report.violations.as_slice(), [Violation::PeerBehind { peer: p, height: -1, .. }] if *p == peer),
+        "{:#?}",
+        report.violations
+    );
+    assert!(check(&r, false).await.ok(), "not settled: a store may lag");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_proposal_with_no_verdict_is_lost() {
     let r = ran().await;
     // On the topic (acknowledged) after every stage stopped: nobody will ever answer it.

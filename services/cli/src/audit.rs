@@ -7,6 +7,7 @@ use std::sync::Arc;
 use streamledger_audit::{audit, AuditConfig, AuditReport};
 use streamledger_embedded::log::EmbeddedLog;
 use streamledger_embedded::store::EmbeddedStore;
+use streamledger_node::up::StateBackend;
 use streamledger_ports::log::Log;
 use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::Topics;
@@ -22,10 +23,11 @@ pub struct AuditArgs {
     /// Holds network.toml (default: DATA_DIR/network).
     #[arg(long, env = "STREAMLEDGER_NETWORK_DIR")]
     network_dir: Option<PathBuf>,
-    /// A peer store to compare, as NAME=PATH of a redb file (repeatable). Default: every
-    /// DATA_DIR/peers/*.redb. The store's process must be stopped.
+    /// A peer store to compare, as NAME=PATH of a redb file or NAME=URL of the CouchDB server
+    /// the peer keeps its state in (`couchdb://user:pass@host:5984`) (repeatable). Default:
+    /// every DATA_DIR/peers/*.redb. The store's process must be stopped.
     #[arg(long = "store", value_parser = parse_store)]
-    stores: Vec<(String, PathBuf)>,
+    stores: Vec<(String, StoreAt)>,
     /// The run has settled: every peer must be at the chain's tip.
     #[arg(long)]
     settled: bool,
@@ -36,9 +38,20 @@ pub struct AuditArgs {
     kafka: KafkaArgs,
 }
 
-fn parse_store(text: &str) -> Result<(String, PathBuf), String> {
-    let (name, path) = text.split_once('=').ok_or_else(|| format!("{text:?}: expected NAME=PATH, e.g. Org1.peer0=data/peers/Org1.peer0.redb"))?;
-    Ok((name.to_string(), PathBuf::from(path)))
+/// Where a peer store to audit lives.
+#[derive(Clone, Debug)]
+enum StoreAt {
+    File(PathBuf),
+    /// The peer's databases on this server, found as the validator names them (by peer and channel).
+    Couch(StateBackend),
+}
+
+fn parse_store(text: &str) -> Result<(String, StoreAt), String> {
+    let (name, at) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected NAME=PATH or NAME=URL, e.g. Org1.peer0=data/peers/Org1.peer0.redb or Org2.peer0=couchdb://admin:pw@host:5984"))?;
+    let at = if at.contains("://") { StoreAt::Couch(StateBackend::parse(at)?) } else { StoreAt::File(PathBuf::from(at)) };
+    Ok((name.to_string(), at))
 }
 
 pub async fn run(args: AuditArgs) -> Result<(), CliError> {
@@ -58,9 +71,16 @@ pub async fn run(args: AuditArgs) -> Result<(), CliError> {
         }
     };
     let mut stores: Vec<(String, Arc<dyn PeerStore>)> = Vec::new();
-    for (name, path) in store_files(&args)? {
-        let store = EmbeddedStore::open(&path).map_err(|e| CliError::Config { path: path.clone(), message: format!("{e} (is its process still running?)") })?;
-        stores.push((name, Arc::new(store)));
+    for (name, at) in store_files(&args)? {
+        let store: Arc<dyn PeerStore> = match at {
+            // Opening creates a missing file: a mistyped path would be audited as an empty store.
+            StoreAt::File(path) if !path.is_file() => return Err(CliError::Config { path, message: "no such peer store file".into() }),
+            StoreAt::File(path) => Arc::new(EmbeddedStore::open(&path).map_err(|e| CliError::Config { path: path.clone(), message: format!("{e} (is its process still running?)") })?),
+            StoreAt::Couch(backend) => streamledger_node::up::open_store(&backend, &args.data_dir, &network, &name)
+                .await
+                .map_err(|e| CliError::Config { path: format!("--store {name}=...").into(), message: e.to_string() })?,
+        };
+        stores.push((name, store));
     }
     let config = AuditConfig { network, topics, stores, expect_settled: args.settled, progress: std::io::stderr().is_terminal() };
     let report = audit(log, config).await.map_err(|e| CliError::Config { path: args.data_dir.clone(), message: e.to_string() })?;
@@ -77,7 +97,7 @@ pub async fn run(args: AuditArgs) -> Result<(), CliError> {
 }
 
 /// The stores named on the command line, or every peer store in the data directory.
-fn store_files(args: &AuditArgs) -> Result<Vec<(String, PathBuf)>, CliError> {
+fn store_files(args: &AuditArgs) -> Result<Vec<(String, StoreAt)>, CliError> {
     if !args.stores.is_empty() {
         return Ok(args.stores.clone());
     }
@@ -87,10 +107,10 @@ fn store_files(args: &AuditArgs) -> Result<Vec<(String, PathBuf)>, CliError> {
     for entry in entries {
         let path = entry.map_err(|source| CliError::Io { path: dir.clone(), source })?.path();
         if let (Some(stem), Some("redb")) = (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|e| e.to_str())) {
-            found.push((stem.to_string(), path.clone()));
+            found.push((stem.to_string(), StoreAt::File(path.clone())));
         }
     }
-    found.sort();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(found)
 }
 
@@ -109,5 +129,24 @@ fn print_report(r: &AuditReport) {
     println!("violations              {}", r.violations.len());
     for v in &r.violations {
         println!("  VIOLATION: {v}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_are_files_or_couchdb_urls_and_bad_ones_are_named() {
+        let (name, at) = parse_store("Org1.peer0=data/peers/Org1.peer0.redb").unwrap();
+        assert_eq!(name, "Org1.peer0");
+        assert!(matches!(at, StoreAt::File(p) if p == std::path::Path::new("data/peers/Org1.peer0.redb")));
+        let (name, at) = parse_store("Org2.peer0=couchdb://admin:pw@127.0.0.1:5984").unwrap();
+        assert_eq!(name, "Org2.peer0");
+        assert!(matches!(at, StoreAt::Couch(StateBackend::CouchDb(_))), "{at:?}");
+        let missing = parse_store("data/peers/Org1.peer0.redb").unwrap_err();
+        assert!(missing.contains("expected NAME=PATH or NAME=URL") && missing.contains("Org1.peer0.redb"), "{missing}");
+        let bad_url = parse_store("Org2.peer0=ftp://host").unwrap_err();
+        assert!(bad_url.contains("ftp://host"), "{bad_url}");
     }
 }

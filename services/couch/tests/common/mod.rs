@@ -60,6 +60,8 @@ fn free_port() -> u16 {
 pub struct PouchServer {
     pub port: u16,
     pub dir: PathBuf,
+    /// The server process of the latest start (a restart is a new process).
+    pid: AtomicU32,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -79,7 +81,7 @@ impl PouchServer {
         for _ in 0..3 {
             let port = free_port();
             match couchdb_sh(&["start", &port.to_string(), &dir.display().to_string()]) {
-                Ok(_) => return PouchServer { port, dir: dir.to_path_buf(), _tmp: None },
+                Ok(out) => return PouchServer { port, dir: dir.to_path_buf(), pid: parse_pid(&out).into(), _tmp: None },
                 Err(e) => last = e,
             }
         }
@@ -96,8 +98,23 @@ impl PouchServer {
 
     /// Starts it again on the same port and directory, after `stop`.
     pub fn start_again(&self) {
-        couchdb_sh(&["start", &self.port.to_string(), &self.dir.display().to_string()]).expect("restarting pouchdb-server");
+        let out = couchdb_sh(&["start", &self.port.to_string(), &self.dir.display().to_string()]).expect("restarting pouchdb-server");
+        self.pid.store(parse_pid(&out), Ordering::Relaxed);
     }
+
+    /// SIGSTOP (`true`) or SIGCONT the server: a server that stops answering without closing its
+    /// connections, which makes its clients slow consumers.
+    pub fn set_frozen(&self, frozen: bool) {
+        let pid = self.pid.load(Ordering::Relaxed).to_string();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let sent = Command::new("kill").args([signal, &pid]).status().expect("run kill");
+        assert!(sent.success(), "kill {signal} {pid} (pouchdb-server on port {}) failed: {sent}", self.port);
+    }
+}
+
+/// `tests/couchdb.sh start` prints the server's pid as its last line.
+fn parse_pid(out: &str) -> u32 {
+    out.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("tests/couchdb.sh start printed no pid: {out:?}"))
 }
 
 impl Drop for PouchServer {
