@@ -660,6 +660,10 @@ async fn publish(ctx: &ApiContext, proposal: Proposal, wait: bool, timeout: Dura
     let topic = ctx.topics.name(names::PROPOSALS);
     // Keyed by tx id: the gateway joins a proposal with its endorsements within one partition.
     ctx.log.append(topic, vec![OutRecord::keyed(tx_id.clone(), bytes)]).await.map_err(|e| {
+        // Logged, not only answered: under load the API may be the first writer to meet a full
+        // disk, and only the first error carries the OS's reason; later writers see "an earlier
+        // disk error" (campaign runs found no "No space left" line in the node's log).
+        tracing::warn!(%tx_id, %topic, error = %e, "cannot append a proposal");
         let status = if e.retryable { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::INTERNAL_SERVER_ERROR };
         HttpError::new(status, format!("transaction {tx_id}: cannot append to {topic}: {e}"))
     })?;
