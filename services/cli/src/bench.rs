@@ -128,6 +128,7 @@ impl BenchArgs {
             target: self.target.clone(),
             network_dir: self.network_dir.clone(),
             kafka: self.kafka.config().map_err(|e| BenchError::Config(e.to_string()))?,
+            cacert: self.cacert.load().map_err(|e| BenchError::Config(e.to_string()))?,
             data_dir: self.data_dir.clone(),
             client: self.client.clone(),
             tx_timeout: seconds("--timeout", self.timeout)?,
@@ -142,11 +143,6 @@ impl BenchArgs {
 
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let config = args.to_config()?;
-    // The benchmark makes its API client from the URL alone, deep inside; it trusts what this
-    // process trusts.
-    if let Some(ca) = args.cacert.load().map_err(|e| BenchError::Config(e.to_string()))? {
-        streamledger_node::client::trust_in_process(ca);
-    }
     let report = bench::run(config).await?;
     if args.json {
         eprint!("{}", report.table());

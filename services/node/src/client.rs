@@ -8,7 +8,6 @@
 //! (without one, the handshake fails and the error says so).
 
 use std::path::Path;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode, Url};
@@ -111,15 +110,6 @@ impl TrustedCa {
     }
 }
 
-/// What [`Client::new`] trusts: set once per process by [`trust_in_process`].
-static PROCESS_CA: OnceLock<TrustedCa> = OnceLock::new();
-
-/// Makes every later [`Client::new`] of this process trust `ca`, for code that builds its client
-/// from a URL alone (the benchmark's HTTP target). The first call wins; later ones are ignored.
-pub fn trust_in_process(ca: TrustedCa) {
-    let _ = PROCESS_CA.set(ca);
-}
-
 /// A client of one node's API.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -129,9 +119,9 @@ pub struct Client {
 
 impl Client {
     /// A client of the API at `base_url`, e.g. `http://127.0.0.1:7050` or `https://node:7050`;
-    /// `https://` trusts what [`trust_in_process`] was given, if anything.
+    /// `https://` trusts no certificate (see [`Self::with_ca`]).
     pub fn new(base_url: &str) -> Result<Self, ClientError> {
-        Self::with_ca(base_url, PROCESS_CA.get())
+        Self::with_ca(base_url, None)
     }
 
     /// A client whose `https://` connections trust `ca` and nothing else.
