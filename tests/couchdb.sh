@@ -28,6 +28,8 @@ die() {
 
 # shellcheck source=tests/install-once.sh
 . "$ROOT/tests/install-once.sh"
+# shellcheck source=tests/apt.sh
+. "$ROOT/tests/apt.sh"
 
 pouchdb_ready() {
     [[ -f $BIN ]]
@@ -45,8 +47,9 @@ npm_install() {
 }
 
 install() {
-    command -v node >/dev/null || die "node is not installed: pouchdb-server needs Node.js and npm (apt-get install nodejs npm)"
-    command -v npm >/dev/null || die "npm is not installed: pouchdb-server is installed from the npm registry (apt-get install npm)"
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        apt_install nodejs npm || die "pouchdb-server needs Node.js and npm, which could not be installed (apt-get install nodejs npm)"
+    fi
     # Takes a minute or two the first time.
     install_once couchdb.sh "$CACHE" "$LOCKED/package-lock.json" pouchdb_ready npm_install
     echo "$BIN"

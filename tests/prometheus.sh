@@ -14,17 +14,11 @@ if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
     exit 0
 fi
 
-SUDO=()
-if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null || { echo "prometheus.sh: run as root (apt-get needs it) or install sudo" >&2; exit 1; }
-    SUDO=(sudo)
-fi
-
-export DEBIAN_FRONTEND=noninteractive
+# shellcheck source=tests/apt.sh
+. "$(dirname "$0")/apt.sh"
 echo "prometheus.sh: installing Debian's prometheus package (prometheus and promtool)"
-"${SUDO[@]}" apt-get update -q
-# --no-install-recommends: only the server and promtool, not the node exporter and friends.
-"${SUDO[@]}" apt-get install -y -q --no-install-recommends prometheus
+# Only the server and promtool, not the node exporter and friends.
+apt_install prometheus
 
 # The package starts a system service where an init system runs; the tests do not use it, and
 # leave it alone (they listen on free ports of their own).

@@ -17,6 +17,8 @@ PY=$VENV/bin/python
 
 # shellcheck source=tests/install-once.sh
 . "$ROOT/tests/install-once.sh"
+# shellcheck source=tests/apt.sh
+. "$ROOT/tests/apt.sh"
 
 die() {
     echo "python.sh: $*" >&2
@@ -37,7 +39,9 @@ make_venv() {
 }
 
 install() {
-    command -v python3 >/dev/null || die "python3 is not installed (apt-get install python3 python3-venv)"
+    if ! command -v python3 >/dev/null || ! python3 -c 'import ensurepip' 2>/dev/null; then
+        apt_install python3 python3-venv || die "python3 with venv could not be installed (apt-get install python3 python3-venv)"
+    fi
     install_once python.sh "$VENV" "$PINS" venv_ready make_venv
     echo "$PY"
 }
