@@ -297,6 +297,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     move |source| CliError::Io { path: path.to_path_buf(), source }
 }
 
+/// jemalloc instead of glibc's malloc. Measured with `bench --workload transfer --rate 1710
+/// --duration 330`: with glibc the resident memory grew 16% from minute 1 to minute 5 (its
+/// per-thread arenas keep freed memory fragmented across the tokio and rayon threads), with
+/// jemalloc it stays within 10%, and peak throughput rose by about 5% (README: Performance).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))

@@ -70,6 +70,106 @@ pub struct WriteBatch {
     pub tx_index: Vec<(String, TxLocation)>,
 }
 
+/// Blocks validated but not committed yet, over committed state: what a validator that commits
+/// several blocks in one store transaction validates the next block against. Reads see the
+/// pending blocks' writes (the latest wins) and tx ids, then the store.
+pub struct Pending<'a> {
+    base: &'a dyn CommittedState,
+    writes: &'a BTreeMap<(String, String), (Option<Vec<u8>>, Version)>,
+    tx_index: &'a HashMap<String, TxLocation>,
+}
+
+/// The merged writes and tx ids of the pending blocks, in block order.
+#[derive(Debug, Default)]
+pub struct PendingWrites {
+    writes: BTreeMap<(String, String), (Option<Vec<u8>>, Version)>,
+    tx_index: HashMap<String, TxLocation>,
+}
+
+impl PendingWrites {
+    /// Adds the next block's batch: its writes replace earlier ones, its tx ids do not (the first
+    /// occurrence wins, as in the store).
+    pub fn push(&mut self, batch: &WriteBatch) {
+        for (key, write) in &batch.writes {
+            self.writes.insert(key.clone(), write.clone());
+        }
+        for (tx_id, loc) in &batch.tx_index {
+            self.tx_index.entry(tx_id.clone()).or_insert(*loc);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.writes.clear();
+        self.tx_index.clear();
+    }
+
+    /// `base` as it will be once the pending blocks are committed.
+    pub fn over<'a>(&'a self, base: &'a dyn CommittedState) -> Pending<'a> {
+        Pending { base, writes: &self.writes, tx_index: &self.tx_index }
+    }
+}
+
+impl Pending<'_> {
+    fn pending(&self, namespace: &str, key: &str) -> Option<&(Option<Vec<u8>>, Version)> {
+        // The map is keyed by owned strings; a lookup by borrowed ones would need a custom key
+        // type, and this runs only for the keys a block reads.
+        self.writes.get(&(namespace.to_string(), key.to_string()))
+    }
+}
+
+impl CommittedState for Pending<'_> {
+    fn get(&self, namespace: &str, key: &str) -> StateResult<Option<VersionedValue>> {
+        match self.pending(namespace, key) {
+            Some((value, version)) => Ok(value.as_ref().map(|v| VersionedValue { value: v.clone(), version: *version })),
+            None => self.base.get(namespace, key),
+        }
+    }
+
+    fn range(&self, namespace: &str, start: &str, end: &str, limit: Option<usize>) -> StateResult<Vec<(String, VersionedValue)>> {
+        let from = (namespace.to_string(), start.to_string());
+        let overlay: Vec<(&String, &(Option<Vec<u8>>, Version))> = self
+            .writes
+            .range(from..)
+            .take_while(|((ns, k), _)| ns == namespace && in_range(k, start, end))
+            .map(|((_, k), w)| (k, w))
+            .collect();
+        // Each pending key can hide or replace at most one committed key, so the first `limit`
+        // keys of the merge are among the first `limit + overlay.len()` committed ones.
+        let base_limit = limit.map(|l| l.saturating_add(overlay.len()));
+        let mut merged: BTreeMap<String, VersionedValue> = self.base.range(namespace, start, end, base_limit)?.into_iter().collect();
+        for (key, (value, version)) in overlay {
+            match value {
+                Some(v) => merged.insert(key.clone(), VersionedValue { value: v.clone(), version: *version }),
+                None => merged.remove(key),
+            };
+        }
+        Ok(merged.into_iter().take(limit.unwrap_or(usize::MAX)).collect())
+    }
+
+    fn versions(&self, keys: &[(&str, &str)]) -> StateResult<Vec<Option<Version>>> {
+        // Only the keys no pending block wrote go to the store, in one bulk read.
+        let missing: Vec<(&str, &str)> = keys.iter().copied().filter(|(ns, k)| self.pending(ns, k).is_none()).collect();
+        let mut committed = self.base.versions(&missing)?.into_iter();
+        Ok(keys
+            .iter()
+            .map(|(ns, k)| match self.pending(ns, k) {
+                Some((value, version)) => value.as_ref().map(|_| *version),
+                None => committed.next().flatten(),
+            })
+            .collect())
+    }
+
+    // The committed entry first: the first occurrence of an id wins, as in the store.
+    fn tx_location(&self, tx_id: &str) -> StateResult<Option<TxLocation>> {
+        Ok(self.base.tx_location(tx_id)?.or_else(|| self.tx_index.get(tx_id).copied()))
+    }
+
+    fn tx_locations(&self, tx_ids: &[&str]) -> StateResult<Vec<Option<TxLocation>>> {
+        let committed = self.base.tx_locations(tx_ids)?;
+        Ok(committed.into_iter().zip(tx_ids).map(|(loc, id)| loc.or_else(|| self.tx_index.get(*id).copied())).collect())
+    }
+}
+
 /// World state in memory: complete and simple, for tests and as the reference implementation.
 #[derive(Debug, Clone, Default)]
 pub struct MemState {
@@ -139,6 +239,62 @@ impl CommittedState for MemState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A write: key index (few keys, so blocks overlap), value or delete.
+    fn batch_strategy(block: i64) -> impl Strategy<Value = WriteBatch> {
+        (prop::collection::vec((0u8..12, prop::option::of(any::<u8>())), 0..8), prop::collection::vec(0u8..6, 0..3)).prop_map(
+            move |(writes, ids)| {
+                let mut b = WriteBatch { block, ..Default::default() };
+                for (tx, (k, v)) in writes.into_iter().enumerate() {
+                    b.writes.insert(("ns".into(), format!("k{k:02}")), (v.map(|v| vec![v]), Version::new(block, tx as i32)));
+                }
+                for (position, id) in ids.into_iter().enumerate() {
+                    b.tx_index.push((format!("t{id}"), TxLocation { block, position: position as i32, code: 0 }));
+                }
+                b
+            },
+        )
+    }
+
+    proptest! {
+        /// Committed state plus pending blocks reads exactly as the state with those blocks
+        /// applied: every key, every range with and without a limit, versions and tx ids.
+        #[test]
+        fn pending_blocks_read_as_if_committed(
+            committed in prop::collection::vec(batch_strategy(0), 1..3),
+            pending in prop::collection::vec(batch_strategy(5), 1..4),
+        ) {
+            let mut base = MemState::new();
+            committed.iter().for_each(|b| base.apply(b));
+            let mut expected = base.clone();
+            let mut writes = PendingWrites::default();
+            for (i, b) in pending.iter().enumerate() {
+                let mut b = b.clone();
+                b.block += i as i64;
+                expected.apply(&b);
+                writes.push(&b);
+            }
+            let view = writes.over(&base);
+            let keys: Vec<String> = (0u8..13).map(|k| format!("k{k:02}")).collect();
+            for k in &keys {
+                prop_assert_eq!(view.get("ns", k).unwrap(), expected.get("ns", k).unwrap());
+            }
+            let refs: Vec<(&str, &str)> = keys.iter().map(|k| ("ns", k.as_str())).collect();
+            prop_assert_eq!(view.versions(&refs).unwrap(), expected.versions(&refs).unwrap());
+            for (start, end) in [("", ""), ("k03", "k09"), ("k05", "")] {
+                for limit in [None, Some(0), Some(1), Some(3)] {
+                    prop_assert_eq!(view.range("ns", start, end, limit).unwrap(), expected.range("ns", start, end, limit).unwrap());
+                }
+            }
+            let ids: Vec<String> = (0..7).map(|i| format!("t{i}")).collect();
+            let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            prop_assert_eq!(view.tx_locations(&id_refs).unwrap(), expected.tx_locations(&id_refs).unwrap());
+            for id in &id_refs {
+                prop_assert_eq!(view.tx_location(id).unwrap(), expected.tx_location(id).unwrap());
+            }
+        }
+    }
 
     #[test]
     fn range_is_half_open_and_empty_end_is_unbounded() {

@@ -32,11 +32,19 @@ const STATE: TableDefinition<(&str, &str), (i64, i32, &[u8])> = TableDefinition:
 const TX_INDEX: TableDefinition<&str, (i64, i32, i32)> = TableDefinition::new("tx_index");
 /// Committed blocks: number → (bytes as read from the blocks topic, the peer's codes).
 const BLOCKS: TableDefinition<i64, (&[u8], Vec<i32>)> = TableDefinition::new("blocks");
+/// The running state hash after each block: block number → hash. For re-producing the verdicts
+/// of blocks committed together (the savepoint holds only the last one's).
+const STATE_HASHES: TableDefinition<i64, &[u8]> = TableDefinition::new("state_hashes");
 /// One row, [`SAVEPOINT`].
 const META: TableDefinition<&str, SavepointRow> = TableDefinition::new("meta");
 /// (block, block hash, state hash, blocks-topic offset).
 type SavepointRow = (i64, &'static [u8], &'static [u8], i64);
 const SAVEPOINT: &str = "savepoint";
+/// Blocks committed in one write transaction at most. A validator that has fallen behind (a
+/// burst, a restart, a replay) commits up to this many at once; one that keeps up commits each
+/// block alone, as soon as it is validated. Bounded so that the first block's verdict waits for
+/// the validation of a few blocks at most.
+const BLOCKS_PER_COMMIT: usize = 8;
 
 /// A peer store on redb. `Send + Sync`: the validator commits from one thread while endorsers
 /// read from others; redb runs readers concurrently with the single writer.
@@ -123,6 +131,7 @@ impl EmbeddedStore {
             txn.open_table(STATE)?;
             txn.open_table(TX_INDEX)?;
             txn.open_table(BLOCKS)?;
+            txn.open_table(STATE_HASHES)?;
             txn.open_table(META)?;
             txn.commit()?;
             *guard = Some(db);
@@ -267,70 +276,96 @@ impl PeerStore for EmbeddedStore {
     }
 
     fn commit(&self, commit: BlockCommit<'_>) -> StateResult<()> {
-        let BlockCommit { block, batch, savepoint } = commit;
-        let number = block.number;
+        self.commit_all(&[commit])
+    }
+
+    fn blocks_per_commit(&self) -> usize {
+        BLOCKS_PER_COMMIT
+    }
+
+    fn state_hash_after(&self, number: i64) -> StateResult<Option<Vec<u8>>> {
         self.with_db(
-            || format!("committing block {number}"),
+            || format!("reading the state hash after block {number}"),
             |db| {
-                if batch.block != number || savepoint.block != number {
-                    return Err(Failure::Refused(format!(
-                        "inconsistent commit: block {number}, write batch of block {}, savepoint at block {}",
-                        batch.block, savepoint.block
-                    )));
-                }
+                let txn = db.begin_read()?;
+                let table = txn.open_table(STATE_HASHES)?;
+                Ok(table.get(number)?.map(|v| v.value().to_vec()))
+            },
+        )
+    }
+
+    /// All the blocks in one write transaction: one fsync, and each B-tree page the blocks share
+    /// is written once instead of once per block.
+    fn commit_all(&self, commits: &[BlockCommit<'_>]) -> StateResult<()> {
+        let (Some(first), Some(last)) = (commits.first(), commits.last()) else { return Ok(()) };
+        let (first, last) = (first.block.number, last.block.number);
+        let blocks = || if first == last { format!("block {first}") } else { format!("blocks {first} to {last}") };
+        self.with_db(
+            || format!("committing {}", blocks()),
+            |db| {
                 let txn = db.begin_write()?;
                 {
                     let mut meta = txn.open_table(META)?;
                     // Checked inside the write transaction: redb runs one writer at a time, so no
                     // other commit can slip in between this check and ours.
-                    let last = meta.get(SAVEPOINT)?.map(|v| v.value().0);
-                    let expected = last.map_or(0, |b| b + 1);
-                    if number != expected {
-                        // Returning drops `txn` uncommitted: redb aborts it, nothing changes.
-                        let reason = match last {
-                            Some(last) if number <= last => {
-                                format!("block {number} is already committed (savepoint at block {last})")
-                            }
-                            Some(last) => format!("block {number} does not follow the savepoint at block {last}: expected block {expected}"),
-                            None => format!("block {number} cannot be the first block: expected block 0 (no savepoint)"),
-                        };
-                        return Err(Failure::Refused(reason));
-                    }
-                    meta.insert(
-                        SAVEPOINT,
-                        (savepoint.block, savepoint.block_hash.as_slice(), savepoint.state_hash.as_slice(), savepoint.blocks_offset),
-                    )?;
-
+                    let mut last_committed = meta.get(SAVEPOINT)?.map(|v| v.value().0);
                     let mut state = txn.open_table(STATE)?;
-                    for ((ns, key), (value, version)) in &batch.writes {
-                        match value {
-                            Some(value) => {
-                                state.insert((ns.as_str(), key.as_str()), (version.block, version.tx, value.as_slice()))?;
-                            }
-                            None => {
-                                state.remove((ns.as_str(), key.as_str()))?;
-                            }
-                        }
-                    }
-
-                    // The first occurrence of a tx id wins, in the ledger and within the batch
-                    // (this transaction sees its own inserts): a later duplicate is DUPLICATE_TXID
-                    // and must not repoint the index.
                     let mut index = txn.open_table(TX_INDEX)?;
-                    for (tx_id, loc) in &batch.tx_index {
-                        if index.get(tx_id.as_str())?.is_none() {
-                            index.insert(tx_id.as_str(), (loc.block, loc.position, loc.code))?;
+                    let mut stored = txn.open_table(BLOCKS)?;
+                    let mut state_hashes = txn.open_table(STATE_HASHES)?;
+                    for BlockCommit { block, batch, savepoint } in commits {
+                        let number = block.number;
+                        if batch.block != number || savepoint.block != number {
+                            return Err(Failure::Refused(format!(
+                                "inconsistent commit: block {number}, write batch of block {}, savepoint at block {}",
+                                batch.block, savepoint.block
+                            )));
                         }
+                        let expected = last_committed.map_or(0, |b| b + 1);
+                        if number != expected {
+                            // Returning drops `txn` uncommitted: redb aborts it, nothing changes.
+                            let reason = match last_committed {
+                                Some(last) if number <= last => {
+                                    format!("block {number} is already committed (savepoint at block {last})")
+                                }
+                                Some(last) => format!("block {number} does not follow the savepoint at block {last}: expected block {expected}"),
+                                None => format!("block {number} cannot be the first block: expected block 0 (no savepoint)"),
+                            };
+                            return Err(Failure::Refused(reason));
+                        }
+                        last_committed = Some(number);
+                        for ((ns, key), (value, version)) in &batch.writes {
+                            match value {
+                                Some(value) => {
+                                    state.insert((ns.as_str(), key.as_str()), (version.block, version.tx, value.as_slice()))?;
+                                }
+                                None => {
+                                    state.remove((ns.as_str(), key.as_str()))?;
+                                }
+                            }
+                        }
+                        // The first occurrence of a tx id wins, in the ledger and within the
+                        // batch (this transaction sees its own inserts): a later duplicate is
+                        // DUPLICATE_TXID and must not repoint the index.
+                        for (tx_id, loc) in &batch.tx_index {
+                            if index.get(tx_id.as_str())?.is_none() {
+                                index.insert(tx_id.as_str(), (loc.block, loc.position, loc.code))?;
+                            }
+                        }
+                        stored.insert(number, (block.bytes.as_slice(), block.codes.clone()))?;
+                        state_hashes.insert(number, savepoint.state_hash.as_slice())?;
+                        meta.insert(
+                            SAVEPOINT,
+                            (savepoint.block, savepoint.block_hash.as_slice(), savepoint.state_hash.as_slice(), savepoint.blocks_offset),
+                        )?;
                     }
-
-                    txn.open_table(BLOCKS)?.insert(number, (block.bytes.as_slice(), block.codes.clone()))?;
                 }
                 txn.commit()?;
-                debug!(block = number, writes = batch.writes.len(), txs = batch.tx_index.len(), "block committed");
+                debug!(blocks = %blocks(), "committed");
                 Ok(())
             },
         )
-        .inspect_err(|e| warn!(block = number, error = %e, "block not committed"))
+        .inspect_err(|e| warn!(blocks = %blocks(), error = %e, "not committed"))
     }
 
     fn block(&self, number: i64) -> StateResult<Option<StoredBlock>> {
@@ -395,6 +430,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap();
         conformance::duplicate_gap_and_inconsistent_commits_are_refused(&store, "peer.redb");
+    }
+
+    #[test]
+    fn consecutive_blocks_commit_together_or_not_at_all() {
+        use streamledger_ports::conformance::{savepoint, stored};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap();
+        let commit_all = |batches: &[WriteBatch]| {
+            let rows: Vec<_> = batches.iter().map(|b| (stored(b.block), savepoint(b.block))).collect();
+            let commits: Vec<BlockCommit> = rows.iter().zip(batches).map(|((block, sp), batch)| BlockCommit { block, batch, savepoint: sp }).collect();
+            store.commit_all(&commits)
+        };
+        commit_all(&[]).unwrap();
+        assert_eq!(store.savepoint().unwrap(), None, "nothing to commit changes nothing");
+        // Block 1 overwrites block 0's key and repeats its tx id: the later write and the first
+        // index entry win, as when committed one by one.
+        commit_all(&[
+            batch(0, &[("ns", "a", Some("0")), ("ns", "b", Some("0"))], &[("t0", 0)]),
+            batch(1, &[("ns", "a", Some("1"))], &[("t0", 3), ("t1", 0)]),
+            batch(2, &[("ns", "b", None)], &[]),
+        ])
+        .unwrap();
+        assert_eq!(store.savepoint().unwrap(), Some(savepoint(2)));
+        assert_eq!(store.get("ns", "a").unwrap().unwrap().value, b"1");
+        assert_eq!(store.get("ns", "b").unwrap(), None);
+        assert_eq!(store.tx_location("t0").unwrap().unwrap().block, 0);
+        for n in 0..3 {
+            assert_eq!(store.block(n).unwrap(), Some(stored(n)));
+            assert_eq!(store.state_hash_after(n).unwrap(), Some(savepoint(n).state_hash), "block {n}");
+        }
+        assert_eq!(store.state_hash_after(3).unwrap(), None);
+        // A gap inside the group: refused, and the blocks before it are not committed either.
+        let err = commit_all(&[batch(3, &[("ns", "c", Some("3"))], &[]), batch(5, &[], &[])]).unwrap_err();
+        assert!(err.message.contains("block 5 does not follow") && err.message.contains("blocks 3 to 5"), "{err}");
+        assert_eq!(store.savepoint().unwrap(), Some(savepoint(2)));
+        assert_eq!(store.get("ns", "c").unwrap(), None);
+        assert!(store.blocks_per_commit() > 1);
     }
 
     #[test]

@@ -41,7 +41,34 @@ pub trait PeerStore: CommittedState + Send + Sync {
     /// Commits one block atomically (see the module docs for stores that cannot).
     fn commit(&self, commit: BlockCommit<'_>) -> StateResult<()>;
 
+    /// How many consecutive blocks [`PeerStore::commit_all`] commits atomically, at most: 1 for
+    /// a store that commits block by block.
+    fn blocks_per_commit(&self) -> usize {
+        1
+    }
+
+    /// Commits consecutive blocks, in order, at most [`PeerStore::blocks_per_commit`] of them.
+    /// Stores that can do it atomically (the embedded store) commit them in one transaction, so
+    /// that a validator catching up pays for one commit instead of one per block. The default
+    /// commits block by block and skips the blocks the savepoint already covers, so that retrying
+    /// after a failure part way through finishes the job.
+    fn commit_all(&self, commits: &[BlockCommit<'_>]) -> StateResult<()> {
+        let done = self.savepoint()?.map_or(-1, |s| s.block);
+        for commit in commits.iter().filter(|c| c.block.number > done) {
+            self.commit(*commit)?;
+        }
+        Ok(())
+    }
+
     fn block(&self, number: i64) -> StateResult<Option<StoredBlock>>;
+
+    /// The running state hash after a committed block, where the store keeps it for every block
+    /// (the embedded store does; others keep only the savepoint's). A validator that committed
+    /// several blocks at once re-produces their verdicts from it after a crash.
+    fn state_hash_after(&self, number: i64) -> StateResult<Option<Vec<u8>>> {
+        let _ = number;
+        Ok(None)
+    }
 
     /// A rich query (a CouchDB Mango selector) over a contract's state, a page at a time:
     /// `Ok(None)` when this store has no rich queries (the embedded store). `page` is the token

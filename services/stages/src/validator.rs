@@ -3,6 +3,12 @@
 //! commits state, tx index, block and savepoint atomically, then produces the verdict to
 //! `validated-blocks`.
 //!
+//! Blocks that arrive together (a validator behind the orderers, a restart, a replay) are
+//! validated one after the other, each against the committed state plus the blocks before it
+//! ([`PendingWrites`]), and committed in one store transaction, up to the store's
+//! `blocks_per_commit`; their verdicts follow the commit. A validator that keeps up commits
+//! every block alone. After a crash it re-produces the verdicts of the last commit's blocks.
+//!
 //! A validator started with `publish_changes` also writes, for Kafka Connect sinks and other
 //! readers, each block's world-state changes to `state-changes` and one row per transaction to
 //! `tx-results` (see `streamledger_core::publish`). Only one peer of a deployment should: every
@@ -21,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use streamledger_core::codec;
 use streamledger_core::crypto::{block_data_hash, block_header_hash};
@@ -31,6 +37,7 @@ use streamledger_core::network::Network;
 use streamledger_core::crypto::SignatureChecks;
 use streamledger_core::validation::{check_block, check_block_signature, validate_block_with, BlockRejection, BlockValidation, WriteRules, GENESIS_STATE_HASH};
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
+use streamledger_core::state::{CommittedState, PendingWrites};
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 use streamledger_ports::topics::{names, Topics};
 
@@ -136,16 +143,18 @@ pub async fn run(
         progress.committed(sp.block, &sp.state_hash, &[]);
         // Known from the start, as Fabric publishes the height when it opens the ledger.
         metrics.committed(&config.peer, sp.block, &hex::encode(&sp.state_hash));
-        // The verdict of the last block may not have been produced before a crash: produce it
-        // again (consumers treat verdicts idempotently).
+        // The verdicts of the last blocks committed (together) may not have been produced
+        // before a crash: produce them again (consumers treat verdicts idempotently).
         if !config.read_only {
-            let verdict = verdict_of(&config.peer, &block, &stored.codes, &sp.state_hash);
-            append_verdict(&log, &verdicts_topic, &verdict, &shutdown).await?;
+            let verdicts = last_verdicts(&config.peer, store.as_ref(), sp, &block, &stored.codes)?;
+            append_verdicts(&log, &verdicts_topic, &verdicts, &shutdown).await?;
         }
     }
     let from = config.start_offset.unwrap_or(from);
     tracing::info!(peer = %config.peer, height = position.height, from_offset = from, "validator started");
     let mut consumer = log.consumer(Subscription::assign(&blocks_topic, 0, from)).await?;
+    let ends = Ends { config: config.clone(), log: log.clone(), store: store.clone(), progress, counters: counters.clone(), verdicts_topic, shutdown: shutdown.clone() };
+    let mut group = Group::default();
     while !*shutdown.borrow() {
         let records = tokio::select! {
             r = consumer.poll(32, Duration::from_millis(200)) => r?,
@@ -157,63 +166,151 @@ pub async fn run(
             if config.stop_after_offset.is_some_and(|last| record.offset > last) {
                 break;
             }
-            let offset = record.offset;
-            let done = config.stop_after_offset == Some(offset);
-            let Some(block) = admissible(&config, &store, &position, &record, &dead).await? else {
-                if done {
-                    return Ok(());
-                }
-                continue;
+            let done = config.stop_after_offset == Some(record.offset);
+            let next = match admissible(&config, &store, &position, &group, &record, &dead).await {
+                Ok(Some(block)) => validate_next(&ends, &group, block, record, &position.state_hash).await.map(Some),
+                other => other.map(|_| None),
             };
-            let number = block.header.number;
-            let (cfg, st, prev_hash) = (config.clone(), store.clone(), position.state_hash.clone());
-            let block = Arc::new(block);
-            let record = Arc::new(record);
-            let started = std::time::Instant::now();
-            let (validation, commit_seconds) = retry("validating and committing", &shutdown, || {
-                let (cfg, st, prev_hash, block, record) = (cfg.clone(), st.clone(), prev_hash.clone(), block.clone(), record.clone());
-                let (log, counters) = (log.clone(), counters.clone());
-                async move {
-                    let (c, s, b) = (cfg.clone(), st.clone(), block.clone());
-                    let validation = Arc::new(blocking(move || validate(&c, s.as_ref(), &b, &prev_hash)).await?);
-                    if cfg.publish_changes && !cfg.read_only {
-                        // Before the commit: see the module docs.
-                        publish_changes(&cfg, &log, &block, &validation, &counters).await?;
-                    }
-                    let v = validation.clone();
-                    let seconds = blocking(move || commit(st.as_ref(), &block, &record, &v)).await?;
-                    let validation = Arc::try_unwrap(validation).map_err(|_| StageError::Fatal("validation still shared after commit".into()))?;
-                    Ok((validation, seconds))
+            match next {
+                Ok(Some(validated)) => {
+                    position = Position { height: validated.block.header.number, header: Some(validated.block.header.clone()), state_hash: validated.validation.state_hash.to_vec() };
+                    group.push(validated);
                 }
-            })
-            .await
-            .map_err(|e| match e {
-                StageError::State(s) => StageError::Fatal(format!("{}: cannot commit block {number}: {s}", config.peer)),
-                other => other,
-            })?;
-            let codes: Vec<i32> = validation.codes.iter().map(|c| *c as i32).collect();
-            let verdict = ValidatedBlock {
-                block_number: number,
-                block_hash: block_header_hash(&block.header).to_vec(),
-                peer: config.peer.clone(),
-                results: validation.results(),
-                state_hash: validation.state_hash.to_vec(),
-            };
-            if !config.read_only {
-                append_verdict(&log, &verdicts_topic, &verdict, &shutdown).await?;
+                Ok(None) => {}
+                Err(e) => {
+                    // The blocks validated before the one that stops the validator are good:
+                    // they are committed first (a replay stopping at a broken chain keeps them).
+                    ends.commit(&mut group).await?;
+                    return Err(e);
+                }
             }
-            counters.records_out.inc();
-            progress.committed(number, &validation.state_hash, &codes);
-            observe_commit(&metrics, &config.peer, number, &validation, started.elapsed().as_secs_f64(), commit_seconds);
-            position = Position { height: number, header: Some(block.header.clone()), state_hash: validation.state_hash.to_vec() };
-            tracing::debug!(peer = %config.peer, block = number, txs = codes.len(), "committed");
             if done {
+                ends.commit(&mut group).await?;
                 return Ok(());
             }
+            if group.blocks.len() >= store.blocks_per_commit() {
+                ends.commit(&mut group).await?;
+            }
         }
+        // Nothing more at hand: commit what is validated now, so that a quiet network gets each
+        // verdict as soon as its block is committed.
+        ends.commit(&mut group).await?;
     }
     tracing::info!(peer = %config.peer, height = position.height, "validator stopped");
     Ok(())
+}
+
+/// A block validated against the committed state and the blocks before it in the group.
+struct Validated {
+    block: Arc<Block>,
+    record: Arc<Record>,
+    validation: Arc<BlockValidation>,
+    started: Instant,
+}
+
+/// Validated blocks waiting to be committed together, and their merged writes, which the next
+/// block is validated against.
+#[derive(Default)]
+struct Group {
+    blocks: Vec<Validated>,
+    pending: Arc<Mutex<PendingWrites>>,
+}
+
+impl Group {
+    fn push(&mut self, validated: Validated) {
+        lock(&self.pending).push(&validated.validation.batch);
+        self.blocks.push(validated);
+    }
+
+    /// The hash of a validated block in the group, for telling a copy from a fork.
+    fn header_hash(&self, number: i64) -> Option<Vec<u8>> {
+        self.blocks.iter().find(|v| v.block.header.number == number).map(|v| block_header_hash(&v.block.header).to_vec())
+    }
+}
+
+fn lock(pending: &Mutex<PendingWrites>) -> std::sync::MutexGuard<'_, PendingWrites> {
+    pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the validator commits to and reports to.
+struct Ends {
+    config: Arc<ValidatorConfig>,
+    log: Arc<dyn Log>,
+    store: Arc<dyn PeerStore>,
+    progress: Arc<PeerProgress>,
+    counters: StageCounters,
+    verdicts_topic: String,
+    shutdown: Shutdown,
+}
+
+/// Validates the next block against the committed state and the group's pending blocks, and
+/// publishes its changes when configured to (before the commit: see the module docs).
+async fn validate_next(ends: &Ends, group: &Group, block: Block, record: Record, previous_state_hash: &[u8]) -> StageResult<Validated> {
+    let number = block.header.number;
+    let (block, record, started) = (Arc::new(block), Arc::new(record), Instant::now());
+    let validation = retry("validating", &ends.shutdown, || {
+        let (cfg, store, pending, b, prev) = (ends.config.clone(), ends.store.clone(), group.pending.clone(), block.clone(), previous_state_hash.to_vec());
+        let (log, counters) = (ends.log.clone(), ends.counters.clone());
+        async move {
+            let (c, bl) = (cfg.clone(), b.clone());
+            let validation = blocking(move || validate(&c, &lock(&pending).over(store.as_ref()), &bl, &prev)).await?;
+            if cfg.publish_changes && !cfg.read_only {
+                publish_changes(&cfg, &log, &b, &validation, &counters).await?;
+            }
+            Ok(validation)
+        }
+    })
+    .await
+    .map_err(|e| cannot(&ends.config.peer, "validate", &format!("block {number}"), e))?;
+    Ok(Validated { block, record, validation: Arc::new(validation), started })
+}
+
+/// A store error that outlived the retries stops the validator, naming the blocks.
+fn cannot(peer: &str, what: &str, blocks: &str, e: StageError) -> StageError {
+    match e {
+        StageError::State(s) => StageError::Fatal(format!("{peer}: cannot {what} {blocks}: {s}")),
+        other => other,
+    }
+}
+
+impl Ends {
+    /// Commits the group's blocks in one store transaction, then produces their verdicts.
+    async fn commit(&self, group: &mut Group) -> StageResult<()> {
+        let (Some(first), Some(last)) = (group.blocks.first(), group.blocks.last()) else { return Ok(()) };
+        let blocks = format!("blocks {} to {}", first.block.header.number, last.block.header.number);
+        let items: Arc<Vec<(Arc<Block>, Arc<Record>, Arc<BlockValidation>)>> =
+            Arc::new(group.blocks.iter().map(|v| (v.block.clone(), v.record.clone(), v.validation.clone())).collect());
+        let commit_seconds = retry("committing", &self.shutdown, || {
+            let (store, items) = (self.store.clone(), items.clone());
+            async move { blocking(move || commit(store.as_ref(), &items)).await }
+        })
+        .await
+        .map_err(|e| cannot(&self.config.peer, "commit", &blocks, e))?;
+        lock(&group.pending).clear();
+        let committed = std::mem::take(&mut group.blocks);
+        if !self.config.read_only {
+            let verdicts: Vec<ValidatedBlock> = committed.iter().map(|v| ValidatedBlock {
+                block_number: v.block.header.number,
+                block_hash: block_header_hash(&v.block.header).to_vec(),
+                peer: self.config.peer.clone(),
+                results: v.validation.results(),
+                state_hash: v.validation.state_hash.to_vec(),
+            }).collect();
+            append_verdicts(&self.log, &self.verdicts_topic, &verdicts, &self.shutdown).await?;
+        }
+        let metrics = &self.config.metrics;
+        // The group's commit time, shared equally by its blocks.
+        let share = commit_seconds / committed.len() as f64;
+        for v in &committed {
+            let number = v.block.header.number;
+            let codes: Vec<i32> = v.validation.codes.iter().map(|c| *c as i32).collect();
+            self.counters.records_out.inc();
+            self.progress.committed(number, &v.validation.state_hash, &codes);
+            observe_commit(metrics, &self.config.peer, number, &v.validation, v.started.elapsed().as_secs_f64(), share);
+            tracing::debug!(peer = %self.config.peer, block = number, txs = codes.len(), "committed");
+        }
+        Ok(())
+    }
 }
 
 /// Decodes a record from the blocks topic and decides whether it is the next block to commit.
@@ -233,6 +330,7 @@ async fn admissible(
     config: &ValidatorConfig,
     store: &Arc<dyn PeerStore>,
     position: &Position,
+    group: &Group,
     record: &Record,
     dead: &DeadLetters,
 ) -> StageResult<Option<Block>> {
@@ -247,6 +345,7 @@ async fn admissible(
     if number <= position.height {
         let committed = match &position.header {
             Some(h) if h.number == number => Some(block_header_hash(h).to_vec()),
+            _ if group.header_hash(number).is_some() => group.header_hash(number),
             _ => store.block(number)?.and_then(|s| codec::decode::<Block>(&s.bytes).ok()).map(|b| block_header_hash(&b.header).to_vec()),
         };
         if committed.as_deref() == Some(&block_header_hash(&block.header)[..]) {
@@ -301,8 +400,8 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> StageResult<T> + Sen
 }
 
 /// Validates a block against the committed state.
-fn validate(config: &ValidatorConfig, store: &dyn PeerStore, block: &Block, previous_state_hash: &[u8]) -> StageResult<BlockValidation> {
-    Ok(validate_block_with(&config.network, config.rules.as_ref(), store, block, previous_state_hash, config.signature_checks)?)
+fn validate(config: &ValidatorConfig, state: &dyn CommittedState, block: &Block, previous_state_hash: &[u8]) -> StageResult<BlockValidation> {
+    Ok(validate_block_with(&config.network, config.rules.as_ref(), state, block, previous_state_hash, config.signature_checks)?)
 }
 
 /// Appends a validated block's state changes and tx-result rows, counted as the stage's records
@@ -332,19 +431,42 @@ async fn publish_changes(config: &ValidatorConfig, log: &Arc<dyn Log>, block: &B
     Ok(())
 }
 
-/// Commits a validated block (state, tx index, block and savepoint); returns the seconds it took.
-fn commit(store: &dyn PeerStore, block: &Block, record: &Record, validation: &BlockValidation) -> StageResult<f64> {
-    let number = block.header.number;
-    let stored = StoredBlock { number, bytes: record.value.clone(), codes: validation.codes.iter().map(|c| *c as i32).collect() };
-    let savepoint = Savepoint {
-        block: number,
-        block_hash: block_header_hash(&block.header).to_vec(),
-        state_hash: validation.state_hash.to_vec(),
-        blocks_offset: record.offset,
-    };
-    let started = std::time::Instant::now();
-    store.commit(BlockCommit { block: &stored, batch: &validation.batch, savepoint: &savepoint })?;
+/// Commits validated blocks (state, tx index, block and savepoint of each) in one store
+/// transaction; returns the seconds it took.
+fn commit(store: &dyn PeerStore, blocks: &[(Arc<Block>, Arc<Record>, Arc<BlockValidation>)]) -> StageResult<f64> {
+    let rows: Vec<(StoredBlock, Savepoint)> = blocks
+        .iter()
+        .map(|(block, record, validation)| {
+            let number = block.header.number;
+            let stored = StoredBlock { number, bytes: record.value.clone(), codes: validation.codes.iter().map(|c| *c as i32).collect() };
+            let savepoint = Savepoint {
+                block: number,
+                block_hash: block_header_hash(&block.header).to_vec(),
+                state_hash: validation.state_hash.to_vec(),
+                blocks_offset: record.offset,
+            };
+            (stored, savepoint)
+        })
+        .collect();
+    let commits: Vec<BlockCommit> =
+        rows.iter().zip(blocks).map(|((block, savepoint), (_, _, v))| BlockCommit { block, batch: &v.batch, savepoint }).collect();
+    let started = Instant::now();
+    store.commit_all(&commits)?;
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// The verdicts of the blocks the last commit may have covered, in order, ending with the
+/// savepoint's block: those whose state hash the store kept.
+fn last_verdicts(peer: &str, store: &dyn PeerStore, sp: &Savepoint, block: &Block, codes: &[i32]) -> StageResult<Vec<ValidatedBlock>> {
+    let first = (sp.block + 1 - store.blocks_per_commit() as i64).max(0);
+    let mut verdicts = Vec::new();
+    for number in first..sp.block {
+        let (Some(stored), Some(state_hash)) = (store.block(number)?, store.state_hash_after(number)?) else { continue };
+        let earlier = codec::decode::<Block>(&stored.bytes).map_err(|e| StageError::Fatal(format!("{peer}: stored block {number}: {e}")))?;
+        verdicts.push(verdict_of(peer, &earlier, &stored.codes, &state_hash));
+    }
+    verdicts.push(verdict_of(peer, block, codes, &sp.state_hash));
+    Ok(verdicts)
 }
 
 fn verdict_of(peer: &str, block: &Block, codes: &[i32], state_hash: &[u8]) -> ValidatedBlock {
@@ -366,9 +488,11 @@ fn verdict_of(peer: &str, block: &Block, codes: &[i32], state_hash: &[u8]) -> Va
     }
 }
 
-async fn append_verdict(log: &Arc<dyn Log>, topic: &str, verdict: &ValidatedBlock, shutdown: &Shutdown) -> StageResult<()> {
-    let bytes = codec::encode(verdict).map_err(|e| StageError::Fatal(e.to_string()))?;
-    let record = OutRecord::keyed(verdict.peer.as_bytes(), bytes);
-    retry("appending a verdict", shutdown, || async { Ok(log.append(topic, vec![record.clone()]).await?) }).await?;
+async fn append_verdicts(log: &Arc<dyn Log>, topic: &str, verdicts: &[ValidatedBlock], shutdown: &Shutdown) -> StageResult<()> {
+    let records = verdicts
+        .iter()
+        .map(|v| Ok(OutRecord::keyed(v.peer.as_bytes(), codec::encode(v).map_err(|e| StageError::Fatal(e.to_string()))?)))
+        .collect::<StageResult<Vec<_>>>()?;
+    retry("appending verdicts", shutdown, || async { Ok(log.append(topic, records.clone()).await?) }).await?;
     Ok(())
 }

@@ -110,3 +110,66 @@ async fn a_read_only_replay_skips_garbage_but_stops_at_a_broken_chain_naming_the
     assert_eq!(log.end_offset(topics.name(names::DEAD_LETTERS), 0).await.unwrap(), 0);
     assert_eq!(log.end_offset(topics.name(names::VALIDATED_BLOCKS), 0).await.unwrap(), 0);
 }
+
+/// Blocks that arrive together are committed together: each is validated against the blocks
+/// before it (a read of the previous block's write is current, a read of the older version is a
+/// conflict), and after a restart the validator produces the verdicts of the blocks its last
+/// commit covered again, equal to the first ones, before going on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_at_hand_commit_together_and_their_verdicts_survive_a_restart() {
+    use streamledger_core::crypto::block_header_hash;
+    use streamledger_core::cutter::GENESIS_PREVIOUS_HASH;
+    use streamledger_core::fixtures::Rw;
+    use streamledger_core::model::{Block, ValidatedBlock};
+    use streamledger_core::state::CommittedState;
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fixture::new();
+    let topics = Topics::default_for(f.network.channel());
+    let log: Arc<dyn Log> = EmbeddedLog::open(&dir.path().join("log")).unwrap();
+    ensure_topics(log.as_ref(), &topics).await.unwrap();
+    let mut blocks: Vec<Block> = Vec::new();
+    let next = |blocks: &[Block], rw: Rw| {
+        let previous = blocks.last().map_or(GENESIS_PREVIOUS_HASH.to_vec(), |b| block_header_hash(&b.header).to_vec());
+        f.block(blocks.len() as i64, &previous, &[f.tx(rw.build())])
+    };
+    for rw in [
+        Rw::new().write("a", "0"),
+        Rw::new().read("a", Some((0, 0))).write("a", "1"), // reads block 0's write: current
+        Rw::new().read("a", Some((0, 0))).write("b", "x"), // block 1 wrote "a" since: a conflict
+        Rw::new().read("a", Some((1, 0))).write("a", "3"),
+    ] {
+        let block = next(&blocks, rw);
+        blocks.push(block);
+    }
+    let records = blocks.iter().map(|b| OutRecord::unkeyed(codec::encode(b).unwrap())).collect();
+    log.append(topics.name(names::BLOCKS), records).await.unwrap();
+
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap());
+    let run = |stop_after: i64| {
+        let mut cfg = validator::ValidatorConfig::new("Org1.peer0".into(), Arc::new(f.network.clone()), topics.clone(), Arc::new(AnyWrite));
+        cfg.stop_after_offset = Some(stop_after);
+        let (_tx, rx) = watch::channel(false);
+        validator::run(cfg, log.clone(), store.clone(), Arc::new(PeerProgress::new()), rx)
+    };
+    run(3).await.unwrap();
+    assert_eq!(store.savepoint().unwrap().unwrap().block, 3);
+    let verdicts = async || -> Vec<ValidatedBlock> {
+        let mut consumer = log.consumer(streamledger_ports::log::Subscription::assign(topics.name(names::VALIDATED_BLOCKS), 0, 0)).await.unwrap();
+        consumer.poll(100, Duration::from_millis(200)).await.unwrap().iter().map(|r| codec::decode(&r.value).unwrap()).collect()
+    };
+    let first = verdicts().await;
+    let codes: Vec<i32> = first.iter().map(|v| v.results[0].code).collect();
+    assert_eq!(codes, [TxValidationCode::Valid as i32, TxValidationCode::Valid as i32, TxValidationCode::MvccReadConflict as i32, TxValidationCode::Valid as i32]);
+    assert_eq!(store.get("kv", "a").unwrap().unwrap().value, b"3");
+    assert_eq!(store.get("kv", "b").unwrap(), None);
+
+    // A restart (as after a crash between the commit and the verdicts), then one more block.
+    let block = next(&blocks, Rw::new().read("a", Some((3, 0))).write("a", "4"));
+    log.append(topics.name(names::BLOCKS), vec![OutRecord::unkeyed(codec::encode(&block).unwrap())]).await.unwrap();
+    run(4).await.unwrap();
+    let after = verdicts().await;
+    assert_eq!(after.len(), 4 + 4 + 1, "{after:?}");
+    assert_eq!(after[4..8], first[..], "the last commit's verdicts, produced again");
+    assert_eq!(after[8].block_number, 4);
+    assert_eq!(after[8].results[0].code, TxValidationCode::Valid as i32);
+}
