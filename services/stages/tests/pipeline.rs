@@ -75,16 +75,23 @@ async fn a_replica_takes_over_a_block_whose_author_never_wrote_it() {
     net.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_only_replay_skips_garbage_but_stops_at_a_broken_chain_naming_the_block() {
-    use streamledger_core::crypto::block_header_hash;
-    use streamledger_core::cutter::GENESIS_PREVIOUS_HASH;
-    use streamledger_core::fixtures::Rw;
+/// A fixture network and an embedded log with its topics, no stage running: for driving one
+/// validator by hand.
+async fn bare_log() -> (tempfile::TempDir, Fixture, Topics, Arc<dyn Log>) {
     let dir = tempfile::tempdir().unwrap();
     let f = Fixture::new();
     let topics = Topics::default_for(f.network.channel());
     let log: Arc<dyn Log> = EmbeddedLog::open(&dir.path().join("log")).unwrap();
     ensure_topics(log.as_ref(), &topics).await.unwrap();
+    (dir, f, topics, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_replay_skips_garbage_but_stops_at_a_broken_chain_naming_the_block() {
+    use streamledger_core::crypto::block_header_hash;
+    use streamledger_core::cutter::GENESIS_PREVIOUS_HASH;
+    use streamledger_core::fixtures::Rw;
+    let (dir, f, topics, log) = bare_log().await;
     let tx = |k: &str| f.tx(Rw::new().write(k, "v").build());
     let b0 = f.block(0, &GENESIS_PREVIOUS_HASH, &[tx("a")]);
     let b1 = f.block(1, &block_header_hash(&b0.header), &[tx("b")]);
@@ -122,11 +129,7 @@ async fn blocks_at_hand_commit_together_and_their_verdicts_survive_a_restart() {
     use streamledger_core::fixtures::Rw;
     use streamledger_core::model::{Block, ValidatedBlock};
     use streamledger_core::state::CommittedState;
-    let dir = tempfile::tempdir().unwrap();
-    let f = Fixture::new();
-    let topics = Topics::default_for(f.network.channel());
-    let log: Arc<dyn Log> = EmbeddedLog::open(&dir.path().join("log")).unwrap();
-    ensure_topics(log.as_ref(), &topics).await.unwrap();
+    let (dir, f, topics, log) = bare_log().await;
     let mut blocks: Vec<Block> = Vec::new();
     let next = |blocks: &[Block], rw: Rw| {
         let previous = blocks.last().map_or(GENESIS_PREVIOUS_HASH.to_vec(), |b| block_header_hash(&b.header).to_vec());
