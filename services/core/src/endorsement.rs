@@ -1,5 +1,7 @@
 //! The endorser's side: checking an incoming proposal and signing the simulation's outcome.
 
+use rayon::prelude::*;
+
 use crate::crypto::{self, SigCheck, SignatureChecks, Signer};
 use crate::model::*;
 use crate::network::Network;
@@ -26,6 +28,33 @@ pub fn check_proposal(network: &Network, p: &Proposal) -> Result<(), ProposalRej
 
 /// [`check_proposal`], with the signature check switchable off for benchmarks only.
 pub fn check_proposal_with(network: &Network, p: &Proposal, signatures: SignatureChecks) -> Result<(), ProposalRejection> {
+    check_fields(network, p, || {
+        signatures == SignatureChecks::Off
+            || crypto::verify(&SigCheck { public_key: &p.creator.public_key, message: &crypto::proposal_signing_bytes(p), signature: &p.signature })
+    })
+}
+
+/// [`check_proposal_with`] for a batch, with the same verdicts: the creators' signatures are
+/// checked in one batched, parallel pass (`crypto::verify_all`, about twice as fast per signature
+/// as one by one), as an endorser receives proposals in batches.
+pub fn check_proposals_with(network: &Network, proposals: &[Proposal], signatures: SignatureChecks) -> Vec<Result<(), ProposalRejection>> {
+    let verified = match signatures {
+        SignatureChecks::Off => vec![true; proposals.len()],
+        SignatureChecks::On => {
+            let messages: Vec<Vec<u8>> = proposals.par_iter().map(crypto::proposal_signing_bytes).collect();
+            let checks: Vec<SigCheck> = proposals
+                .iter()
+                .zip(&messages)
+                .map(|(p, message)| SigCheck { public_key: &p.creator.public_key, message, signature: &p.signature })
+                .collect();
+            crypto::verify_all(&checks)
+        }
+    };
+    proposals.iter().zip(verified).map(|(p, ok)| check_fields(network, p, || ok)).collect()
+}
+
+/// The checks in Fabric's order; `signature_verifies` runs only if the ones before it pass.
+fn check_fields(network: &Network, p: &Proposal, signature_verifies: impl FnOnce() -> bool) -> Result<(), ProposalRejection> {
     let tx_id = p.tx_id.clone();
     if p.channel != network.channel() {
         return Err(ProposalRejection::WrongChannel { tx_id, channel: p.channel.clone(), expected: network.channel().into() });
@@ -37,11 +66,8 @@ pub fn check_proposal_with(network: &Network, p: &Proposal, signatures: Signatur
     if p.tx_id != crypto::compute_tx_id(&p.nonce, &p.creator) {
         return Err(ProposalRejection::BadTxId { tx_id });
     }
-    if signatures == SignatureChecks::On {
-        let message = crypto::proposal_signing_bytes(p);
-        if !crypto::verify(&SigCheck { public_key: &p.creator.public_key, message: &message, signature: &p.signature }) {
-            return Err(ProposalRejection::BadSignature { tx_id });
-        }
+    if !signature_verifies() {
+        return Err(ProposalRejection::BadSignature { tx_id });
     }
     if network.policy(&p.contract).is_none() {
         return Err(ProposalRejection::UnknownContract { tx_id, contract: p.contract.clone() });
@@ -70,5 +96,50 @@ pub fn verify_endorsement(proposal: &Proposal, result: &EndorsementResult) -> bo
 impl EndorsementResult {
     pub fn endorsement(&self) -> Endorsement {
         Endorsement { endorser: self.endorser.clone(), signature: self.signature.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::Fixture;
+
+    #[test]
+    fn a_batch_gets_the_verdicts_one_by_one_checks_give() {
+        let f = Fixture::new();
+        let good = || f.proposal("kv", "put", &["k", "v"]);
+        let mut wrong_channel = good();
+        wrong_channel.channel = "other".into();
+        let mut stranger = good();
+        Signer::from_seed("Org1", [77; 32]).sign_proposal(&mut stranger);
+        let mut bad_tx_id = good();
+        bad_tx_id.tx_id = "00".repeat(32);
+        let mut bad_signature = good();
+        bad_signature.signature[0] ^= 1;
+        let mut short_signature = good();
+        short_signature.signature.truncate(10);
+        let unknown_contract = f.proposal("nope", "put", &["k", "v"]);
+        // More than one batch of 64, with the bad ones in the first.
+        let mut batch = vec![wrong_channel, stranger, bad_tx_id, bad_signature, short_signature, unknown_contract];
+        batch.extend((0..70).map(|_| good()));
+        for checks in [SignatureChecks::On, SignatureChecks::Off] {
+            let one_by_one: Vec<_> = batch.iter().map(|p| check_proposal_with(&f.network, p, checks)).collect();
+            assert_eq!(check_proposals_with(&f.network, &batch, checks), one_by_one, "{checks:?}");
+        }
+        let verdicts = check_proposals_with(&f.network, &batch, SignatureChecks::On);
+        let kinds: Vec<&str> = verdicts[..6]
+            .iter()
+            .map(|v| match v {
+                Err(ProposalRejection::WrongChannel { .. }) => "channel",
+                Err(ProposalRejection::UnknownCreator { .. }) => "creator",
+                Err(ProposalRejection::BadTxId { .. }) => "tx id",
+                Err(ProposalRejection::BadSignature { .. }) => "signature",
+                Err(ProposalRejection::UnknownContract { .. }) => "contract",
+                Ok(()) => "ok",
+            })
+            .collect();
+        assert_eq!(kinds, ["channel", "creator", "tx id", "signature", "signature", "contract"]);
+        assert!(verdicts[6..].iter().all(Result::is_ok));
+        assert!(check_proposals_with(&f.network, &[], SignatureChecks::On).is_empty());
     }
 }

@@ -770,18 +770,19 @@ impl CryptoPerTx {
     ///   org's endorser signs its result (`endorser::endorse_one` → `endorsement::endorse`, also
     ///   for a refusal); the orderer replica that writes a block signs it once
     ///   (`orderer::Replica::due` → `sign_block`), amortised over the block;
-    /// - one-by-one verifies: every endorser checks the creator's signature
-    ///   (`endorsement::check_proposal` → `crypto::verify`); the API checks it once more for
-    ///   `POST /v1/proposals` (`api::submit_signed`); every validator checks the orderer's
+    /// - one-by-one verifies: the API checks the creator's signature for `POST /v1/proposals`
+    ///   (`api::submit_signed` → `check_proposal`); every validator checks the orderer's
     ///   signature once per block (`validation::check_block` → `check_block_signature`);
-    /// - batched verifies: every validator checks the creator's and each endorsement's signature
-    ///   of every transaction in one `crypto::verify_all` pass per block
-    ///   (`validation::validate_block` → `check_transactions`).
+    /// - batched verifies: every endorser checks the creator's signature, a batch of proposals
+    ///   in one `crypto::verify_all` pass (`endorser::endorse_all` → `check_proposals_with`);
+    ///   every validator checks the creator's and each endorsement's signature of every
+    ///   transaction in one `crypto::verify_all` pass per block (`validation::validate_block` →
+    ///   `check_transactions`).
     ///
     /// The gateway checks no signature (it compares proposal hashes; the validators check the
     /// endorsements). Takeover copies of blocks (a second orderer signing a block) are rare and
     /// not counted. With signature checks off, the endorsers' and validators' transaction checks
-    /// go (`check_proposal_with`, `validate_block_with`); signing, the API's check and the block
+    /// go (`check_proposals_with`, `validate_block_with`); signing, the API's check and the block
     /// signature check stay.
     pub fn count(shape: &CryptoShape) -> Self {
         let per_block = 1.0 / shape.mean_block_txs.max(1.0);
@@ -789,8 +790,8 @@ impl CryptoPerTx {
         let checks = f64::from(u8::from(shape.signature_checks));
         Self {
             signs: 1.0 + endorsers + per_block,
-            verifies: checks * endorsers + f64::from(u8::from(shape.via_api)) + validators * per_block,
-            batch_verifies: checks * validators * (1.0 + shape.endorsements_per_tx as f64),
+            verifies: f64::from(u8::from(shape.via_api)) + validators * per_block,
+            batch_verifies: checks * (endorsers + validators * (1.0 + shape.endorsements_per_tx as f64)),
         }
     }
 
@@ -2151,10 +2152,10 @@ mod tests {
         let shape = CryptoShape { endorsers: 2, validators: 2, endorsements_per_tx: 2, mean_block_txs: 100.0, via_api: false, signature_checks: true };
         let c = CryptoPerTx::count(&shape);
         assert!((c.signs - 3.01).abs() < 1e-9, "client + 2 endorsers + 1/100 orderer: {}", c.signs);
-        assert!((c.verifies - 2.02).abs() < 1e-9, "2 endorsers + 2 validators/100 for the block: {}", c.verifies);
-        assert!((c.batch_verifies - 6.0).abs() < 1e-9, "2 validators x (creator + 2 endorsements)");
+        assert!((c.verifies - 0.02).abs() < 1e-9, "2 validators/100 for the block: {}", c.verifies);
+        assert!((c.batch_verifies - 8.0).abs() < 1e-9, "2 endorsers + 2 validators x (creator + 2 endorsements)");
         let api = CryptoPerTx::count(&CryptoShape { via_api: true, ..shape });
-        assert!((api.verifies - 3.02).abs() < 1e-9);
+        assert!((api.verifies - 1.02).abs() < 1e-9);
         // Checks off: signing and the block signature check remain.
         let off = CryptoPerTx::count(&CryptoShape { signature_checks: false, ..shape });
         assert_eq!((off.signs, off.batch_verifies), (c.signs, 0.0));
