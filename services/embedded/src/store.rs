@@ -354,11 +354,14 @@ impl PeerStore for EmbeddedStore {
                         }
                         stored.insert(number, (block.bytes.as_slice(), block.codes.clone()))?;
                         state_hashes.insert(number, savepoint.state_hash.as_slice())?;
-                        meta.insert(
-                            SAVEPOINT,
-                            (savepoint.block, savepoint.block_hash.as_slice(), savepoint.state_hash.as_slice(), savepoint.blocks_offset),
-                        )?;
                     }
+                    // Only the last block's savepoint: the earlier ones would be overwritten in
+                    // this same transaction.
+                    let savepoint = commits[commits.len() - 1].savepoint;
+                    meta.insert(
+                        SAVEPOINT,
+                        (savepoint.block, savepoint.block_hash.as_slice(), savepoint.state_hash.as_slice(), savepoint.blocks_offset),
+                    )?;
                 }
                 txn.commit()?;
                 debug!(blocks = %blocks(), "committed");

@@ -345,8 +345,10 @@ async fn admissible(
     if number <= position.height {
         let committed = match &position.header {
             Some(h) if h.number == number => Some(block_header_hash(h).to_vec()),
-            _ if group.header_hash(number).is_some() => group.header_hash(number),
-            _ => store.block(number)?.and_then(|s| codec::decode::<Block>(&s.bytes).ok()).map(|b| block_header_hash(&b.header).to_vec()),
+            _ => match group.header_hash(number) {
+                Some(pending) => Some(pending),
+                None => store.block(number)?.and_then(|s| codec::decode::<Block>(&s.bytes).ok()).map(|b| block_header_hash(&b.header).to_vec()),
+            },
         };
         if committed.as_deref() == Some(&block_header_hash(&block.header)[..]) {
             // A copy (another replica's) is skipped, unless its transactions are not those its
