@@ -11,6 +11,10 @@
 //! partition's end offset in memory (loaded at open): `end_offset` and the consumers' "is there
 //! anything new" check never touch the disk.
 //!
+//! Writes (appends and group offsets) from concurrent stages are committed together: whoever gets
+//! the writer commits everything queued meanwhile in one transaction and one fsync, and each
+//! caller returns once its own write is durable.
+//!
 //! Consumer groups: embedded mode runs **one member per group**. A group consumer is assigned every
 //! partition of its topics, and a second live member of the same group is refused rather than
 //! silently delivering every record twice (there is no rebalancing to split partitions).
@@ -64,8 +68,47 @@ struct Inner {
     /// Serialises appends and topic creation. Offsets are assigned from the in-memory end offsets,
     /// which must not move between reading them and committing the records that use them.
     writer: Mutex<()>,
+    /// Writes waiting for the writer: whoever holds it next commits them all (see [`Inner::write`]).
+    queue: Mutex<Vec<Queued>>,
     /// Each group's live member (its wake-up handle), to refuse a second one.
     members: Mutex<HashMap<String, Weak<Notify>>>,
+}
+
+/// One caller's write, queued for the next group commit.
+enum Write {
+    /// Records already routed to partitions of `topic`.
+    Append { topic: Arc<TopicState>, records: Vec<(i32, OutRecord)> },
+    /// A group's next offsets, as (topic, partition, next offset).
+    Offsets { group: String, commits: Vec<(Arc<str>, i32, i64)> },
+}
+
+impl Write {
+    /// What the caller was doing, for its errors.
+    fn describe(&self) -> String {
+        match self {
+            Write::Append { topic, records } => format!("append {} records to topic {}", records.len(), topic.name),
+            Write::Offsets { group, .. } => format!("commit offsets of group {group}"),
+        }
+    }
+}
+
+enum Written {
+    /// (partition, offset) of each appended record, in the order given.
+    Appended(Vec<(i32, i64)>),
+    Offsets,
+}
+
+struct Queued {
+    write: Write,
+    done: std::sync::mpsc::SyncSender<LogResult<Written>>,
+}
+
+/// A failed group commit, in one write's own words: what it was doing, and where the group failed
+/// (nothing of the group was stored).
+fn group_failure(e: &LogError, write: &Write) -> LogError {
+    let context = write.describe();
+    let message = if e.context == context { e.message.clone() } else { format!("{}: {}", e.context, e.message) };
+    LogError::new(context, message, e.retryable)
 }
 
 struct TopicState {
@@ -240,6 +283,7 @@ impl EmbeddedLog {
                 path,
                 topics: RwLock::new(topics),
                 writer: Mutex::new(()),
+                queue: Mutex::new(Vec::new()),
                 members: Mutex::new(HashMap::new()),
             }),
         }))
@@ -307,36 +351,89 @@ impl Inner {
         Ok(())
     }
 
-    /// Appends routed records in one write transaction (one fsync for the whole batch).
-    fn write_batch(&self, topic: &TopicState, records: Vec<(i32, OutRecord)>) -> LogResult<Vec<(i32, i64)>> {
-        let _writer = lock(&self.writer);
-        let mut next: Vec<i64> = topic.partitions.iter().map(PartitionState::end).collect();
-        let timestamp_ms = now_ms();
-        let ctx = || format!("append {} records to topic {}", records.len(), topic.name);
-        let txn = self.db.begin_write().map_err(|e| self.err(ctx(), e))?;
-        let mut assigned = Vec::with_capacity(records.len());
+    /// Commits `write` together with whatever other writes are queued when this thread gets the
+    /// writer: one redb transaction and one fsync for all of them (a group commit). The stages
+    /// append and commit offsets concurrently, and an fsync is far costlier than the records, so
+    /// while one group is being synced the next one gathers. Blocking: call it off the runtime.
+    fn write(&self, write: Write) -> LogResult<Written> {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        lock(&self.queue).push(Queued { write, done });
         {
-            let mut table = txn.open_table(records_table(&topic.table_name)).map_err(|e| self.err(ctx(), e))?;
+            let _writer = lock(&self.writer);
+            // Empty when an earlier holder took ours along: its result is already sent.
+            let group = std::mem::take(&mut *lock(&self.queue));
+            if !group.is_empty() {
+                self.commit_group(group);
+            }
+        }
+        // Our write was queued before we took the writer, so a holder (we or an earlier one) has
+        // answered it by now.
+        result.recv().unwrap_or_else(|_| Err(LogError::new(self.path.display().to_string(), "the log's writer was dropped", false)))
+    }
+
+    /// Writes every queued write in one transaction and answers each. If the transaction fails,
+    /// none of them is stored, and each gets the error in its own words.
+    fn commit_group(&self, group: Vec<Queued>) {
+        let timestamp_ms = now_ms();
+        // Offsets assigned but not yet committed, per topic: two writes to one topic in a group
+        // follow each other.
+        let mut next: HashMap<Arc<str>, Vec<i64>> = HashMap::new();
+        let mut written = Vec::with_capacity(group.len());
+        let outcome = (|| -> Result<(), LogError> {
+            let txn = self.db.begin_write().map_err(|e| self.err("begin a write".into(), e))?;
             let mut frame = Vec::new();
-            for (partition, record) in &records {
-                let slot = &mut next[*partition as usize]; // in range: checked when routed
-                let offset = *slot;
-                *slot += 1;
-                encode(&mut frame, timestamp_ms, record.key.as_deref(), &record.value);
-                table.insert((*partition, offset), frame.as_slice()).map_err(|e| {
-                    self.err(format!("append to partition {partition} of topic {} at offset {offset}", topic.name), e)
-                })?;
-                assigned.push((*partition, offset));
+            for Queued { write, .. } in &group {
+                match write {
+                    Write::Append { topic, records } => {
+                        let next = next.entry(topic.name.clone()).or_insert_with(|| topic.partitions.iter().map(PartitionState::end).collect());
+                        let mut table = txn.open_table(records_table(&topic.table_name)).map_err(|e| self.err(write.describe(), e))?;
+                        let mut assigned = Vec::with_capacity(records.len());
+                        for (partition, record) in records {
+                            let slot = &mut next[*partition as usize]; // in range: checked when routed
+                            let offset = *slot;
+                            *slot += 1;
+                            encode(&mut frame, timestamp_ms, record.key.as_deref(), &record.value);
+                            table.insert((*partition, offset), frame.as_slice()).map_err(|e| {
+                                self.err(format!("append to partition {partition} of topic {} at offset {offset}", topic.name), e)
+                            })?;
+                            assigned.push((*partition, offset));
+                        }
+                        written.push(Written::Appended(assigned));
+                    }
+                    Write::Offsets { group, commits } => {
+                        let mut table = txn.open_table(GROUP_OFFSETS).map_err(|e| self.err(write.describe(), e))?;
+                        for (topic, partition, next) in commits {
+                            table.insert((group.as_str(), &**topic, *partition), *next).map_err(|e| self.err(write.describe(), e))?;
+                        }
+                        written.push(Written::Offsets);
+                    }
+                }
+            }
+            txn.commit().map_err(|e| self.err(format!("commit a write of {} batches", group.len()), e))
+        })();
+        match outcome {
+            Ok(()) => {
+                for Queued { write, .. } in &group {
+                    if let Write::Append { topic, .. } = write {
+                        let ends = &next[&topic.name];
+                        for (state, &end) in topic.partitions.iter().zip(ends) {
+                            if state.end() != end {
+                                state.end.store(end, Ordering::Release);
+                                state.wake();
+                            }
+                        }
+                    }
+                }
+                for (queued, written) in group.into_iter().zip(written) {
+                    let _ = queued.done.send(Ok(written)); // a dropped waiter no longer cares
+                }
+            }
+            Err(e) => {
+                for queued in group {
+                    let _ = queued.done.send(Err(group_failure(&e, &queued.write)));
+                }
             }
         }
-        txn.commit().map_err(|e| self.err(ctx(), e))?;
-        for (state, end) in topic.partitions.iter().zip(next) {
-            if state.end() != end {
-                state.end.store(end, Ordering::Release);
-                state.wake();
-            }
-        }
-        Ok(assigned)
     }
 
     fn committed(&self, group: &str, topic: &str, partition: i32) -> LogResult<Option<i64>> {
@@ -345,18 +442,6 @@ impl Inner {
         let table = txn.open_table(GROUP_OFFSETS).map_err(|e| self.err(ctx(), e))?;
         let value = table.get((group, topic, partition)).map_err(|e| self.err(ctx(), e))?;
         Ok(value.map(|v| v.value()))
-    }
-
-    fn store_commits(&self, group: &str, commits: &[(Arc<str>, i32, i64)]) -> LogResult<()> {
-        let ctx = || format!("commit offsets of group {group}");
-        let txn = self.db.begin_write().map_err(|e| self.err(ctx(), e))?;
-        {
-            let mut table = txn.open_table(GROUP_OFFSETS).map_err(|e| self.err(ctx(), e))?;
-            for (topic, partition, next) in commits {
-                table.insert((group, &**topic, *partition), *next).map_err(|e| self.err(ctx(), e))?;
-            }
-        }
-        txn.commit().map_err(|e| self.err(ctx(), e))
     }
 
     /// Reads each planned range in order, stopping early (after at least one record) once
@@ -490,7 +575,10 @@ impl Log for EmbeddedLog {
             ));
         }
         let inner = self.inner.clone();
-        blocking(format!("append to topic {topic}"), move || inner.write_batch(&state, routed)).await
+        match blocking(format!("append to topic {topic}"), move || inner.write(Write::Append { topic: state, records: routed })).await? {
+            Written::Appended(assigned) => Ok(assigned),
+            Written::Offsets => Err(LogError::new(format!("append to topic {topic}"), "the log's writer answered without offsets", false)),
+        }
     }
 
     async fn end_offset(&self, topic: &str, partition: i32) -> LogResult<i64> {
@@ -674,7 +762,7 @@ impl Consumer for EmbeddedConsumer {
             return Ok(());
         }
         let inner = self.inner.clone();
-        blocking(format!("commit group {group}"), move || inner.store_commits(&group, &commits)).await
+        blocking(format!("commit group {group}"), move || inner.write(Write::Offsets { group, commits })).await.map(drop)
     }
 
     fn assignment(&self) -> Vec<(String, i32)> {
@@ -895,6 +983,66 @@ mod tests {
             let values: BTreeSet<Vec<u8>> = drain(&mut c, 200).await.into_iter().map(|r| r.value).collect();
             assert_eq!(values.len(), 100, "every record readable once in partition {p}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_queued_behind_the_writer_commit_together_with_their_own_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), &[("t", 2), ("u", 1)]).await;
+        log.append("t", vec![OutRecord::to_partition(0, b"before")]).await.unwrap();
+        let inner = log.inner.clone();
+        let topic = |name: &str| inner.topic(name).unwrap();
+        let writes = vec![
+            Write::Append { topic: topic("t"), records: vec![(0, OutRecord::to_partition(0, b"a1")), (1, OutRecord::to_partition(1, b"a2"))] },
+            Write::Append { topic: topic("u"), records: vec![(0, OutRecord::to_partition(0, b"u1"))] },
+            Write::Append { topic: topic("t"), records: vec![(0, OutRecord::to_partition(0, b"b1"))] },
+            Write::Offsets { group: "g".into(), commits: vec![("t".into(), 0, 1)] },
+        ];
+        // Hold the writer so that all four queue up, then let them go: one holder commits them all.
+        let held = lock(&inner.writer);
+        let threads: Vec<_> = writes
+            .into_iter()
+            .map(|w| {
+                let inner = inner.clone();
+                std::thread::spawn(move || inner.write(w).map(|w| match w {
+                    Written::Appended(a) => a,
+                    Written::Offsets => Vec::new(),
+                }))
+            })
+            .collect();
+        while lock(&inner.queue).len() < 4 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(held);
+        let answers: Vec<Vec<(i32, i64)>> = threads.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
+        assert!(lock(&inner.queue).is_empty());
+        // Two appends to t in one group follow each other, after the record already there.
+        let mut t0: Vec<i64> = [&answers[0], &answers[2]].iter().flat_map(|a| a.iter().filter(|(p, _)| *p == 0).map(|(_, o)| *o)).collect();
+        t0.sort();
+        assert_eq!(t0, vec![1, 2], "{answers:?}");
+        assert_eq!(answers[0].iter().find(|(p, _)| *p == 1), Some(&(1, 0)));
+        assert_eq!(answers[1], vec![(0, 0)]);
+        assert_eq!([log.end_offset("t", 0).await.unwrap(), log.end_offset("t", 1).await.unwrap(), log.end_offset("u", 0).await.unwrap()], [3, 1, 1]);
+        assert_eq!(log.committed_offset("g", "t", 0).await.unwrap(), Some(1));
+        let mut c = log.consumer(Subscription::assign("t", 0, 0)).await.unwrap();
+        let values: Vec<Vec<u8>> = drain(&mut c, 10).await.into_iter().map(|r| r.value).collect();
+        assert_eq!(values.len(), 3);
+        assert_eq!(values[0], b"before");
+    }
+
+    #[test]
+    fn a_failed_group_is_reported_to_each_write_in_its_own_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = tokio::runtime::Runtime::new().unwrap().block_on(log_with(dir.path(), &[("t", 1)]));
+        let append = Write::Append { topic: log.inner.topic("t").unwrap(), records: vec![(0, OutRecord::to_partition(0, b"x"))] };
+        let offsets = Write::Offsets { group: "g".into(), commits: vec![] };
+        let failure = LogError::new("append to partition 0 of topic t at offset 7", "disk full writing /d/log.redb", true);
+        let e = group_failure(&failure, &offsets);
+        assert_eq!(e.context, "commit offsets of group g");
+        assert!(e.message.contains("topic t at offset 7") && e.message.contains("disk full writing /d/log.redb") && e.retryable, "{e}");
+        let own = LogError::new("append 1 records to topic t", "disk error on /d/log.redb", false);
+        let e = group_failure(&own, &append);
+        assert_eq!((e.context.as_str(), e.message.as_str(), e.retryable), ("append 1 records to topic t", "disk error on /d/log.redb", false));
     }
 
     #[tokio::test]
