@@ -159,7 +159,20 @@ struct KafkaArgs {
 impl KafkaArgs {
     /// The client configuration, or `None` when no brokers are given.
     fn config(&self) -> Result<Option<streamledger_kafka::KafkaConfig>, CliError> {
-        let Some(brokers) = &self.brokers else { return Ok(None) };
+        let Some(brokers) = &self.brokers else {
+            // Refused rather than ignored: whoever sets them expects Kafka, not the embedded log.
+            let stray = [
+                (self.schema_registry.is_some(), "--schema-registry (STREAMLEDGER_SCHEMA_REGISTRY_URL)"),
+                (self.kafka_config.is_some(), "--kafka-config (STREAMLEDGER_KAFKA_CONFIG)"),
+            ];
+            if let Some((_, flag)) = stray.iter().find(|(set, _)| *set) {
+                return Err(CliError::Config {
+                    path: flag.split(' ').next().unwrap_or("--kafka").into(),
+                    message: format!("{flag} applies only on Kafka: give --kafka BROKERS (or STREAMLEDGER_BROKERS) as well, or leave it unset for the embedded log"),
+                });
+            }
+            return Ok(None);
+        };
         let bad = |message: String| CliError::Config { path: self.kafka_config.clone().unwrap_or_else(|| PathBuf::from("--kafka")), message };
         let mut config = streamledger_kafka::KafkaConfig::load(self.kafka_config.as_deref()).map_err(|e| bad(e.to_string()))?;
         config.set("bootstrap.servers", brokers);
@@ -519,6 +532,15 @@ mod tests {
         let err = up_args(&["--state", "http://db:5984", "--couchdb-max-batch-update-size", "0"]).state().unwrap_err().to_string();
         assert!(err.contains("maxBatchUpdateSize"), "{err}");
         assert!(Cli::try_parse_from(["streamledger", "up", "--state", "ftp://x"]).is_err());
+    }
+
+    #[test]
+    fn kafka_settings_without_brokers_are_refused_naming_the_flag() {
+        let err = up_args(&["--schema-registry", "http://registry:8081"]).kafka.config().unwrap_err().to_string();
+        assert!(err.starts_with("--schema-registry: ") && err.contains("--kafka BROKERS"), "{err}");
+        let err = up_args(&["--kafka-config", "client.properties"]).kafka.config().unwrap_err().to_string();
+        assert!(err.starts_with("--kafka-config: ") && err.contains("--kafka BROKERS"), "{err}");
+        assert!(up_args(&[]).kafka.config().unwrap().is_none(), "the embedded log needs none of them");
     }
 
     #[test]
