@@ -92,11 +92,8 @@ impl Write {
     }
 }
 
-enum Written {
-    /// (partition, offset) of each appended record, in the order given.
-    Appended(Vec<(i32, i64)>),
-    Offsets,
-}
+/// The (partition, offset) of each appended record, in the order given; empty for offsets.
+type Written = Vec<(i32, i64)>;
 
 struct Queued {
     write: Write,
@@ -375,9 +372,9 @@ impl Inner {
     /// none of them is stored, and each gets the error in its own words.
     fn commit_group(&self, group: Vec<Queued>) {
         let timestamp_ms = now_ms();
-        // Offsets assigned but not yet committed, per topic: two writes to one topic in a group
-        // follow each other.
-        let mut next: HashMap<Arc<str>, Vec<i64>> = HashMap::new();
+        // Each appended topic's end offsets, assigned but not yet committed: two writes to one
+        // topic in a group follow each other.
+        let mut next: HashMap<Arc<str>, (Arc<TopicState>, Vec<i64>)> = HashMap::new();
         let mut written = Vec::with_capacity(group.len());
         let outcome = (|| -> Result<(), LogError> {
             let txn = self.db.begin_write().map_err(|e| self.err("begin a write".into(), e))?;
@@ -385,7 +382,9 @@ impl Inner {
             for Queued { write, .. } in &group {
                 match write {
                     Write::Append { topic, records } => {
-                        let next = next.entry(topic.name.clone()).or_insert_with(|| topic.partitions.iter().map(PartitionState::end).collect());
+                        let (_, next) = next
+                            .entry(topic.name.clone())
+                            .or_insert_with(|| (topic.clone(), topic.partitions.iter().map(PartitionState::end).collect()));
                         let mut table = txn.open_table(records_table(&topic.table_name)).map_err(|e| self.err(write.describe(), e))?;
                         let mut assigned = Vec::with_capacity(records.len());
                         for (partition, record) in records {
@@ -398,14 +397,14 @@ impl Inner {
                             })?;
                             assigned.push((*partition, offset));
                         }
-                        written.push(Written::Appended(assigned));
+                        written.push(assigned);
                     }
                     Write::Offsets { group, commits } => {
                         let mut table = txn.open_table(GROUP_OFFSETS).map_err(|e| self.err(write.describe(), e))?;
                         for (topic, partition, next) in commits {
                             table.insert((group.as_str(), &**topic, *partition), *next).map_err(|e| self.err(write.describe(), e))?;
                         }
-                        written.push(Written::Offsets);
+                        written.push(Vec::new());
                     }
                 }
             }
@@ -413,14 +412,11 @@ impl Inner {
         })();
         match outcome {
             Ok(()) => {
-                for Queued { write, .. } in &group {
-                    if let Write::Append { topic, .. } = write {
-                        let ends = &next[&topic.name];
-                        for (state, &end) in topic.partitions.iter().zip(ends) {
-                            if state.end() != end {
-                                state.end.store(end, Ordering::Release);
-                                state.wake();
-                            }
+                for (topic, ends) in next.values() {
+                    for (state, &end) in topic.partitions.iter().zip(ends) {
+                        if state.end() != end {
+                            state.end.store(end, Ordering::Release);
+                            state.wake();
                         }
                     }
                 }
@@ -575,10 +571,7 @@ impl Log for EmbeddedLog {
             ));
         }
         let inner = self.inner.clone();
-        match blocking(format!("append to topic {topic}"), move || inner.write(Write::Append { topic: state, records: routed })).await? {
-            Written::Appended(assigned) => Ok(assigned),
-            Written::Offsets => Err(LogError::new(format!("append to topic {topic}"), "the log's writer answered without offsets", false)),
-        }
+        blocking(format!("append to topic {topic}"), move || inner.write(Write::Append { topic: state, records: routed })).await
     }
 
     async fn end_offset(&self, topic: &str, partition: i32) -> LogResult<i64> {
@@ -1004,10 +997,7 @@ mod tests {
             .into_iter()
             .map(|w| {
                 let inner = inner.clone();
-                std::thread::spawn(move || inner.write(w).map(|w| match w {
-                    Written::Appended(a) => a,
-                    Written::Offsets => Vec::new(),
-                }))
+                std::thread::spawn(move || inner.write(w))
             })
             .collect();
         while lock(&inner.queue).len() < 4 {
