@@ -162,13 +162,13 @@ impl KafkaArgs {
         let Some(brokers) = &self.brokers else {
             // Refused rather than ignored: whoever sets them expects Kafka, not the embedded log.
             let stray = [
-                (self.schema_registry.is_some(), "--schema-registry (STREAMLEDGER_SCHEMA_REGISTRY_URL)"),
-                (self.kafka_config.is_some(), "--kafka-config (STREAMLEDGER_KAFKA_CONFIG)"),
+                (self.schema_registry.is_some(), "--schema-registry", "STREAMLEDGER_SCHEMA_REGISTRY_URL"),
+                (self.kafka_config.is_some(), "--kafka-config", "STREAMLEDGER_KAFKA_CONFIG"),
             ];
-            if let Some((_, flag)) = stray.iter().find(|(set, _)| *set) {
+            if let Some((_, flag, env)) = stray.iter().find(|(set, _, _)| *set) {
                 return Err(CliError::Config {
-                    path: flag.split(' ').next().unwrap_or("--kafka").into(),
-                    message: format!("{flag} applies only on Kafka: give --kafka BROKERS (or STREAMLEDGER_BROKERS) as well, or leave it unset for the embedded log"),
+                    path: flag.into(),
+                    message: format!("{flag} ({env}) applies only on Kafka: give --kafka BROKERS (or STREAMLEDGER_BROKERS) as well, or leave it unset for the embedded log"),
                 });
             }
             return Ok(None);

@@ -148,11 +148,12 @@ impl CommittedState for Pending<'_> {
 
     fn versions(&self, keys: &[(&str, &str)]) -> StateResult<Vec<Option<Version>>> {
         // Only the keys no pending block wrote go to the store, in one bulk read.
-        let missing: Vec<(&str, &str)> = keys.iter().copied().filter(|(ns, k)| self.pending(ns, k).is_none()).collect();
+        let pending: Vec<_> = keys.iter().map(|(ns, k)| self.pending(ns, k)).collect();
+        let missing: Vec<(&str, &str)> = keys.iter().zip(&pending).filter(|(_, p)| p.is_none()).map(|(key, _)| *key).collect();
         let mut committed = self.base.versions(&missing)?.into_iter();
-        Ok(keys
-            .iter()
-            .map(|(ns, k)| match self.pending(ns, k) {
+        Ok(pending
+            .into_iter()
+            .map(|p| match p {
                 Some((value, version)) => value.as_ref().map(|_| *version),
                 None => committed.next().flatten(),
             })
