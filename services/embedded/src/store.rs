@@ -8,12 +8,21 @@
 //!
 //! The store refuses a commit whose block does not follow the savepoint, which makes a duplicate
 //! delivery harmless and a double application impossible (DESIGN.md, invariant 4).
+//!
+//! Commits are made durable (fsynced) at most [`DURABLE_EVERY`] apart, not one by one. The blocks
+//! topic, not this file, is the ledger's durable copy: a crash loses at most the last second of
+//! commits, the file opens as of an earlier savepoint (consistent, like any redb commit), and the
+//! validator re-applies the blocks after it from the topic, producing the same state and
+//! verdicts again. What a reader in this process sees is every commit, durable or not. Closing
+//! the store makes the pending commits durable, so a clean stop loses nothing. Fabric's peer does
+//! the same with its state database: it is rebuilt from the block store after a crash.
 
 use std::path::{Path, PathBuf};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{
-    CommitError, Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition, TableError,
+    CommitError, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError, TableDefinition, TableError,
     TransactionError,
 };
 use streamledger_core::model::Version;
@@ -45,6 +54,11 @@ const SAVEPOINT: &str = "savepoint";
 /// block alone, as soon as it is validated. Bounded so that the first block's verdict waits for
 /// the validation of a few blocks at most.
 const BLOCKS_PER_COMMIT: usize = 8;
+/// The longest a commit stays volatile (see the module docs). Each fsync of this file costs the
+/// validator a disk round trip and rewrites the B-tree pages a block touched; between two durable
+/// commits redb keeps the commits in memory, so a page written by many blocks reaches the disk
+/// once. A second bounds what a crash makes the validator re-apply.
+pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
 
 /// A peer store on redb. `Send + Sync`: the validator commits from one thread while endorsers
 /// read from others; redb runs readers concurrently with the single writer.
@@ -55,6 +69,18 @@ pub struct EmbeddedStore {
     /// reopens it (redb repairs the file to its last commit), which makes an I/O error such as a
     /// full disk retryable in fact, not only in name.
     db: RwLock<Option<Database>>,
+    durability: Mutex<Durable>,
+    durable_every: Duration,
+}
+
+/// Where the store stands between durable commits.
+#[derive(Default)]
+struct Durable {
+    /// When the last durable commit was made; `None` until the first, which is durable.
+    at: Option<Instant>,
+    /// The first block committed since then, volatile: what an I/O error that closes the handle
+    /// takes with it.
+    volatile_from: Option<i64>,
 }
 
 /// Why an operation failed, before the file and the operation are named.
@@ -73,7 +99,7 @@ macro_rules! failure_from_redb {
         }
     )*};
 }
-failure_from_redb!(redb::Error, DatabaseError, TransactionError, TableError, StorageError, CommitError);
+failure_from_redb!(redb::Error, DatabaseError, TransactionError, TableError, StorageError, CommitError, redb::SetDurabilityError);
 
 impl Failure {
     /// An I/O error that reopening the file may cure.
@@ -110,11 +136,18 @@ impl EmbeddedStore {
                 retryable: transient(&e),
             })?;
         }
-        let store = EmbeddedStore { path: path.to_path_buf(), db: RwLock::new(None) };
+        let store = EmbeddedStore { path: path.to_path_buf(), db: RwLock::new(None), durability: Mutex::new(Durable::default()), durable_every: DURABLE_EVERY };
         store.reopen().map_err(|f| store.error("opening the store", f))?;
         let savepoint = store.savepoint()?;
         info!(path = %path.display(), block = savepoint.map(|s| s.block), "peer store open");
         Ok(store)
+    }
+
+    /// The longest a commit stays volatile in this store, [`DURABLE_EVERY`] unless set here
+    /// (tests make it long, to know which commits a crash takes).
+    pub fn with_durable_every(mut self, interval: Duration) -> Self {
+        self.durable_every = interval;
+        self
     }
 
     /// Opens the file and creates any missing table, so that read transactions always find them.
@@ -144,6 +177,15 @@ impl EmbeddedStore {
         let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(db) = guard.take() {
             warn!(path = %self.path.display(), "closing the peer store after an I/O error; the next call reopens it");
+            let lost = std::mem::take(&mut *self.durability.lock().unwrap_or_else(PoisonError::into_inner)).volatile_from;
+            if let Some(block) = lost {
+                warn!(
+                    path = %self.path.display(),
+                    from_block = block,
+                    "the commits from this block on were not durable yet and are lost with the handle: the store reopens at an \
+                     earlier savepoint, and the validator re-applies them from the blocks topic once restarted"
+                );
+            }
             if let Err(e) = db.close() {
                 warn!(path = %self.path.display(), error = %e, "closing the peer store");
             }
@@ -183,6 +225,22 @@ impl EmbeddedStore {
 
 fn versioned((block, tx, value): (i64, i32, &[u8])) -> VersionedValue {
     VersionedValue { value: value.to_vec(), version: Version::new(block, tx) }
+}
+
+impl Durable {
+    /// Whether the next commit must be durable: the first one, and then one every `interval`.
+    fn due(&self, interval: Duration) -> bool {
+        self.at.is_none_or(|at| at.elapsed() >= interval)
+    }
+
+    /// Records a commit whose first block is `first`.
+    fn committed(&mut self, durable: bool, first: i64) {
+        if durable {
+            *self = Durable { at: Some(Instant::now()), volatile_from: None };
+        } else {
+            self.volatile_from.get_or_insert(first);
+        }
+    }
 }
 
 impl CommittedState for EmbeddedStore {
@@ -303,7 +361,11 @@ impl PeerStore for EmbeddedStore {
         self.with_db(
             || format!("committing {}", blocks()),
             |db| {
-                let txn = db.begin_write()?;
+                let mut txn = db.begin_write()?;
+                let durable = self.durability.lock().unwrap_or_else(PoisonError::into_inner).due(self.durable_every);
+                if !durable {
+                    txn.set_durability(Durability::None)?;
+                }
                 {
                     let mut meta = txn.open_table(META)?;
                     // Checked inside the write transaction: redb runs one writer at a time, so no
@@ -328,7 +390,10 @@ impl PeerStore for EmbeddedStore {
                                 Some(last) if number <= last => {
                                     format!("block {number} is already committed (savepoint at block {last})")
                                 }
-                                Some(last) => format!("block {number} does not follow the savepoint at block {last}: expected block {expected}"),
+                                Some(last) => format!(
+                                    "block {number} does not follow the savepoint at block {last}: expected block {expected} (after an \
+                                     I/O error, restart: the commits that were not durable yet are re-applied from the blocks topic)"
+                                ),
                                 None => format!("block {number} cannot be the first block: expected block 0 (no savepoint)"),
                             };
                             return Err(Failure::Refused(reason));
@@ -364,7 +429,8 @@ impl PeerStore for EmbeddedStore {
                     )?;
                 }
                 txn.commit()?;
-                debug!(blocks = %blocks(), "committed");
+                self.durability.lock().unwrap_or_else(PoisonError::into_inner).committed(durable, first);
+                debug!(blocks = %blocks(), durable, "committed");
                 Ok(())
             },
         )
@@ -395,7 +461,7 @@ mod tests {
 
     use super::*;
 
-    use streamledger_ports::conformance::{self, batch, keys};
+    use streamledger_ports::conformance::{self, batch, keys, savepoint};
 
     fn commit(store: &EmbeddedStore, batch: &WriteBatch) -> StateResult<()> {
         conformance::commit(store, batch)
@@ -497,6 +563,56 @@ mod tests {
         assert!(store.db.read().unwrap().is_none());
         assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"v");
         commit(&store, &batch(1, &[], &[])).unwrap();
+    }
+
+    /// Run as a child process by the test below: commits blocks 0 to 3 (block 0 durable, the
+    /// rest volatile) to the store named by the variable, then dies without closing it.
+    #[test]
+    fn crash_child() {
+        let Some(path) = std::env::var_os("STREAMLEDGER_STORE_CRASH_CHILD") else { return };
+        let store = EmbeddedStore::open(Path::new(&path)).unwrap().with_durable_every(Duration::from_secs(3600));
+        for block in 0..4 {
+            commit(&store, &batch(block, &[("ns", "k", Some(&block.to_string()))], &[(&format!("tx{block}"), 0)])).unwrap();
+        }
+        // Readers in this process see the volatile commits.
+        assert_eq!(store.savepoint().unwrap(), Some(savepoint(3)));
+        std::process::abort();
+    }
+
+    #[test]
+    fn a_crash_loses_only_the_volatile_commits_and_the_store_opens_at_the_last_durable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.redb");
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "store::tests::crash_child", "--nocapture"])
+            .env("STREAMLEDGER_STORE_CRASH_CHILD", &path)
+            .output()
+            .unwrap();
+        assert!(!child.status.success(), "the child should have aborted: {}", String::from_utf8_lossy(&child.stdout));
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.savepoint().unwrap(), Some(savepoint(0)), "the file must open at the durable commit");
+        assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"0");
+        assert!(store.tx_location("tx1").unwrap().is_none());
+        // The validator re-applies the lost blocks: they commit again, in order.
+        for block in 1..4 {
+            commit(&store, &batch(block, &[("ns", "k", Some(&block.to_string()))], &[(&format!("tx{block}"), 0)])).unwrap();
+        }
+        assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"3");
+    }
+
+    #[test]
+    fn closing_the_store_makes_its_volatile_commits_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.redb");
+        {
+            let store = EmbeddedStore::open(&path).unwrap().with_durable_every(Duration::from_secs(3600));
+            for block in 0..4 {
+                commit(&store, &batch(block, &[("ns", "k", Some(&block.to_string()))], &[])).unwrap();
+            }
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.savepoint().unwrap(), Some(savepoint(3)));
+        assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"3");
     }
 
     #[test]
