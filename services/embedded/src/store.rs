@@ -316,6 +316,27 @@ impl CommittedState for EmbeddedStore {
             },
         )
     }
+
+    /// All ids from one read transaction, as for [`CommittedState::versions`]: the validator
+    /// checks every transaction of a block for a duplicate id.
+    fn tx_locations(&self, tx_ids: &[&str]) -> StateResult<Vec<Option<TxLocation>>> {
+        self.with_db(
+            || format!("reading {} tx ids in the tx-id index", tx_ids.len()),
+            |db| {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(TX_INDEX)?;
+                tx_ids
+                    .iter()
+                    .map(|id| {
+                        Ok(table.get(*id)?.map(|v| {
+                            let (block, position, code) = v.value();
+                            TxLocation { block, position, code }
+                        }))
+                    })
+                    .collect()
+            },
+        )
+    }
 }
 
 impl PeerStore for EmbeddedStore {

@@ -198,10 +198,12 @@ pub fn agrees_with_the_reference(store: &dyn PeerStore, blocks: Vec<RandomBlock>
         }
         let probe: Vec<(&str, &str)> = queries.iter().flat_map(|(ns, s, e, _)| [(ns.as_str(), s.as_str()), (ns.as_str(), e.as_str())]).collect();
         assert_eq!(store.versions(&probe).unwrap(), model.versions(&probe).unwrap());
-        for i in 0..7 {
-            let id = format!("tx{i}");
-            assert_eq!(store.tx_location(&id).unwrap(), model.tx_location(&id).unwrap(), "{id}");
+        let ids: Vec<String> = (0..7).map(|i| format!("tx{i}")).collect();
+        for id in &ids {
+            assert_eq!(store.tx_location(id).unwrap(), model.tx_location(id).unwrap(), "{id}");
         }
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        assert_eq!(store.tx_locations(&ids).unwrap(), model.tx_locations(&ids).unwrap());
         assert_eq!(store.savepoint().unwrap().map(|s| s.block), model.height());
     }
 }

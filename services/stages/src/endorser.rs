@@ -104,7 +104,7 @@ pub async fn run(
                 Err(e) => dead.send(record, e.to_string()).await?,
             }
         }
-        let (cfg, st, reg) = (config.clone(), state.clone(), registry.clone());
+        let (cfg, st, reg, decoded) = (config.clone(), state.clone(), registry.clone(), Arc::new(decoded));
         let outputs = retry("simulation", &shutdown, || {
             let (cfg, st, reg, batch) = (cfg.clone(), st.clone(), reg.clone(), decoded.clone());
             async move {
