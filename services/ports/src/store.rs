@@ -62,6 +62,13 @@ pub trait PeerStore: CommittedState + Send + Sync {
 
     fn block(&self, number: i64) -> StateResult<Option<StoredBlock>>;
 
+    /// Makes every commit so far durable, for a store that defers its fsyncs (the embedded store
+    /// does, up to a second; see its docs). The validator calls it when it stops, so that a clean
+    /// stop leaves nothing to re-apply. The default: commits are durable already.
+    fn make_durable(&self) -> StateResult<()> {
+        Ok(())
+    }
+
     /// The running state hash after a committed block, where the store keeps it for every block
     /// (the embedded store does; others keep only the savepoint's). A validator that committed
     /// several blocks at once re-produces their verdicts from it after a crash.

@@ -7,7 +7,10 @@
 //! validated one after the other, each against the committed state plus the blocks before it
 //! ([`PendingWrites`]), and committed in one store transaction, up to the store's
 //! `blocks_per_commit`; their verdicts follow the commit. A validator that keeps up commits
-//! every block alone. After a crash it re-produces the verdicts of the last commit's blocks.
+//! every block alone. After a crash it re-produces the verdicts of the last commit's blocks;
+//! a store that defers its fsyncs (the embedded store) may also have lost its last commits, which
+//! the validator re-applies from the blocks topic after its savepoint. It makes its store's
+//! commits durable when it stops cleanly.
 //!
 //! A validator started with `publish_changes` also writes, for Kafka Connect sinks and other
 //! readers, each block's world-state changes to `state-changes` and one row per transaction to
@@ -155,7 +158,7 @@ pub async fn run(
     let mut consumer = log.consumer(Subscription::assign(&blocks_topic, 0, from)).await?;
     let ends = Ends { config: config.clone(), log: log.clone(), store: store.clone(), progress, counters: counters.clone(), verdicts_topic, shutdown: shutdown.clone() };
     let mut group = Group::default();
-    while !*shutdown.borrow() {
+    'polling: while !*shutdown.borrow() {
         let records = tokio::select! {
             r = consumer.poll(32, Duration::from_millis(200)) => r?,
             _ = shutdown.changed() => continue,
@@ -186,7 +189,7 @@ pub async fn run(
             }
             if done {
                 ends.commit(&mut group).await?;
-                return Ok(());
+                break 'polling;
             }
             if group.blocks.len() >= store.blocks_per_commit() {
                 ends.commit(&mut group).await?;
@@ -196,6 +199,8 @@ pub async fn run(
         // verdict as soon as its block is committed.
         ends.commit(&mut group).await?;
     }
+    // A clean stop leaves nothing for the next start to re-apply.
+    store.make_durable().map_err(|e| cannot(&config.peer, "make durable", "the commits", e.into()))?;
     tracing::info!(peer = %config.peer, height = position.height, "validator stopped");
     Ok(())
 }
