@@ -9,9 +9,10 @@
 //! The store refuses a commit whose block does not follow the savepoint, which makes a duplicate
 //! delivery harmless and a double application impossible (DESIGN.md, invariant 4).
 //!
-//! Commits are made durable (fsynced) at most [`DURABLE_EVERY`] apart, not one by one. The blocks
-//! topic, not this file, is the ledger's durable copy: a crash loses at most the last second of
-//! commits, the file opens as of an earlier savepoint (consistent, like any redb commit), and the
+//! Commits are made durable (fsynced) at most [`DURABLE_EVERY`] apart, not one by one, and when
+//! the validator finds no block waiting ([`PeerStore::make_durable`]). The blocks topic, not this
+//! file, is the ledger's durable copy: a crash loses at most the last second of commits, the
+//! file opens as of an earlier savepoint (consistent, like any redb commit), and the
 //! validator re-applies the blocks after it from the topic, producing the same state and
 //! verdicts again. What a reader in this process sees is every commit, durable or not. Closing
 //! the store makes the pending commits durable, so a clean stop loses nothing. Fabric's peer does
@@ -459,8 +460,11 @@ impl PeerStore for EmbeddedStore {
     }
 
     /// An empty durable write transaction: redb makes the non-durable commits before it durable
-    /// with it.
+    /// with it. Nothing to do (no fsync) when every commit is durable already.
     fn make_durable(&self) -> StateResult<()> {
+        if self.durability.lock().unwrap_or_else(PoisonError::into_inner).volatile_from.is_none() {
+            return Ok(());
+        }
         self.with_db(
             || "making the commits durable".to_string(),
             |db| {

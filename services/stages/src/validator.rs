@@ -165,6 +165,7 @@ pub async fn run(
         };
         metrics.observe_lag(&counters, &consumer.lag());
         counters.records_in.inc_by(records.len() as u64);
+        let idle = records.is_empty();
         for record in records {
             if config.stop_after_offset.is_some_and(|last| record.offset > last) {
                 break;
@@ -198,9 +199,13 @@ pub async fn run(
         // Nothing more at hand: commit what is validated now, so that a quiet network gets each
         // verdict as soon as its block is committed.
         ends.commit(&mut group).await?;
+        if idle {
+            // A quiet network: the last commits need not wait for the next block to be durable.
+            ends.make_durable().await?;
+        }
     }
     // A clean stop leaves nothing for the next start to re-apply.
-    store.make_durable().map_err(|e| cannot(&config.peer, "make durable", "the commits", e.into()))?;
+    ends.make_durable().await?;
     tracing::info!(peer = %config.peer, height = position.height, "validator stopped");
     Ok(())
 }
@@ -279,6 +284,16 @@ fn cannot(peer: &str, what: &str, blocks: &str, e: StageError) -> StageError {
 }
 
 impl Ends {
+    /// Makes the store's commits durable (see `PeerStore::make_durable`).
+    async fn make_durable(&self) -> StageResult<()> {
+        retry("making the commits durable", &self.shutdown, || {
+            let store = self.store.clone();
+            async move { blocking(move || Ok(store.make_durable()?)).await }
+        })
+        .await
+        .map_err(|e| cannot(&self.config.peer, "make durable", "the commits", e))
+    }
+
     /// Commits the group's blocks in one store transaction, then produces their verdicts.
     async fn commit(&self, group: &mut Group) -> StageResult<()> {
         let (Some(first), Some(last)) = (group.blocks.first(), group.blocks.last()) else { return Ok(()) };
