@@ -139,9 +139,15 @@ impl Gateway {
         self.resolve(tx_id, Outcome::Rejected(r))
     }
 
+    /// Notes that `record` needs nothing more from the gateway unless held: its offset may be
+    /// committed.
+    fn passed(&mut self, record: &Record) {
+        self.seen.insert((record.topic.clone(), record.partition), record.offset);
+    }
+
     /// Takes one decoded input; returns what it resolved, if anything.
     fn on_input(&mut self, record: &Record, input: Input) -> Option<Outcome> {
-        self.seen.insert((record.topic.clone(), record.partition), record.offset);
+        self.passed(record);
         let tx_id = input.tx_id().to_string();
         match (self.resolved.get(&tx_id), &input) {
             (None, _) => {}
@@ -323,7 +329,11 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
             };
             match input {
                 Ok(input) => outcomes.extend(gateway.on_input(record, input)),
-                Err(e) => dead.send(record, e.to_string()).await?,
+                Err(e) => {
+                    dead.send(record, e.to_string()).await?;
+                    // Dead-lettered for good: a restart must not read and dead-letter it again.
+                    gateway.passed(record);
+                }
             }
         }
         if last_expiry.elapsed() >= Duration::from_millis(250) {
@@ -438,6 +448,46 @@ mod tests_support {
 #[cfg(test)]
 mod tests {
     use super::tests_support::*;
+    use streamledger_embedded::log::EmbeddedLog;
+    use streamledger_ports::log::ensure_topics;
+
+    /// Runs a gateway on `log` until the proposals partition holding `offset` has its offset
+    /// committed past it (or `limit` passes), then stops it.
+    async fn run_until_committed(log: &Arc<EmbeddedLog>, topics: &Topics, f: &Fixture, partition: i32, offset: i64, limit: Duration) -> bool {
+        let config = GatewayConfig::new(Arc::new(f.network.clone()), topics.clone());
+        let group = config.group.clone();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(run(config, log.clone() as Arc<dyn Log>, shutdown));
+        let proposals = topics.name(names::PROPOSALS).to_string();
+        let deadline = std::time::Instant::now() + limit;
+        let mut committed = false;
+        while std::time::Instant::now() < deadline {
+            if log.committed_offset(&group, &proposals, partition).await.unwrap().is_some_and(|c| c > offset) {
+                committed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.send(true).unwrap();
+        running.await.unwrap().unwrap();
+        committed
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_undecodable_input_is_dead_lettered_once_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        let f = Fixture::new();
+        let topics = Topics::default_for(f.network.channel());
+        ensure_topics(log.as_ref(), &topics).await.unwrap();
+        let proposals = topics.name(names::PROPOSALS).to_string();
+        let appended = log.append(&proposals, vec![OutRecord::to_partition(1, b"not avro".to_vec())]).await.unwrap();
+        let (partition, offset) = appended[0];
+        assert!(run_until_committed(&log, &topics, &f, partition, offset, Duration::from_secs(20)).await, "the dead-lettered record's offset was never committed");
+        // The restarted gateway starts after it: no second letter.
+        run_until_committed(&log, &topics, &f, partition, offset, Duration::from_millis(500)).await;
+        assert_eq!(log.end_offset(topics.name(names::DEAD_LETTERS), 0).await.unwrap(), 1, "dead-lettered again after the restart");
+    }
 
     #[test]
     fn orders_once_agreeing_endorsements_satisfy_the_policy_in_any_arrival_order() {
