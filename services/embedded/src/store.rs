@@ -178,17 +178,19 @@ impl EmbeddedStore {
         let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(db) = guard.take() {
             warn!(path = %self.path.display(), "closing the peer store after an I/O error; the next call reopens it");
-            let lost = std::mem::take(&mut *self.durability.lock().unwrap_or_else(PoisonError::into_inner)).volatile_from;
-            if let Some(block) = lost {
-                warn!(
-                    path = %self.path.display(),
-                    from_block = block,
-                    "the commits from this block on were not durable yet and are lost with the handle: the store reopens at an \
-                     earlier savepoint, and the validator re-applies them from the blocks topic once restarted"
-                );
-            }
+            let volatile_from = std::mem::take(&mut *self.durability.lock().unwrap_or_else(PoisonError::into_inner)).volatile_from;
+            // A close that can still write makes the volatile commits durable; after a failed
+            // write redb refuses to, and they are gone.
             if let Err(e) = db.close() {
                 warn!(path = %self.path.display(), error = %e, "closing the peer store");
+                if let Some(block) = volatile_from {
+                    warn!(
+                        path = %self.path.display(),
+                        from_block = block,
+                        "the commits from this block on were not durable yet and are lost with the handle: the store reopens at \
+                         an earlier savepoint, and the validator re-applies them from the blocks topic once restarted"
+                    );
+                }
             }
         }
     }
@@ -655,6 +657,22 @@ mod tests {
         }
         let store = EmbeddedStore::open(&path).unwrap();
         assert_eq!(store.savepoint().unwrap(), Some(savepoint(3)));
+        assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"3");
+    }
+
+    /// The file still writable (the I/O error passed): closing the handle keeps the volatile
+    /// commits. A block past a gap is refused, naming the block expected and what to do.
+    #[test]
+    fn a_closed_handle_keeps_the_volatile_commits_it_could_write_and_a_gap_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap().with_durable_every(Duration::from_secs(3600));
+        commit_numbered(&store, 0..3);
+        store.close_after_io_error();
+        assert_eq!(store.savepoint().unwrap(), Some(savepoint(2)));
+        let err = commit(&store, &batch(5, &[], &[])).unwrap_err();
+        assert!(!err.retryable, "{err}");
+        assert!(err.message.contains("expected block 3") && err.message.contains("I/O error") && err.message.contains("peer.redb"), "{err}");
+        commit_numbered(&store, 3..4);
         assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"3");
     }
 
