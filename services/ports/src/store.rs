@@ -63,8 +63,9 @@ pub trait PeerStore: CommittedState + Send + Sync {
     fn block(&self, number: i64) -> StateResult<Option<StoredBlock>>;
 
     /// Makes every commit so far durable, for a store that defers its fsyncs (the embedded store
-    /// does, up to a second; see its docs). The validator calls it when it stops, so that a clean
-    /// stop leaves nothing to re-apply. The default: commits are durable already.
+    /// does, up to a second; see its docs). The validator calls it when no block is waiting and
+    /// when it stops, so that a quiet network or a clean stop leaves nothing to re-apply. The
+    /// default: commits are durable already.
     fn make_durable(&self) -> StateResult<()> {
         Ok(())
     }
