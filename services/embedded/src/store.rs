@@ -230,6 +230,10 @@ fn versioned((block, tx, value): (i64, i32, &[u8])) -> VersionedValue {
     VersionedValue { value: value.to_vec(), version: Version::new(block, tx) }
 }
 
+fn located((block, position, code): (i64, i32, i32)) -> TxLocation {
+    TxLocation { block, position, code }
+}
+
 impl Durable {
     /// Whether the next commit must be durable: the first one, and then one every `interval`.
     fn due(&self, interval: Duration) -> bool {
@@ -239,10 +243,15 @@ impl Durable {
     /// Records a commit whose first block is `first`.
     fn committed(&mut self, durable: bool, first: i64) {
         if durable {
-            *self = Durable { at: Some(Instant::now()), volatile_from: None };
+            self.made_durable();
         } else {
             self.volatile_from.get_or_insert(first);
         }
+    }
+
+    /// Every commit so far is durable, as of now.
+    fn made_durable(&mut self) {
+        *self = Durable { at: Some(Instant::now()), volatile_from: None };
     }
 }
 
@@ -312,10 +321,7 @@ impl CommittedState for EmbeddedStore {
             |db| {
                 let txn = db.begin_read()?;
                 let table = txn.open_table(TX_INDEX)?;
-                Ok(table.get(tx_id)?.map(|v| {
-                    let (block, position, code) = v.value();
-                    TxLocation { block, position, code }
-                }))
+                Ok(table.get(tx_id)?.map(|v| located(v.value())))
             },
         )
     }
@@ -328,15 +334,7 @@ impl CommittedState for EmbeddedStore {
             |db| {
                 let txn = db.begin_read()?;
                 let table = txn.open_table(TX_INDEX)?;
-                tx_ids
-                    .iter()
-                    .map(|id| {
-                        Ok(table.get(*id)?.map(|v| {
-                            let (block, position, code) = v.value();
-                            TxLocation { block, position, code }
-                        }))
-                    })
-                    .collect()
+                tx_ids.iter().map(|id| Ok(table.get(*id)?.map(|v| located(v.value())))).collect()
             },
         )
     }
@@ -471,7 +469,7 @@ impl PeerStore for EmbeddedStore {
             || "making the commits durable".to_string(),
             |db| {
                 db.begin_write()?.commit()?;
-                *self.durability.lock().unwrap_or_else(PoisonError::into_inner) = Durable { at: Some(Instant::now()), volatile_from: None };
+                self.durability.lock().unwrap_or_else(PoisonError::into_inner).made_durable();
                 Ok(())
             },
         )
@@ -651,9 +649,7 @@ mod tests {
         let path = dir.path().join("peer.redb");
         {
             let store = EmbeddedStore::open(&path).unwrap().with_durable_every(Duration::from_secs(3600));
-            for block in 0..4 {
-                commit(&store, &batch(block, &[("ns", "k", Some(&block.to_string()))], &[])).unwrap();
-            }
+            commit_numbered(&store, 0..4);
         }
         let store = EmbeddedStore::open(&path).unwrap();
         assert_eq!(store.savepoint().unwrap(), Some(savepoint(3)));
