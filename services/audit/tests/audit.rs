@@ -188,3 +188,32 @@ async fn a_reordered_copy_of_a_block_is_refused_not_counted_as_a_copy() {
     assert_eq!((report.blocks, report.block_copies, report.refused_block_records), (1, 1, 1), "{report:#?}");
     assert!(!report.violations.iter().any(|v| matches!(v, Violation::Fork { .. })), "{:#?}", report.violations);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_block_that_does_not_link_is_harmless_when_a_linking_copy_follows() {
+    let r = ran().await;
+    let last = tip(&r).await;
+    let n = last.header.number;
+    let tx = r.net.f.tx(Rw::new().write("k", "v").build());
+    // An orderer's block n+1 built on a parent nobody has, then the real block n+1.
+    let stray = r.net.f.block(n + 1, &[7u8; 32], std::slice::from_ref(&tx));
+    let next = r.net.f.block(n + 1, &block_header_hash(&last.header), std::slice::from_ref(&tx));
+    append(&r, names::BLOCKS, &stray).await;
+    append(&r, names::BLOCKS, &next).await;
+    let report = check(&r, false).await;
+    assert!(!report.violations.iter().any(|v| matches!(v, Violation::ReplayFailed { .. } | Violation::Gap { .. })), "{:#?}", report.violations);
+    assert_eq!((report.height, report.blocks as i64, report.refused_block_records), (n + 1, n + 2, 1), "{report:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_block_that_does_not_link_and_is_never_repaired_fails_the_replay_naming_it() {
+    let r = ran().await;
+    let last = tip(&r).await;
+    let n = last.header.number;
+    let stray = r.net.f.block(n + 1, &[7u8; 32], &[r.net.f.tx(Rw::new().write("k", "v").build())]);
+    append(&r, names::BLOCKS, &stray).await;
+    let report = check(&r, false).await;
+    let broken = format!("broken chain at block {}", n + 1);
+    assert!(report.violations.iter().any(|v| matches!(v, Violation::ReplayFailed { message } if message.contains(&broken))), "{:#?}", report.violations);
+    assert_eq!(report.height, n, "the blocks before it are replayed");
+}

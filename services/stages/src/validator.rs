@@ -158,6 +158,10 @@ pub async fn run(
     let mut consumer = log.consumer(Subscription::assign(&blocks_topic, 0, from)).await?;
     let ends = Ends { config: config.clone(), log: log.clone(), store: store.clone(), progress, counters: counters.clone(), verdicts_topic, shutdown: shutdown.clone() };
     let mut group = Group::default();
+    // Read-only: a signed block that does not follow the chain, held until the replay ends. A
+    // later record may still bring a block of that number that does (orderer replicas may both
+    // write one); only a break nothing repairs stops the replay, naming that block.
+    let mut broken: Option<(i64, String)> = None;
     'polling: while !*shutdown.borrow() {
         let records = tokio::select! {
             r = consumer.poll(32, Duration::from_millis(200)) => r?,
@@ -172,12 +176,21 @@ pub async fn run(
             }
             let done = config.stop_after_offset == Some(record.offset);
             let next = match admissible(&config, &store, &position, &group, &record, &dead).await {
-                Ok(Some(block)) => validate_next(&ends, &group, block, record, &position.state_hash).await.map(Some),
-                other => other.map(|_| None),
+                Ok(Admission::Next(block)) => validate_next(&ends, &group, block, record, &position.state_hash).await.map(Some),
+                Ok(Admission::Skip) => Ok(None),
+                Ok(Admission::BrokenChain { number, reason }) => {
+                    tracing::warn!(peer = %config.peer, %reason, "block skipped; the replay fails unless a block {number} that follows the chain comes later");
+                    broken.get_or_insert((number, reason));
+                    Ok(None)
+                }
+                Err(e) => Err(e),
             };
             match next {
                 Ok(Some(validated)) => {
                     position = Position { height: validated.block.header.number, header: Some(validated.block.header.clone()), state_hash: validated.validation.state_hash.to_vec() };
+                    if broken.as_ref().is_some_and(|(number, _)| *number <= position.height) {
+                        broken = None;
+                    }
                     group.push(validated);
                 }
                 Ok(None) => {}
@@ -190,6 +203,9 @@ pub async fn run(
             }
             if done {
                 ends.commit(&mut group).await?;
+                if let Some((_, reason)) = broken {
+                    return Err(StageError::Fatal(reason));
+                }
                 break 'polling;
             }
             if group.blocks.len() >= store.blocks_per_commit() {
@@ -333,9 +349,6 @@ impl Ends {
     }
 }
 
-/// Decodes a record from the blocks topic and decides whether it is the next block to commit.
-/// Copies of committed blocks are skipped (or reported as a fork); anything else that is not the
-/// next valid block is dead-lettered.
 /// Reports input the validator cannot use: to dead-letters, or only to the log in read-only mode.
 async fn refuse(config: &ValidatorConfig, dead: &DeadLetters, record: &Record, reason: String) -> StageResult<()> {
     if config.read_only {
@@ -346,6 +359,19 @@ async fn refuse(config: &ValidatorConfig, dead: &DeadLetters, record: &Record, r
     }
 }
 
+/// What to do with a record from the blocks topic.
+enum Admission {
+    /// The next block: validate it.
+    Next(Block),
+    /// A copy, a fork, garbage or a forgery: already skipped (and reported).
+    Skip,
+    /// Read-only: a block an orderer signed that does not follow the chain.
+    BrokenChain { number: i64, reason: String },
+}
+
+/// Decodes a record from the blocks topic and decides whether it is the next block to commit.
+/// Copies of committed blocks are skipped (or reported as a fork); anything else that is not the
+/// next valid block is dead-lettered.
 async fn admissible(
     config: &ValidatorConfig,
     store: &Arc<dyn PeerStore>,
@@ -353,12 +379,12 @@ async fn admissible(
     group: &Group,
     record: &Record,
     dead: &DeadLetters,
-) -> StageResult<Option<Block>> {
+) -> StageResult<Admission> {
     let block = match codec::decode::<Block>(&record.value) {
         Ok(b) => b,
         Err(e) => {
             refuse(config, dead, record, e.to_string()).await?;
-            return Ok(None);
+            return Ok(Admission::Skip);
         }
     };
     let number = block.header.number;
@@ -385,19 +411,19 @@ async fn admissible(
             tracing::error!(peer = %config.peer, "{reason}");
             refuse(config, dead, record, reason).await?;
         }
-        return Ok(None);
+        return Ok(Admission::Skip);
     }
     if let Err(e) = check_block(&config.network, position.header.as_ref(), &block) {
         // In a replay the log is final: a block an orderer really signed that does not follow the
-        // chain is a broken chain, not garbage, and the replay stops there and says so.
+        // chain is a broken chain, not garbage, unless a block that does follow comes later.
         let signed = check_block_signature(&config.network, &block).is_ok();
         if config.read_only && signed && matches!(e, BlockRejection::Chain(_)) {
-            return Err(StageError::Fatal(format!("broken chain at block {number} (blocks offset {}): {e}", record.offset)));
+            return Ok(Admission::BrokenChain { number, reason: format!("broken chain at block {number} (blocks offset {}): {e}", record.offset) });
         }
         refuse(config, dead, record, e.to_string()).await?;
-        return Ok(None);
+        return Ok(Admission::Skip);
     }
-    Ok(Some(block))
+    Ok(Admission::Next(block))
 }
 
 /// Publishes one committed block's metrics.

@@ -15,6 +15,7 @@ use streamledger_ports::log::{ensure_topics, Log, OutRecord};
 use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::{names, Topics};
 use streamledger_stages::testkit::{scenarios, Options, TestNetwork};
+use streamledger_stages::StageError;
 use streamledger_stages::validator::{self, PeerProgress};
 use tokio::sync::watch;
 
@@ -86,6 +87,18 @@ async fn bare_log() -> (tempfile::TempDir, Fixture, Topics, Arc<dyn Log>) {
     (dir, f, topics, log)
 }
 
+/// Runs one validator read-only from offset 0 to `last_offset` of the blocks topic into a fresh
+/// store, as `streamledger replay` and the audit do.
+async fn replay_read_only(dir: &std::path::Path, f: &Fixture, topics: &Topics, log: &Arc<dyn Log>, last_offset: i64) -> (Result<(), StageError>, Arc<EmbeddedStore>) {
+    let store = Arc::new(EmbeddedStore::open(&dir.join("replay.redb")).unwrap());
+    let mut cfg = validator::ValidatorConfig::new("Org1.peer0".into(), Arc::new(f.network.clone()), topics.clone(), Arc::new(AnyWrite));
+    cfg.read_only = true;
+    cfg.stop_after_offset = Some(last_offset);
+    let (_tx, rx) = watch::channel(false);
+    let result = validator::run(cfg, log.clone(), store.clone(), Arc::new(PeerProgress::new()), rx).await;
+    (result, store)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_replay_skips_garbage_but_stops_at_a_broken_chain_naming_the_block() {
     use streamledger_core::crypto::block_header_hash;
@@ -104,18 +117,34 @@ async fn a_read_only_replay_skips_garbage_but_stops_at_a_broken_chain_naming_the
     ];
     log.append(topics.name(names::BLOCKS), records).await.unwrap();
 
-    let store = Arc::new(EmbeddedStore::open(&dir.path().join("replay.redb")).unwrap());
-    let mut cfg = validator::ValidatorConfig::new("Org1.peer0".into(), Arc::new(f.network.clone()), topics.clone(), Arc::new(AnyWrite));
-    cfg.read_only = true;
-    cfg.stop_after_offset = Some(3);
-    let (_tx, rx) = watch::channel(false);
-    let result = validator::run(cfg, log.clone(), store.clone(), Arc::new(PeerProgress::new()), rx).await;
+    let (result, store) = replay_read_only(dir.path(), &f, &topics, &log, 3).await;
     let err = result.expect_err("a broken chain stops the replay").to_string();
     assert!(err.contains("broken chain at block 2") && err.contains("offset 3"), "{err}");
     assert_eq!(store.savepoint().unwrap().unwrap().block, 1, "the blocks before the break are committed");
     // Read-only: nothing was produced, not even a dead letter for the garbage.
     assert_eq!(log.end_offset(topics.name(names::DEAD_LETTERS), 0).await.unwrap(), 0);
     assert_eq!(log.end_offset(topics.name(names::VALIDATED_BLOCKS), 0).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_replay_goes_past_a_broken_block_when_a_linking_one_of_its_number_follows() {
+    use streamledger_core::crypto::block_header_hash;
+    use streamledger_core::cutter::GENESIS_PREVIOUS_HASH;
+    use streamledger_core::fixtures::Rw;
+    let (dir, f, topics, log) = bare_log().await;
+    let tx = |k: &str| f.tx(Rw::new().write(k, "v").build());
+    let b0 = f.block(0, &GENESIS_PREVIOUS_HASH, &[tx("a")]);
+    let b1_broken = f.block(1, &[9; 32], &[tx("x")]); // signed, but links to nothing
+    let b1 = f.block(1, &block_header_hash(&b0.header), &[tx("b")]);
+    let b2 = f.block(2, &block_header_hash(&b1.header), &[tx("c")]);
+    let records = [&b0, &b1_broken, &b1, &b2].map(|b| OutRecord::unkeyed(codec::encode(b).unwrap())).to_vec();
+    log.append(topics.name(names::BLOCKS), records).await.unwrap();
+
+    let (result, store) = replay_read_only(dir.path(), &f, &topics, &log, 3).await;
+    assert!(result.is_ok(), "the break was repaired by the block after it: {result:?}");
+    let sp = store.savepoint().unwrap().unwrap();
+    assert_eq!((sp.block, sp.blocks_offset), (2, 3), "the replay reached the tip");
+    assert_eq!(store.block(1).unwrap().unwrap().bytes, codec::encode(&b1).unwrap(), "block 1 is the one that links");
 }
 
 /// Blocks that arrive together are committed together: each is validated against the blocks
