@@ -72,7 +72,11 @@ pub struct EmbeddedStore {
     db: RwLock<Option<Database>>,
     durability: Mutex<Durable>,
     durable_every: Duration,
+    /// Opens the file: [`crate::open_database`], or in tests one whose writes can be made to fail.
+    opener: Opener,
 }
+
+type Opener = Box<dyn Fn(&Path) -> Result<Database, DatabaseError> + Send + Sync>;
 
 /// Where the store stands between durable commits.
 #[derive(Default)]
@@ -131,13 +135,23 @@ impl EmbeddedStore {
     /// Opens the store in the redb file at `path`, creating the file and its parent directories
     /// if missing.
     pub fn open(path: &Path) -> Result<EmbeddedStore, StateError> {
+        Self::open_with(path, Box::new(crate::open_database))
+    }
+
+    fn open_with(path: &Path, opener: Opener) -> Result<EmbeddedStore, StateError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| StateError {
                 message: format!("{}: creating directory {}: {e}", path.display(), dir.display()),
                 retryable: transient(&e),
             })?;
         }
-        let store = EmbeddedStore { path: path.to_path_buf(), db: RwLock::new(None), durability: Mutex::new(Durable::default()), durable_every: DURABLE_EVERY };
+        let store = EmbeddedStore {
+            path: path.to_path_buf(),
+            db: RwLock::new(None),
+            durability: Mutex::new(Durable::default()),
+            durable_every: DURABLE_EVERY,
+            opener,
+        };
         store.reopen().map_err(|f| store.error("opening the store", f))?;
         let savepoint = store.savepoint()?;
         info!(path = %path.display(), block = savepoint.map(|s| s.block), "peer store open");
@@ -160,7 +174,7 @@ impl EmbeddedStore {
         }
         let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
         if guard.is_none() {
-            let db = crate::open_database(&self.path)?;
+            let db = (self.opener)(&self.path)?;
             let txn = db.begin_write()?;
             txn.open_table(STATE)?;
             txn.open_table(TX_INDEX)?;
@@ -492,6 +506,7 @@ impl PeerStore for EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
     use proptest::prelude::*;
@@ -670,6 +685,110 @@ mod tests {
         assert!(err.message.contains("expected block 3") && err.message.contains("I/O error") && err.message.contains("peer.redb"), "{err}");
         commit_numbered(&store, 3..4);
         assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"3");
+    }
+
+    /// The store's file, with writes, syncs and resizes failing while `failing` is set (a disk
+    /// that filled up or went bad under a running node).
+    #[derive(Debug)]
+    struct FailingDisk {
+        file: redb::backends::FileBackend,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl FailingDisk {
+        fn check(&self) -> std::io::Result<()> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "injected: no space left on device"));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for FailingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+        fn close(&self) -> std::io::Result<()> {
+            self.file.close()
+        }
+        fn try_lock_range(&self, start: std::ops::Bound<u64>, end: std::ops::Bound<u64>) -> Result<bool, redb::BackendError> {
+            self.file.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(&self, start: std::ops::Bound<u64>, end: std::ops::Bound<u64>) -> Result<bool, redb::BackendError> {
+            self.file.try_lock_shared_range(start, end)
+        }
+    }
+
+    /// The log lines a closure writes through `tracing`, as text.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
+        text
+    }
+
+    /// The disk fails under volatile commits: the durable commit that meets the failure errs
+    /// (retryable), the handle is closed, and a warning names the first block lost with it. Once the disk is
+    /// back, the store reopens at the last durable commit, refuses a block past the gap, and takes
+    /// the lost blocks again, as the restarted validator re-applies them.
+    #[test]
+    fn a_failing_disk_loses_the_volatile_commits_says_from_which_block_and_they_commit_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let failing = Arc::new(AtomicBool::new(false));
+        let flag = failing.clone();
+        let opener: Opener = Box::new(move |path| {
+            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+            let disk = FailingDisk { file: redb::backends::FileBackend::new(file)?, failing: flag.clone() };
+            redb::Database::builder().set_cache_size(crate::CACHE_BYTES).create_with_backend(disk)
+        });
+        let store = EmbeddedStore::open_with(&dir.path().join("peer.redb"), opener).unwrap().with_durable_every(Duration::from_secs(3600));
+        commit_numbered(&store, 0..4); // block 0 durable (the first), 1 to 3 volatile
+        failing.store(true, Ordering::SeqCst);
+        // redb holds volatile commits in memory: the one below writes nothing, and the disk's
+        // failure meets the durable commit that follows.
+        commit_numbered(&store, 4..5);
+        let log = logged(|| {
+            let err = store.make_durable().unwrap_err();
+            assert!(err.retryable && err.message.contains("peer.redb") && err.message.contains("no space left"), "{err}");
+        });
+        assert!(log.contains("from_block=1") && log.contains("lost"), "the warning names the first lost block: {log}");
+
+        failing.store(false, Ordering::SeqCst);
+        assert_eq!(store.savepoint().unwrap(), Some(savepoint(0)), "the file reopens at the last durable commit");
+        assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"0");
+        assert!(store.tx_location("tx1").unwrap().is_none());
+        let err = commit(&store, &batch(5, &[], &[])).unwrap_err();
+        assert!(!err.retryable && err.message.contains("expected block 1"), "{err}");
+        commit_numbered(&store, 1..5);
+        assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"4");
     }
 
     #[test]
