@@ -158,10 +158,10 @@ pub async fn run(
     let mut consumer = log.consumer(Subscription::assign(&blocks_topic, 0, from)).await?;
     let ends = Ends { config: config.clone(), log: log.clone(), store: store.clone(), progress, counters: counters.clone(), verdicts_topic, shutdown: shutdown.clone() };
     let mut group = Group::default();
-    // Read-only: a signed block that does not follow the chain, held until the replay ends. A
-    // later record may still bring a block of that number that does (orderer replicas may both
-    // write one); only a break nothing repairs stops the replay, naming that block.
-    let mut broken: Option<(i64, String)> = None;
+    // Read-only: signed blocks that do not follow the chain, by number, held until the replay
+    // ends. A later record may still bring a block of that number that does (orderer replicas may
+    // both write one); only a break nothing repairs stops the replay, naming the first such block.
+    let mut broken: BTreeMap<i64, String> = BTreeMap::new();
     'polling: while !*shutdown.borrow() {
         let records = tokio::select! {
             r = consumer.poll(32, Duration::from_millis(200)) => r?,
@@ -180,7 +180,7 @@ pub async fn run(
                 Ok(Admission::Skip) => Ok(None),
                 Ok(Admission::BrokenChain { number, reason }) => {
                     tracing::warn!(peer = %config.peer, %reason, "block skipped; the replay fails unless a block {number} that follows the chain comes later");
-                    broken.get_or_insert((number, reason));
+                    broken.entry(number).or_insert(reason);
                     Ok(None)
                 }
                 Err(e) => Err(e),
@@ -188,9 +188,7 @@ pub async fn run(
             match next {
                 Ok(Some(validated)) => {
                     position = Position { height: validated.block.header.number, header: Some(validated.block.header.clone()), state_hash: validated.validation.state_hash.to_vec() };
-                    if broken.as_ref().is_some_and(|(number, _)| *number <= position.height) {
-                        broken = None;
-                    }
+                    broken = broken.split_off(&(position.height + 1));
                     group.push(validated);
                 }
                 Ok(None) => {}
@@ -203,7 +201,7 @@ pub async fn run(
             }
             if done {
                 ends.commit(&mut group).await?;
-                if let Some((_, reason)) = broken {
+                if let Some((_, reason)) = broken.pop_first() {
                     return Err(StageError::Fatal(reason));
                 }
                 break 'polling;

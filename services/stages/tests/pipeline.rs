@@ -147,6 +147,27 @@ async fn a_read_only_replay_goes_past_a_broken_block_when_a_linking_one_of_its_n
     assert_eq!(store.block(1).unwrap().unwrap().bytes, codec::encode(&b1).unwrap(), "block 1 is the one that links");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_replay_fails_at_a_second_break_when_only_the_first_is_repaired() {
+    use streamledger_core::crypto::block_header_hash;
+    use streamledger_core::cutter::GENESIS_PREVIOUS_HASH;
+    use streamledger_core::fixtures::Rw;
+    let (dir, f, topics, log) = bare_log().await;
+    let tx = |k: &str| f.tx(Rw::new().write(k, "v").build());
+    let b0 = f.block(0, &GENESIS_PREVIOUS_HASH, &[tx("a")]);
+    let b1_broken = f.block(1, &[9; 32], &[tx("x")]);
+    let b3_stray = f.block(3, &[8; 32], &[tx("y")]); // signed, ahead, and no block 3 links
+    let b1 = f.block(1, &block_header_hash(&b0.header), &[tx("b")]);
+    let b2 = f.block(2, &block_header_hash(&b1.header), &[tx("c")]);
+    let records = [&b0, &b1_broken, &b3_stray, &b1, &b2].map(|b| OutRecord::unkeyed(codec::encode(b).unwrap())).to_vec();
+    log.append(topics.name(names::BLOCKS), records).await.unwrap();
+
+    let (result, store) = replay_read_only(dir.path(), &f, &topics, &log, 4).await;
+    let err = result.expect_err("block 3 never follows the chain").to_string();
+    assert!(err.contains("broken chain at block 3") && err.contains("offset 2"), "{err}");
+    assert_eq!(store.savepoint().unwrap().unwrap().block, 2, "the blocks before the break are committed");
+}
+
 /// Blocks that arrive together are committed together: each is validated against the blocks
 /// before it (a read of the previous block's write is current, a read of the older version is a
 /// conflict), and after a restart the validator produces the verdicts of the blocks its last
