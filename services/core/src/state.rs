@@ -54,6 +54,16 @@ pub trait CommittedState {
     fn tx_locations(&self, tx_ids: &[&str]) -> StateResult<Vec<Option<TxLocation>>> {
         tx_ids.iter().map(|id| self.tx_location(id)).collect()
     }
+
+    /// A read-only view of the state as committed now, unaffected by later commits: what an
+    /// endorser simulates a batch of proposals against, so that every read of a simulation sees
+    /// one committed state (as a Fabric simulator holds the state lock while it runs) and a store
+    /// need not open a read transaction per key. `None` when the store has no such view (CouchDB
+    /// has no snapshots); reads then go to the store and each sees the latest commit, which MVCC
+    /// validation makes safe, only more prone to conflicts.
+    fn snapshot(&self) -> StateResult<Option<Box<dyn CommittedState + Send + Sync + '_>>> {
+        Ok(None)
+    }
 }
 
 /// Is `key` inside `[start, end)`, with an empty `end` meaning unbounded?

@@ -23,7 +23,7 @@ use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{
-    CommitError, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError, TableDefinition, TableError,
+    CommitError, Database, DatabaseError, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, StorageError, TableDefinition, TableError,
     TransactionError,
 };
 use streamledger_core::model::Version;
@@ -231,12 +231,16 @@ impl EmbeddedStore {
                 None => Err(Failure::Redb(redb::Error::DatabaseClosed)),
             }
         });
-        result.map_err(|failure| {
-            if failure.needs_reopen() {
-                self.close_after_io_error();
-            }
-            self.error(&what(), failure)
-        })
+        result.map_err(|failure| self.failed(&what(), failure))
+    }
+
+    /// The error to return for `failure` while doing `what`; an I/O error closes the handle, so
+    /// that the next call reopens the file.
+    fn failed(&self, what: &str, failure: Failure) -> StateError {
+        if failure.needs_reopen() {
+            self.close_after_io_error();
+        }
+        self.error(what, failure)
     }
 }
 
@@ -271,42 +275,13 @@ impl Durable {
 
 impl CommittedState for EmbeddedStore {
     fn get(&self, namespace: &str, key: &str) -> StateResult<Option<VersionedValue>> {
-        self.with_db(
-            || format!("reading key {key:?} of namespace {namespace:?}"),
-            |db| {
-                let txn = db.begin_read()?;
-                let table = txn.open_table(STATE)?;
-                Ok(table.get((namespace, key))?.map(|v| versioned(v.value())))
-            },
-        )
+        self.with_db(|| reading_key(namespace, key), |db| get_in(&db.begin_read()?.open_table(STATE)?, namespace, key))
     }
 
     fn range(&self, namespace: &str, start: &str, end: &str, limit: Option<usize>) -> StateResult<Vec<(String, VersionedValue)>> {
         self.with_db(
-            || format!("reading range [{start:?}, {end:?}) of namespace {namespace:?}"),
-            |db| {
-                let limit = limit.unwrap_or(usize::MAX);
-                let mut found = Vec::new();
-                if limit == 0 {
-                    return Ok(found);
-                }
-                let txn = db.begin_read()?;
-                let table = txn.open_table(STATE)?;
-                // Open-ended scan from (namespace, start), stopping at the first key outside the
-                // range or the namespace: simpler than building an upper bound for "unbounded".
-                for entry in table.range((namespace, start)..)? {
-                    let (k, v) = entry?;
-                    let (ns, key) = k.value();
-                    if ns != namespace || !in_range(key, start, end) {
-                        break;
-                    }
-                    found.push((key.to_string(), versioned(v.value())));
-                    if found.len() == limit {
-                        break;
-                    }
-                }
-                Ok(found)
-            },
+            || reading_range(start, end, namespace),
+            |db| range_in(&db.begin_read()?.open_table(STATE)?, namespace, start, end, limit),
         )
     }
 
@@ -315,8 +290,7 @@ impl CommittedState for EmbeddedStore {
         self.with_db(
             || format!("reading the versions of {} keys", keys.len()),
             |db| {
-                let txn = db.begin_read()?;
-                let table = txn.open_table(STATE)?;
+                let table = db.begin_read()?.open_table(STATE)?;
                 keys.iter()
                     .map(|&(ns, key)| {
                         Ok(table.get((ns, key))?.map(|v| {
@@ -330,14 +304,7 @@ impl CommittedState for EmbeddedStore {
     }
 
     fn tx_location(&self, tx_id: &str) -> StateResult<Option<TxLocation>> {
-        self.with_db(
-            || format!("reading tx id {tx_id:?} in the tx-id index"),
-            |db| {
-                let txn = db.begin_read()?;
-                let table = txn.open_table(TX_INDEX)?;
-                Ok(table.get(tx_id)?.map(|v| located(v.value())))
-            },
-        )
+        self.with_db(|| reading_tx_id(tx_id), |db| location_in(&db.begin_read()?.open_table(TX_INDEX)?, tx_id))
     }
 
     /// All ids from one read transaction, as for [`CommittedState::versions`]: the validator
@@ -346,12 +313,98 @@ impl CommittedState for EmbeddedStore {
         self.with_db(
             || format!("reading {} tx ids in the tx-id index", tx_ids.len()),
             |db| {
-                let txn = db.begin_read()?;
-                let table = txn.open_table(TX_INDEX)?;
-                tx_ids.iter().map(|id| Ok(table.get(*id)?.map(|v| located(v.value())))).collect()
+                let table = db.begin_read()?.open_table(TX_INDEX)?;
+                tx_ids.iter().map(|id| location_in(&table, id)).collect()
             },
         )
     }
+
+    /// One redb read transaction, held by the view: redb's MVCC keeps its pages as they were
+    /// while later commits go on (readers never block the validator's writer).
+    fn snapshot(&self) -> StateResult<Option<Box<dyn CommittedState + Send + Sync + '_>>> {
+        let tables = self.with_db(
+            || "opening a read snapshot".to_string(),
+            |db| {
+                let txn = db.begin_read()?;
+                Ok((txn.open_table(STATE)?, txn.open_table(TX_INDEX)?))
+            },
+        )?;
+        Ok(Some(Box::new(Snapshot { store: self, state: tables.0, index: tables.1 })))
+    }
+}
+
+type StateTable = ReadOnlyTable<(&'static str, &'static str), (i64, i32, &'static [u8])>;
+type IndexTable = ReadOnlyTable<&'static str, (i64, i32, i32)>;
+
+/// What [`EmbeddedStore::snapshot`] returns: the state and tx-id index of one read transaction.
+struct Snapshot<'a> {
+    store: &'a EmbeddedStore,
+    state: StateTable,
+    index: IndexTable,
+}
+
+impl Snapshot<'_> {
+    /// Names the file and `what` in an error, and closes the handle after an I/O error, as every
+    /// other read does (see [`EmbeddedStore::with_db`]).
+    fn read<T>(&self, what: impl FnOnce() -> String, op: impl FnOnce() -> Result<T, Failure>) -> StateResult<T> {
+        op().map_err(|failure| self.store.failed(&what(), failure))
+    }
+}
+
+impl CommittedState for Snapshot<'_> {
+    fn get(&self, namespace: &str, key: &str) -> StateResult<Option<VersionedValue>> {
+        self.read(|| reading_key(namespace, key), || get_in(&self.state, namespace, key))
+    }
+
+    fn range(&self, namespace: &str, start: &str, end: &str, limit: Option<usize>) -> StateResult<Vec<(String, VersionedValue)>> {
+        self.read(|| reading_range(start, end, namespace), || range_in(&self.state, namespace, start, end, limit))
+    }
+
+    fn tx_location(&self, tx_id: &str) -> StateResult<Option<TxLocation>> {
+        self.read(|| reading_tx_id(tx_id), || location_in(&self.index, tx_id))
+    }
+}
+
+fn reading_key(namespace: &str, key: &str) -> String {
+    format!("reading key {key:?} of namespace {namespace:?}")
+}
+
+fn reading_range(start: &str, end: &str, namespace: &str) -> String {
+    format!("reading range [{start:?}, {end:?}) of namespace {namespace:?}")
+}
+
+fn reading_tx_id(tx_id: &str) -> String {
+    format!("reading tx id {tx_id:?} in the tx-id index")
+}
+
+fn get_in(state: &StateTable, namespace: &str, key: &str) -> Result<Option<VersionedValue>, Failure> {
+    Ok(state.get((namespace, key))?.map(|v| versioned(v.value())))
+}
+
+fn range_in(state: &StateTable, namespace: &str, start: &str, end: &str, limit: Option<usize>) -> Result<Vec<(String, VersionedValue)>, Failure> {
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut found = Vec::new();
+    if limit == 0 {
+        return Ok(found);
+    }
+    // Open-ended scan from (namespace, start), stopping at the first key outside the range or the
+    // namespace: simpler than building an upper bound for "unbounded".
+    for entry in state.range((namespace, start)..)? {
+        let (k, v) = entry?;
+        let (ns, key) = k.value();
+        if ns != namespace || !in_range(key, start, end) {
+            break;
+        }
+        found.push((key.to_string(), versioned(v.value())));
+        if found.len() == limit {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+fn location_in(index: &IndexTable, tx_id: &str) -> Result<Option<TxLocation>, Failure> {
+    Ok(index.get(tx_id)?.map(|v| located(v.value())))
 }
 
 impl PeerStore for EmbeddedStore {
@@ -448,9 +501,12 @@ impl PeerStore for EmbeddedStore {
                         // The first occurrence of a tx id wins, in the ledger and within the
                         // batch (this transaction sees its own inserts): a later duplicate is
                         // DUPLICATE_TXID and must not repoint the index.
+                        // Duplicates are rare: insert, and put the first entry back if there
+                        // was one (one B-tree walk for a new id instead of a lookup and an insert).
                         for (tx_id, loc) in &batch.tx_index {
-                            if index.get(tx_id.as_str())?.is_none() {
-                                index.insert(tx_id.as_str(), (loc.block, loc.position, loc.code))?;
+                            let earlier = index.insert(tx_id.as_str(), (loc.block, loc.position, loc.code))?.map(|v| v.value());
+                            if let Some(first) = earlier {
+                                index.insert(tx_id.as_str(), first)?;
                             }
                         }
                         stored.insert(number, (block.bytes.as_slice(), block.codes.clone()))?;
@@ -604,6 +660,8 @@ mod tests {
         assert_send_sync::<EmbeddedStore>();
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap());
+        // The conformance checks test snapshots only where a store has them: this one must.
+        assert!(store.snapshot().unwrap().is_some());
         conformance::readers_never_see_half_a_block(store, 40);
     }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use streamledger_core::model::Version;
-use streamledger_core::state::{StateResult, TxLocation, VersionedValue, WriteBatch};
+use streamledger_core::state::{CommittedState, StateResult, TxLocation, VersionedValue, WriteBatch};
 
 use crate::log::{Log, OutRecord, Subscription};
 use crate::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
@@ -138,6 +138,12 @@ pub fn readers_never_see_half_a_block(store: Arc<dyn PeerStore>, blocks: i64) {
                     }
                     let v = store.versions(&[("ns", "x"), ("ns", "y")]).unwrap();
                     assert_eq!(v[0], v[1]);
+                    // Two reads of one snapshot: a block committed between them is not seen.
+                    if let Some(snapshot) = store.snapshot().unwrap() {
+                        let x = snapshot.get("ns", "x").unwrap();
+                        std::thread::yield_now();
+                        assert_eq!(x, snapshot.get("ns", "y").unwrap());
+                    }
                     let block = store.savepoint().unwrap().map_or(-1, |s| s.block);
                     assert!(block >= last_block, "savepoint went back from {last_block} to {block}");
                     last_block = block;
@@ -174,7 +180,7 @@ pub type RandomQuery = (String, String, String, Option<usize>);
 /// that every query (get, range with and without limit, whole namespaces, bulk versions, the tx
 /// index, the savepoint) answers the same on both. For property tests with store-specific inputs.
 pub fn agrees_with_the_reference(store: &dyn PeerStore, blocks: Vec<RandomBlock>, queries: &[RandomQuery]) {
-    use streamledger_core::state::{CommittedState, MemState};
+    use streamledger_core::state::MemState;
     let mut model = MemState::new();
     for (n, (writes, txs)) in blocks.into_iter().enumerate() {
         let n = n as i64;
@@ -185,27 +191,41 @@ pub fn agrees_with_the_reference(store: &dyn PeerStore, blocks: Vec<RandomBlock>
         for (id, position, code) in txs {
             b.tx_index.push((id, TxLocation { block: n, position, code }));
         }
+        // A snapshot taken before the commit must go on answering as the state was.
+        let before = store.snapshot().unwrap();
+        let model_before = model.clone();
         commit(store, &b).unwrap();
         model.apply(&b);
 
-        for (ns, start, end, limit) in queries {
-            assert_eq!(store.get(ns, start).unwrap(), model.get(ns, start).unwrap());
-            assert_eq!(store.range(ns, start, end, *limit).unwrap(), model.range(ns, start, end, *limit).unwrap());
-            assert_eq!(store.range(ns, start, end, None).unwrap(), model.range(ns, start, end, None).unwrap());
+        answers_alike(store, &model, queries, "the store");
+        if let Some(before) = before {
+            answers_alike(before.as_ref(), &model_before, queries, "a snapshot taken before the commit");
         }
-        for ns in ["a", "ab", "a\0", "b", "", "c"] {
-            assert_eq!(store.range(ns, "", "", None).unwrap(), model.range(ns, "", "", None).unwrap(), "namespace {ns:?}");
+        if let Some(now) = store.snapshot().unwrap() {
+            answers_alike(now.as_ref(), &model, queries, "a snapshot taken after the commit");
         }
-        let probe: Vec<(&str, &str)> = queries.iter().flat_map(|(ns, s, e, _)| [(ns.as_str(), s.as_str()), (ns.as_str(), e.as_str())]).collect();
-        assert_eq!(store.versions(&probe).unwrap(), model.versions(&probe).unwrap());
-        let ids: Vec<String> = (0..7).map(|i| format!("tx{i}")).collect();
-        for id in &ids {
-            assert_eq!(store.tx_location(id).unwrap(), model.tx_location(id).unwrap(), "{id}");
-        }
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        assert_eq!(store.tx_locations(&ids).unwrap(), model.tx_locations(&ids).unwrap());
         assert_eq!(store.savepoint().unwrap().map(|s| s.block), model.height());
     }
+}
+
+/// Every query, asked of `view` and of the reference `model`, gets the same answer.
+fn answers_alike(view: &dyn CommittedState, model: &streamledger_core::state::MemState, queries: &[RandomQuery], what: &str) {
+    for (ns, start, end, limit) in queries {
+        assert_eq!(view.get(ns, start).unwrap(), model.get(ns, start).unwrap(), "{what}");
+        assert_eq!(view.range(ns, start, end, *limit).unwrap(), model.range(ns, start, end, *limit).unwrap(), "{what}");
+        assert_eq!(view.range(ns, start, end, None).unwrap(), model.range(ns, start, end, None).unwrap(), "{what}");
+    }
+    for ns in ["a", "ab", "a\0", "b", "", "c"] {
+        assert_eq!(view.range(ns, "", "", None).unwrap(), model.range(ns, "", "", None).unwrap(), "{what}, namespace {ns:?}");
+    }
+    let probe: Vec<(&str, &str)> = queries.iter().flat_map(|(ns, s, e, _)| [(ns.as_str(), s.as_str()), (ns.as_str(), e.as_str())]).collect();
+    assert_eq!(view.versions(&probe).unwrap(), model.versions(&probe).unwrap(), "{what}");
+    let ids: Vec<String> = (0..7).map(|i| format!("tx{i}")).collect();
+    for id in &ids {
+        assert_eq!(view.tx_location(id).unwrap(), model.tx_location(id).unwrap(), "{what}, {id}");
+    }
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    assert_eq!(view.tx_locations(&ids).unwrap(), model.tx_locations(&ids).unwrap(), "{what}");
 }
 
 /// Every call on a topic the log does not have fails naming the topic, and not as retryable

@@ -152,6 +152,9 @@ fn endorse_all(
     let started = std::time::Instant::now();
     let checked = check_proposals_with(&config.network, proposals, config.signature_checks);
     let check_seconds = started.elapsed().as_secs_f64() / proposals.len().max(1) as f64;
+    // The whole batch simulates against one committed state, when the store can hold one.
+    let snapshot = state.snapshot()?;
+    let state = snapshot.as_deref().unwrap_or(state);
     proposals
         .par_iter()
         .zip(checked)
