@@ -74,9 +74,12 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
             replica.read_only = true;
             replica.metrics = metrics.clone();
             let (l, s, sd) = (log.clone(), store.clone(), shutdown.clone());
-            tasks.spawn(async move { ("endorser replica".into(), validator::run(replica, l, s, Arc::new(PeerProgress::new()), sd).await) });
+            let progress = Arc::new(PeerProgress::new());
+            let p = progress.clone();
+            tasks.spawn(async move { ("endorser replica".into(), validator::run(replica, l, s, p, sd).await) });
             let mut cfg = endorser::EndorserConfig::new(network.clone(), topics.clone(), signer(&format!("{org}/{member}"))?);
             cfg.metrics = metrics.clone();
+            cfg.peer = Some(progress);
             let (l, s, sd) = (log.clone(), store as Arc<dyn CommittedState + Send + Sync>, shutdown.clone());
             let registry = Arc::new(Registry::builtin());
             tasks.spawn(async move { ("endorser".into(), endorser::run(cfg, l, s, registry, sd).await) });

@@ -257,6 +257,7 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
         let mut cfg = cfg;
         cfg.metrics = metrics.clone();
         cfg.signature_checks = config.signature_checks;
+        cfg.peer = Some(progress.clone());
         tasks.spawn(async move { (format!("endorser {org}"), endorser::run(cfg, l, s, r, sd).await) });
 
         // CouchDB's limits on keys and values apply on every peer, whatever its store, so that

@@ -22,6 +22,7 @@ use streamledger_ports::topics::{names, Topics};
 
 use crate::common::{commit, retry, DeadLetters, Shutdown, StageError, StageResult};
 use crate::metrics::Metrics;
+use crate::validator::PeerProgress;
 
 /// Status of a result for a proposal the endorser refused to simulate (Fabric's endorser answers
 /// such proposals with 500 too; the message says why).
@@ -46,7 +47,23 @@ pub struct EndorserConfig {
     /// reached new proposals. Twice the gateway's timeout leaves room for clock skew between the
     /// producer that stamped the record and this process.
     pub skip_older_than: Option<Duration>,
+    /// The org's peer, when it runs beside this endorser: each batch then waits, up to
+    /// [`TIP_WAIT`], until the peer has committed every block on the blocks topic, and is
+    /// simulated at the ledger's tip. Without the wait, the orgs' endorsers simulated the same
+    /// proposals on peers a block apart whenever one validator had committed a block that the
+    /// other had not yet, and the gateway rejected the transactions that read a key the block
+    /// wrote because their endorsements disagreed (3-4% of the proposals at the bench's peak).
+    pub peer: Option<Arc<PeerProgress>>,
+    /// How long a batch waits for the peer to reach the tip: [`TIP_WAIT`] but in tests.
+    pub tip_wait: Duration,
 }
+
+/// The longest an endorser batch waits for its peer to reach the tip (see
+/// [`EndorserConfig::peer`]); past it the batch is simulated where the peer stands. A validator
+/// commits a block within tens of milliseconds at the peak; a peer that is catching up after a
+/// restart holds its endorser back to one batch per wait, rather than letting it sign results on
+/// a state it knows is old.
+pub const TIP_WAIT: Duration = Duration::from_millis(250);
 
 /// The default of [`EndorserConfig::skip_older_than`].
 pub const SKIP_OLDER_THAN: Duration = Duration::from_secs(20);
@@ -55,7 +72,7 @@ impl EndorserConfig {
     pub fn new(network: Arc<Network>, topics: Topics, signer: Signer) -> Self {
         let group = format!("endorser-{}", signer.identity().org);
         let metrics = Metrics::detached(network.channel());
-        Self { network, topics, signer, group, batch: 256, metrics, signature_checks: SignatureChecks::On, skip_older_than: Some(SKIP_OLDER_THAN) }
+        Self { network, topics, signer, group, batch: 256, metrics, signature_checks: SignatureChecks::On, skip_older_than: Some(SKIP_OLDER_THAN), peer: None, tip_wait: TIP_WAIT }
     }
 }
 
@@ -71,6 +88,7 @@ pub async fn run(
     let counters = metrics.stage("endorser", &org, 1);
     let proposals = config.topics.name(names::PROPOSALS).to_string();
     let results_topic = config.topics.name(names::ENDORSEMENT_RESULTS).to_string();
+    let blocks_topic = config.topics.name(names::BLOCKS).to_string();
     let dead = DeadLetters {
         log: log.clone(),
         topic: config.topics.name(names::DEAD_LETTERS).to_string(),
@@ -104,6 +122,9 @@ pub async fn run(
                 Err(e) => dead.send(record, e.to_string()).await?,
             }
         }
+        if let Some(peer) = &config.peer {
+            at_the_tip(peer, config.tip_wait, log.as_ref(), &blocks_topic, &org).await;
+        }
         let (cfg, st, reg, decoded) = (config.clone(), state.clone(), registry.clone(), Arc::new(decoded));
         let outputs = retry("simulation", &shutdown, || {
             let (cfg, st, reg, batch) = (cfg.clone(), st.clone(), reg.clone(), decoded.clone());
@@ -134,6 +155,20 @@ pub async fn run(
     }
     tracing::info!("endorser stopped");
     Ok(())
+}
+
+/// Waits, up to `wait`, until `peer` has committed every block on the blocks topic now. Never
+/// an error: a batch that cannot wait is simulated where the peer stands.
+async fn at_the_tip(peer: &PeerProgress, wait: Duration, log: &dyn Log, blocks_topic: &str, org: &str) {
+    let deadline = tokio::time::Instant::now() + wait;
+    match log.end_offset(blocks_topic, 0).await {
+        Ok(tip) => {
+            if !peer.wait_for_blocks_read(tip, deadline).await {
+                tracing::debug!(org = %org, tip, "the peer did not reach the blocks topic's end in {wait:?}: simulating where it stands");
+            }
+        }
+        Err(e) => tracing::warn!(org = %org, topic = %blocks_topic, error = %e, "cannot read the blocks topic's end: simulating where the peer stands"),
+    }
 }
 
 /// One endorsed proposal: the record to produce, the contract, whether it succeeded, and how long
@@ -239,6 +274,66 @@ mod tests {
             total += log.end_offset(results, partition).await.unwrap();
         }
         total
+    }
+
+    /// An endorser whose peer's progress the test drives, over an embedded store holding `k` =
+    /// "v0" from block 0 and a blocks topic one record long. Submits a proposal reading `k`,
+    /// gives the endorser half a second to take it, then commits block 1 (`k` = "v1") and, if
+    /// `peer_catches_up`, reports the blocks topic read. Returns the version of `k` the
+    /// endorsement read.
+    async fn version_read_when_the_peer_lags(tip_wait: Duration, peer_catches_up: bool) -> streamledger_core::model::Version {
+        use streamledger_embedded::store::EmbeddedStore;
+        use streamledger_ports::conformance::{batch, commit};
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(&dir.path().join("log")).unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("peer.redb")).unwrap());
+        commit(store.as_ref(), &batch(0, &[("kv", "k", Some("v0"))], &[])).unwrap();
+        let f = Fixture::new();
+        let topics = Topics::default_for(f.network.channel());
+        ensure_topics(log.as_ref(), &topics).await.unwrap();
+        log.append(topics.name(names::BLOCKS), vec![OutRecord::to_partition(0, b"block 1")]).await.unwrap();
+
+        let progress = Arc::new(PeerProgress::new());
+        let mut config = EndorserConfig::new(Arc::new(f.network.clone()), topics.clone(), f.peers[0].clone());
+        config.peer = Some(progress.clone());
+        config.tip_wait = tip_wait;
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (l, s) = (log.clone(), store.clone() as Arc<dyn CommittedState + Send + Sync>);
+        let running = tokio::spawn(async move { run(config, l, s, Arc::new(Registry::builtin()), shutdown).await });
+        let p = f.proposal("kv", "get", &["k"]);
+        log.append(topics.name(names::PROPOSALS), vec![OutRecord::keyed(p.tx_id.as_bytes(), codec::encode(&p).unwrap())]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        commit(store.as_ref(), &batch(1, &[("kv", "k", Some("v1"))], &[])).unwrap();
+        if peer_catches_up {
+            progress.read_blocks_before(1);
+        }
+
+        let mut results = log.consumer(Subscription::Group { group: "test".into(), topics: vec![topics.name(names::ENDORSEMENT_RESULTS).to_string()] }).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let result = loop {
+            if let Some(r) = results.poll(1, Duration::from_millis(100)).await.unwrap().first() {
+                break codec::decode::<EndorsementResult>(&r.value).unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "no endorsement result");
+        };
+        stop.send(true).unwrap();
+        running.await.unwrap().unwrap();
+        assert_eq!(result.rwset.reads.len(), 1, "{result:?}");
+        result.rwset.reads[0].version.expect("k exists")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_waits_for_its_peer_to_commit_the_blocks_on_the_topic_and_simulates_at_the_tip() {
+        use streamledger_core::model::Version;
+        assert_eq!(version_read_when_the_peer_lags(Duration::from_secs(30), true).await, Version::new(1, 0), "simulated after the peer caught up");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_does_not_catch_up_delays_a_batch_only_by_the_wait() {
+        use streamledger_core::model::Version;
+        let started = std::time::Instant::now();
+        assert_eq!(version_read_when_the_peer_lags(Duration::from_millis(100), false).await, Version::new(0, 0), "simulated where the peer stood");
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

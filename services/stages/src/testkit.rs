@@ -51,6 +51,8 @@ pub struct TestNetwork {
     pub log: Arc<dyn Log>,
     pub topics: Topics,
     pub stores: Vec<Arc<dyn PeerStore>>,
+    /// Each org's peer progress, which its validator reports and its endorser waits on.
+    pub progress: Vec<Arc<PeerProgress>>,
     options: Options,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -68,18 +70,22 @@ impl TestNetwork {
         ensure_topics(log.as_ref(), &topics).await.expect("topics are created");
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let mut progress = Vec::new();
         let registry = Arc::new(Registry::builtin());
         assert_eq!(stores.len(), 2, "one store per org of the sample network");
         for (i, org) in ["Org1", "Org2"].into_iter().enumerate() {
             let store = stores[i].clone();
+            let peer = Arc::new(PeerProgress::new());
+            progress.push(peer.clone());
             let mut cfg = endorser::EndorserConfig::new(network.clone(), topics.clone(), f.peers[i].clone());
+            cfg.peer = Some(peer.clone());
             // Groups named per channel, so tests sharing a broker do not share groups.
             cfg.group = format!("{}.{}", network.channel(), cfg.group);
             let (l, s, r, sd) = (log.clone(), store.clone(), registry.clone(), rx.clone());
             tasks.push(tokio::spawn(async move { endorser::run(cfg, l, s, r, sd).await.expect("endorser runs") }));
             let cfg = validator::ValidatorConfig::new(format!("{org}.peer0"), network.clone(), topics.clone(), Arc::new(CouchDbRules));
             let (l, sd) = (log.clone(), rx.clone());
-            tasks.push(tokio::spawn(async move { validator::run(cfg, l, store, Arc::new(PeerProgress::new()), sd).await.expect("validator runs") }));
+            tasks.push(tokio::spawn(async move { validator::run(cfg, l, store, peer, sd).await.expect("validator runs") }));
         }
         let mut cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
         cfg.group = format!("{}.{}", network.channel(), cfg.group);
@@ -92,7 +98,7 @@ impl TestNetwork {
             let (l, sd) = (log.clone(), rx.clone());
             tasks.push(tokio::spawn(async move { orderer::run(cfg, l, sd).await.expect("orderer runs") }));
         }
-        Self { f, log, topics, stores, options, shutdown, tasks }
+        Self { f, log, topics, stores, progress, options, shutdown, tasks }
     }
 
     /// Appends proposals to the proposals topic, as an outside producer would.
@@ -202,6 +208,13 @@ pub mod scenarios {
         let mut numbers: Vec<i64> = blocks.iter().map(|b| b.header.number).collect();
         numbers.dedup();
         assert_eq!(numbers, (0..numbers.len() as i64).collect::<Vec<_>>(), "one chain, no gap");
+
+        // Every validator reports the whole blocks topic read, which is what its endorser waits on.
+        let end = net.log.end_offset(net.topics.name(names::BLOCKS), 0).await.expect("end offset");
+        for (i, peer) in net.progress.iter().enumerate() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            assert!(peer.wait_for_blocks_read(end, deadline).await, "peer {i} never reported offset {end} of the blocks topic read");
+        }
     }
 
     /// Garbage on the proposals topic is dead-lettered by each stage that reads it, an unknown

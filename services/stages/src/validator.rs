@@ -82,6 +82,12 @@ pub struct PeerProgress {
     pub state_hash: Mutex<Vec<u8>>,
     /// Committed transactions by validation code.
     pub codes: Mutex<BTreeMap<i32, u64>>,
+    /// The blocks-topic offset before which every record is processed, and every block among
+    /// them that was to be committed is committed: where an endorser learns that its peer is at
+    /// the ledger's tip (see `endorser::EndorserConfig::peer`).
+    blocks_read: AtomicI64,
+    /// Wakes the tasks waiting for `blocks_read` to move.
+    blocks_read_moved: tokio::sync::Notify,
 }
 
 impl PeerProgress {
@@ -91,6 +97,26 @@ impl PeerProgress {
 
     pub fn height(&self) -> i64 {
         self.height.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every record before `offset` on the blocks topic is processed, at most until
+    /// `deadline`; says whether it got there.
+    pub async fn wait_for_blocks_read(&self, offset: i64, deadline: tokio::time::Instant) -> bool {
+        loop {
+            // Registered before the check, so that a move between the check and the wait wakes it.
+            let moved = self.blocks_read_moved.notified();
+            if self.blocks_read.load(Ordering::Acquire) >= offset {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    pub(crate) fn read_blocks_before(&self, offset: i64) {
+        self.blocks_read.fetch_max(offset, Ordering::AcqRel);
+        self.blocks_read_moved.notify_waiters();
     }
 
     pub fn state_hash(&self) -> Vec<u8> {
@@ -154,6 +180,7 @@ pub async fn run(
         }
     }
     let from = config.start_offset.unwrap_or(from);
+    progress.read_blocks_before(from);
     tracing::info!(peer = %config.peer, height = position.height, from_offset = from, "validator started");
     let mut consumer = log.consumer(Subscription::assign(&blocks_topic, 0, from)).await?;
     let ends = Ends { config: config.clone(), log: log.clone(), store: store.clone(), progress, counters: counters.clone(), verdicts_topic, shutdown: shutdown.clone() };
@@ -170,11 +197,13 @@ pub async fn run(
         metrics.observe_lag(&counters, &consumer.lag());
         counters.records_in.inc_by(records.len() as u64);
         let idle = records.is_empty();
+        let mut read_before = None;
         for record in records {
             if config.stop_after_offset.is_some_and(|last| record.offset > last) {
                 break;
             }
             let done = config.stop_after_offset == Some(record.offset);
+            read_before = Some(record.offset + 1);
             let next = match admissible(&config, &store, &position, &group, &record, &dead).await {
                 Ok(Admission::Next(block)) => validate_next(&ends, &group, block, record, &position.state_hash).await.map(Some),
                 Ok(Admission::Skip) => Ok(None),
@@ -213,6 +242,9 @@ pub async fn run(
         // Nothing more at hand: commit what is validated now, so that a quiet network gets each
         // verdict as soon as its block is committed.
         ends.commit(&mut group).await?;
+        if let Some(offset) = read_before {
+            ends.progress.read_blocks_before(offset);
+        }
         if idle {
             // A quiet network: the last commits need not wait for the next block to be durable.
             ends.make_durable().await?;
