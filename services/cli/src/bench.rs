@@ -98,6 +98,10 @@ pub struct BenchArgs {
     /// checks, to see how far the rest of the pipeline goes (embedded target only).
     #[arg(long, env = "STREAMLEDGER_BENCH_NO_SIGNATURE_CHECKS")]
     pub no_signature_checks: bool,
+    /// Embedded target: run the network with `up --endorse-at-tip` (endorsers wait for their
+    /// peer to reach the blocks topic's end before simulating).
+    #[arg(long, env = "STREAMLEDGER_BENCH_ENDORSE_AT_TIP")]
+    pub endorse_at_tip: bool,
 }
 
 fn seconds(flag: &str, value: f64) -> Result<Duration, BenchError> {
@@ -136,6 +140,7 @@ impl BenchArgs {
             seed: self.seed,
             progress: !self.no_progress && std::io::stderr().is_terminal(),
             no_signature_checks: self.no_signature_checks,
+            endorse_at_tip: self.endorse_at_tip,
             ..BenchConfig::default()
         })
     }

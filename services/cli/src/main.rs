@@ -43,6 +43,11 @@ enum Command {
         /// The org, e.g. Org1.
         #[arg(long, env = "STREAMLEDGER_ORG")]
         org: String,
+        /// Simulate each batch at the ledger's tip: wait (up to 250 ms) until the endorser's state
+        /// replica has committed every block on the blocks topic. Fewer endorsements disagree
+        /// with other orgs', for some latency (see the README, The stages).
+        #[arg(long, env = "STREAMLEDGER_ENDORSE_AT_TIP")]
+        endorse_at_tip: bool,
         #[command(flatten)]
         common: StageArgs,
     },
@@ -200,6 +205,11 @@ struct UpArgs {
     /// their own proposals for `POST /v1/proposals`.
     #[arg(long, env = "STREAMLEDGER_ALLOW_NODE_SIGNING")]
     allow_node_signing: bool,
+    /// Each endorser simulates a batch at the ledger's tip: it waits (up to 250 ms) until its
+    /// org's peer has committed every block on the blocks topic. Fewer endorsements disagree
+    /// between orgs, for some latency (see the README, The stages). Off, as in Fabric.
+    #[arg(long, env = "STREAMLEDGER_ENDORSE_AT_TIP")]
+    endorse_at_tip: bool,
     /// No live progress line (it is also off when stderr is not a terminal).
     #[arg(long, env = "STREAMLEDGER_NO_PROGRESS")]
     no_progress: bool,
@@ -339,7 +349,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Audit(args) => runtime()?.block_on(audit::run(args)),
         Command::Client(command) => Ok(clients::run(command)?),
         Command::Topics(command) => runtime()?.block_on(topics(command)),
-        Command::Endorser { org, common } => runtime()?.block_on(stage(StageKind::Endorser { org }, common)),
+        Command::Endorser { org, endorse_at_tip, common } => runtime()?.block_on(stage(StageKind::Endorser { org, at_tip: endorse_at_tip }, common)),
         Command::Gateway { common } => runtime()?.block_on(stage(StageKind::Gateway, common)),
         Command::Orderer { id, common } => runtime()?.block_on(stage(StageKind::Orderer { id }, common)),
         Command::Validator { peer, publish_changes, common } => runtime()?.block_on(stage(StageKind::Validator { peer, publish_changes }, common)),
@@ -447,6 +457,7 @@ async fn up(args: UpArgs) -> Result<(), CliError> {
         progress: !args.no_progress && std::io::stderr().is_terminal(),
         publish_changes: args.publish_changes.clone(),
         allow_node_signing: args.allow_node_signing,
+        endorse_at_tip: args.endorse_at_tip,
         ..streamledger_node::up::UpConfig::new(args.data_dir.clone(), args.http)
     };
     let node = streamledger_node::up::start(config).await?;

@@ -258,6 +258,8 @@ pub struct BenchConfig {
     pub progress: bool,
     /// Switch transaction signature checks off in the stages, for comparison only (embedded).
     pub no_signature_checks: bool,
+    /// Run the embedded network's endorsers at the tip (`UpConfig::endorse_at_tip`).
+    pub endorse_at_tip: bool,
     /// How long each of the three signature rates is timed.
     pub calibration: Duration,
 }
@@ -279,6 +281,7 @@ impl Default for BenchConfig {
             seed: None,
             progress: false,
             no_signature_checks: false,
+            endorse_at_tip: false,
             calibration: Duration::from_millis(600),
         }
     }
@@ -296,6 +299,9 @@ impl BenchConfig {
         // its own (always on).
         if self.no_signature_checks && self.target != Target::Embedded {
             return Err(BenchError::Config("--no-signature-checks applies to the embedded target only: a running node keeps its signature checks".into()));
+        }
+        if self.endorse_at_tip && self.target != Target::Embedded {
+            return Err(BenchError::Config("--endorse-at-tip applies to the embedded target only: a running node or stage has its own setting".into()));
         }
         let bad = |m: String| Err(BenchError::Config(m));
         match self.mode {
@@ -871,6 +877,8 @@ pub struct NetworkSummary {
     pub policy: String,
     pub max_message_count: u64,
     pub batch_timeout_ms: u64,
+    /// `--endorse-at-tip` (embedded target); a remote node's setting is not known here.
+    pub endorse_at_tip: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -965,6 +973,9 @@ impl BenchReport {
             "network: channel {}, {} orgs, {} orderers, policy {}, blocks of at most {} txs or {} ms",
             n.channel, n.orgs, n.orderers, n.policy, n.max_message_count, n.batch_timeout_ms
         )?;
+        if n.endorse_at_tip {
+            writeln!(t, "endorsers: at the tip (--endorse-at-tip)")?;
+        }
         if let Some(s) = &self.setup {
             writeln!(t, "setup: {} transactions in {:.2} s (not measured)", s.txs, s.seconds)?;
         }
@@ -1638,7 +1649,7 @@ async fn run_embedded(config: &BenchConfig, calibration: Calibration) -> Result<
     let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let signature_checks = if config.no_signature_checks { SignatureChecks::Off } else { SignatureChecks::On };
     let node =
-        up::start(UpConfig { client: config.client.clone(), signature_checks, ..UpConfig::new(dir.path.clone(), any_port) }).await?;
+        up::start(UpConfig { client: config.client.clone(), signature_checks, endorse_at_tip: config.endorse_at_tip, ..UpConfig::new(dir.path.clone(), any_port) }).await?;
     let (_, keys) = up::load_or_create_network(&dir.path.join("network"))?;
     let signer = client_signer(&keys, config)?;
     let network = (*node.network).clone();
@@ -1857,6 +1868,7 @@ async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibrati
             policy: policy_text,
             max_message_count: u64::from(batch.max_message_count),
             batch_timeout_ms: batch.batch_timeout_ms,
+            endorse_at_tip: config.endorse_at_tip,
         },
         setup,
         submitted: r.submitted,
@@ -2127,6 +2139,10 @@ mod tests {
         let remote = BenchConfig { no_signature_checks: true, target: Target::Http("http://127.0.0.1:7050".into()), ..BenchConfig::default() };
         let refused = remote.validate().unwrap_err().to_string();
         assert!(refused.contains("embedded target only"), "{refused}");
+        let remote = BenchConfig { endorse_at_tip: true, target: Target::Http("http://127.0.0.1:7050".into()), ..BenchConfig::default() };
+        let refused = remote.validate().unwrap_err().to_string();
+        assert!(refused.contains("--endorse-at-tip") && refused.contains("embedded target only"), "{refused}");
+        assert!(BenchConfig { endorse_at_tip: true, ..BenchConfig::default() }.validate().is_ok());
         let cases: Vec<(BenchConfig, &str)> = vec![
             (BenchConfig { mode: Mode::Rate(0.0), ..BenchConfig::default() }, "--rate"),
             (BenchConfig { mode: Mode::Backlog(0), ..BenchConfig::default() }, "--backlog"),
@@ -2217,6 +2233,15 @@ mod tests {
         assert_eq!(report.valid, 200, "blind writes never conflict: {}", report.table());
         assert!(report.peak_rss_bytes.is_some());
         assert_eq!(report.crypto.shape.endorsements_per_tx, 1);
+    }
+
+    /// `--endorse-at-tip`: with every endorser batch waiting on its peer, every transaction
+    /// still gets its verdict.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_transfer_round_with_the_endorsers_at_the_tip() {
+        let report = run(BenchConfig { endorse_at_tip: true, ..short(WorkloadKind::Transfer, 200) }).await.unwrap();
+        check_consistent(&report, 200);
+        assert!(report.network.endorse_at_tip && report.table().contains("--endorse-at-tip"), "the report says how it ran");
     }
 
     /// A running node through its HTTP API, with a setup round (transfer accounts).

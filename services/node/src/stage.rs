@@ -27,7 +27,9 @@ use crate::up::{load_network, open_store, peer_of, NodeError, StateBackend};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageKind {
-    Endorser { org: String },
+    /// `at_tip`: each batch waits for the endorser's own state replica to reach the blocks
+    /// topic's end (see `endorser::EndorserConfig::peer`).
+    Endorser { org: String, at_tip: bool },
     Gateway,
     Orderer { id: String },
     /// `peer` is `Org.member`, e.g. `Org1.peer0`. `publish_changes`: this validator also writes
@@ -64,7 +66,7 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
     let mut tasks: JoinSet<(String, Result<(), StageError>)> = JoinSet::new();
 
     match &config.kind {
-        StageKind::Endorser { org } => {
+        StageKind::Endorser { org, at_tip } => {
             let member = peer_of(&network, org)?;
             let peer = format!("{org}.{member}");
             // Its own store, apart from the org validator's (a store has one writer): on CouchDB a
@@ -79,7 +81,7 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
             tasks.spawn(async move { ("endorser replica".into(), validator::run(replica, l, s, p, sd).await) });
             let mut cfg = endorser::EndorserConfig::new(network.clone(), topics.clone(), signer(&format!("{org}/{member}"))?);
             cfg.metrics = metrics.clone();
-            cfg.peer = Some(progress);
+            cfg.peer = at_tip.then_some(progress);
             let (l, s, sd) = (log.clone(), store as Arc<dyn CommittedState + Send + Sync>, shutdown.clone());
             let registry = Arc::new(Registry::builtin());
             tasks.spawn(async move { ("endorser".into(), endorser::run(cfg, l, s, registry, sd).await) });

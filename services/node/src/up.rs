@@ -77,6 +77,9 @@ pub struct UpConfig {
     pub allow_node_signing: bool,
     /// Serve the API over HTTPS only, with this certificate and key; `None`: plain HTTP.
     pub tls: Option<crate::tls::ServerTls>,
+    /// Each endorser batch waits for its org's peer to commit every block on the blocks topic
+    /// (see `endorser::EndorserConfig::peer`). Off by default, as in Fabric.
+    pub endorse_at_tip: bool,
 }
 
 impl UpConfig {
@@ -94,6 +97,7 @@ impl UpConfig {
             publish_changes: None,
             allow_node_signing: false,
             tls: None,
+            endorse_at_tip: false,
         }
     }
 }
@@ -257,7 +261,7 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
         let mut cfg = cfg;
         cfg.metrics = metrics.clone();
         cfg.signature_checks = config.signature_checks;
-        cfg.peer = Some(progress.clone());
+        cfg.peer = config.endorse_at_tip.then(|| progress.clone());
         tasks.spawn(async move { (format!("endorser {org}"), endorser::run(cfg, l, s, r, sd).await) });
 
         // CouchDB's limits on keys and values apply on every peer, whatever its store, so that
