@@ -47,7 +47,8 @@ pub struct EndorserConfig {
     /// reached new proposals. Twice the gateway's timeout leaves room for clock skew between the
     /// producer that stamped the record and this process.
     pub skip_older_than: Option<Duration>,
-    /// The org's peer, when it runs beside this endorser: each batch then waits, up to
+    /// The org's peer, when it runs beside this endorser and `--endorse-at-tip` is given (off by
+    /// default, as Fabric has no such wait): each batch then waits, up to
     /// [`TIP_WAIT`], until the peer has committed every block on the blocks topic, and is
     /// simulated at the ledger's tip. Without the wait, the orgs' endorsers simulated the same
     /// proposals on peers a block apart whenever one validator had committed a block that the
