@@ -7,6 +7,7 @@ mod clients;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use streamledger_core::network::{Network, NetworkSpec};
@@ -343,16 +344,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Up(args) => runtime()?.block_on(up(args)),
-        Command::Replay(args) => runtime()?.block_on(replay(args)),
-        Command::Bench(args) => Ok(runtime()?.block_on(bench::run(args))?),
-        Command::Audit(args) => runtime()?.block_on(audit::run(args)),
+        Command::Up(args) => block_on(up(args), RUNTIME_CLOSE)?,
+        Command::Replay(args) => block_on(replay(args), RUNTIME_CLOSE)?,
+        Command::Bench(args) => Ok(block_on(bench::run(args), RUNTIME_CLOSE)??),
+        Command::Audit(args) => block_on(audit::run(args), RUNTIME_CLOSE)?,
         Command::Client(command) => Ok(clients::run(command)?),
-        Command::Topics(command) => runtime()?.block_on(topics(command)),
-        Command::Endorser { org, endorse_at_tip, common } => runtime()?.block_on(stage(StageKind::Endorser { org, at_tip: endorse_at_tip }, common)),
-        Command::Gateway { common } => runtime()?.block_on(stage(StageKind::Gateway, common)),
-        Command::Orderer { id, common } => runtime()?.block_on(stage(StageKind::Orderer { id }, common)),
-        Command::Validator { peer, publish_changes, common } => runtime()?.block_on(stage(StageKind::Validator { peer, publish_changes }, common)),
+        Command::Topics(command) => block_on(topics(command), RUNTIME_CLOSE)?,
+        Command::Endorser { org, endorse_at_tip, common } => block_on(stage(StageKind::Endorser { org, at_tip: endorse_at_tip }, common), RUNTIME_CLOSE)?,
+        Command::Gateway { common } => block_on(stage(StageKind::Gateway, common), RUNTIME_CLOSE)?,
+        Command::Orderer { id, common } => block_on(stage(StageKind::Orderer { id }, common), RUNTIME_CLOSE)?,
+        Command::Validator { peer, publish_changes, common } => block_on(stage(StageKind::Validator { peer, publish_changes }, common), RUNTIME_CLOSE)?,
         Command::Network(NetworkCommand::Init { dir, channel, orgs, orderers }) => network_init(&dir, channel, orgs, orderers),
         Command::Network(NetworkCommand::Check { file }) => {
             let text = std::fs::read_to_string(&file).map_err(io_err(&file))?;
@@ -441,8 +442,24 @@ async fn topics(command: TopicsCommand) -> Result<(), CliError> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    tokio::runtime::Runtime::new().map_err(|source| CliError::Io { path: PathBuf::from("<tokio runtime>"), source })
+/// How long the runtime may take, once a command is done, for the blocking tasks still running.
+/// Those are mostly Kafka consumers leaving their group (`streamledger_kafka::log` closes them on
+/// the blocking pool); a consumer closed while its group join is still in flight waits for the
+/// broker, which can take far longer than a SIGTERM should. Its offsets were committed before,
+/// so leaving late loses nothing: the broker drops the member after its session timeout.
+const RUNTIME_CLOSE: Duration = Duration::from_secs(10);
+
+/// Runs `command` on a new multi-threaded runtime, then shuts the runtime down waiting at most
+/// `close` for blocking tasks (dropping it would wait for them without a bound).
+fn block_on<F: std::future::Future>(command: F, close: Duration) -> Result<F::Output, CliError> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|source| CliError::Io { path: PathBuf::from("<tokio runtime>"), source })?;
+    let output = runtime.block_on(command);
+    let closing = Instant::now();
+    runtime.shutdown_timeout(close);
+    if closing.elapsed() >= close {
+        tracing::warn!(waited = ?close, "blocking tasks (Kafka consumers leaving their group) still running at exit; left behind");
+    }
+    Ok(output)
 }
 
 async fn up(args: UpArgs) -> Result<(), CliError> {
@@ -519,6 +536,25 @@ async fn replay(args: ReplayArgs) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A blocking task that outlasts the command (a consumer leaving its group while the broker
+    /// does not answer) holds the exit up by `close` at most, not until it ends.
+    #[test]
+    fn a_blocking_task_cannot_hold_the_exit_past_the_close_bound() {
+        let started = Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let output = block_on(
+            async {
+                tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)));
+                7
+            },
+            Duration::from_millis(200),
+        )
+        .unwrap();
+        assert_eq!(output, 7);
+        assert!(started.elapsed() < Duration::from_secs(20), "the exit waited {:?} for a blocking task", started.elapsed());
+        drop(tx);
+    }
 
     fn up_args(args: &[&str]) -> UpArgs {
         match Cli::try_parse_from(["streamledger", "up"].iter().chain(args)).expect("parses").command {

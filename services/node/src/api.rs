@@ -17,6 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::future::IntoFuture;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -446,8 +447,9 @@ pub fn router(ctx: Arc<ApiContext>) -> Router {
 }
 
 /// Binds `addr` (port 0 picks a free port), then serves in a task until `shutdown` turns true or
-/// its sender is dropped. Returns the bound address and the task. Requests in flight finish
-/// first; waits for verdicts end early when the tracker stops on the same signal.
+/// its sender is dropped. Returns the bound address and the task. Requests in flight get up to
+/// [`SHUTDOWN_DRAIN`] to finish; waits for verdicts end early when the tracker stops on the same
+/// signal.
 pub async fn serve(
     addr: SocketAddr,
     ctx: Arc<ApiContext>,
@@ -474,17 +476,30 @@ pub async fn serve_router(
     Ok((bound, task))
 }
 
-async fn serve_until<L>(listener: L, app: Router, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()>
+/// How long, after the shutdown signal, connections may take to finish their requests before the
+/// server ends anyway. hyper's graceful shutdown waits for every connection in the middle of a
+/// request, and a client that sent half a request and stalls (a hung scraper, a slow-loris)
+/// would otherwise keep the process from ever exiting.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+async fn serve_until<L>(listener: L, app: Router, shutdown: watch::Receiver<bool>) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            // `wait_for` fails only when the sender is gone, which also means shut down.
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
+    // `wait_for` fails only when the sender is gone, which also means shut down.
+    let signalled = |mut shutdown: watch::Receiver<bool>| async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    let serving = axum::serve(listener, app).with_graceful_shutdown(signalled(shutdown.clone()));
+    tokio::select! {
+        ended = serving.into_future() => ended,
+        _ = async { signalled(shutdown).await; tokio::time::sleep(SHUTDOWN_DRAIN).await } => {
+            // The connections' tasks end with the runtime; nothing is written to them any more.
+            tracing::warn!(drain = ?SHUTDOWN_DRAIN, "HTTP connections still open after the shutdown drain; stopping without them");
+            Ok(())
+        }
+    }
 }
 
 /// A refusal or failure, answered as `{"error": message}`.
@@ -1196,5 +1211,29 @@ mod tests {
         // Committed before the tracker saw anything: the tx-id index answers.
         let from_index = h.client.tx_status(&tx_id).await.unwrap();
         assert_eq!(from_index.state, TxState::Committed { block: 0, position: 0, code: 0, code_name: "VALID".into() });
+    }
+}
+
+#[cfg(test)]
+mod shutdown_tests {
+    use super::*;
+
+    /// A client that sent half a request and stalls (hyper's graceful shutdown waits for it),
+    /// beside one that says nothing, cannot hold the server, and so the process, open: the drain
+    /// is bounded.
+    #[tokio::test]
+    async fn a_stalled_request_cannot_hold_the_shutdown_open() {
+        let app = Router::new().route("/ping", get(|| async { "pong" }));
+        let (stop, shutdown) = watch::channel(false);
+        let (addr, serving) = serve_router("127.0.0.1:0".parse().unwrap(), app, None, shutdown).await.unwrap();
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut partial, b"GET /ping HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        assert_eq!(reqwest::get(format!("http://{addr}/ping")).await.unwrap().text().await.unwrap(), "pong");
+        // Let the server accept the silent connection before the stop.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(true).unwrap();
+        let ended = tokio::time::timeout(SHUTDOWN_DRAIN + Duration::from_secs(5), serving).await.expect("the server ended despite the stalled request");
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
     }
 }
