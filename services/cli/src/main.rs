@@ -344,16 +344,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Up(args) => block_on(up(args), RUNTIME_CLOSE)?,
-        Command::Replay(args) => block_on(replay(args), RUNTIME_CLOSE)?,
-        Command::Bench(args) => Ok(block_on(bench::run(args), RUNTIME_CLOSE)??),
-        Command::Audit(args) => block_on(audit::run(args), RUNTIME_CLOSE)?,
+        Command::Up(args) => block_on(up(args))?,
+        Command::Replay(args) => block_on(replay(args))?,
+        Command::Bench(args) => Ok(block_on(bench::run(args))??),
+        Command::Audit(args) => block_on(audit::run(args))?,
         Command::Client(command) => Ok(clients::run(command)?),
-        Command::Topics(command) => block_on(topics(command), RUNTIME_CLOSE)?,
-        Command::Endorser { org, endorse_at_tip, common } => block_on(stage(StageKind::Endorser { org, at_tip: endorse_at_tip }, common), RUNTIME_CLOSE)?,
-        Command::Gateway { common } => block_on(stage(StageKind::Gateway, common), RUNTIME_CLOSE)?,
-        Command::Orderer { id, common } => block_on(stage(StageKind::Orderer { id }, common), RUNTIME_CLOSE)?,
-        Command::Validator { peer, publish_changes, common } => block_on(stage(StageKind::Validator { peer, publish_changes }, common), RUNTIME_CLOSE)?,
+        Command::Topics(command) => block_on(topics(command))?,
+        Command::Endorser { org, endorse_at_tip, common } => block_on(stage(StageKind::Endorser { org, at_tip: endorse_at_tip }, common))?,
+        Command::Gateway { common } => block_on(stage(StageKind::Gateway, common))?,
+        Command::Orderer { id, common } => block_on(stage(StageKind::Orderer { id }, common))?,
+        Command::Validator { peer, publish_changes, common } => block_on(stage(StageKind::Validator { peer, publish_changes }, common))?,
         Command::Network(NetworkCommand::Init { dir, channel, orgs, orderers }) => network_init(&dir, channel, orgs, orderers),
         Command::Network(NetworkCommand::Check { file }) => {
             let text = std::fs::read_to_string(&file).map_err(io_err(&file))?;
@@ -450,8 +450,14 @@ async fn topics(command: TopicsCommand) -> Result<(), CliError> {
 const RUNTIME_CLOSE: Duration = Duration::from_secs(10);
 
 /// Runs `command` on a new multi-threaded runtime, then shuts the runtime down waiting at most
-/// `close` for blocking tasks (dropping it would wait for them without a bound).
-fn block_on<F: std::future::Future>(command: F, close: Duration) -> Result<F::Output, CliError> {
+/// [`RUNTIME_CLOSE`] for blocking tasks.
+fn block_on<F: std::future::Future>(command: F) -> Result<F::Output, CliError> {
+    block_on_closing(command, RUNTIME_CLOSE)
+}
+
+/// [`block_on`] with the bound given (dropping a runtime would wait for its blocking tasks
+/// without one).
+fn block_on_closing<F: std::future::Future>(command: F, close: Duration) -> Result<F::Output, CliError> {
     let runtime = tokio::runtime::Runtime::new().map_err(|source| CliError::Io { path: PathBuf::from("<tokio runtime>"), source })?;
     let output = runtime.block_on(command);
     let closing = Instant::now();
@@ -543,7 +549,7 @@ mod tests {
     fn a_blocking_task_cannot_hold_the_exit_past_the_close_bound() {
         let started = Instant::now();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let output = block_on(
+        let output = block_on_closing(
             async {
                 tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)));
                 7

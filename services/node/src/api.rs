@@ -15,9 +15,9 @@
 //! | `GET /v1/blocks/{n}?peer=` | [`BlockResponse`] |
 //! | `GET /v1/status` | [`StatusResponse`] |
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::future::IntoFuture;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -1230,7 +1230,7 @@ mod shutdown_tests {
         let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
         tokio::io::AsyncWriteExt::write_all(&mut partial, b"GET /ping HTTP/1.1\r\nHost: x\r\n").await.unwrap();
         assert_eq!(reqwest::get(format!("http://{addr}/ping")).await.unwrap().text().await.unwrap(), "pong");
-        // Let the server accept the silent connection before the stop.
+        // Let the server accept both connections before the stop.
         tokio::time::sleep(Duration::from_millis(100)).await;
         stop.send(true).unwrap();
         let ended = tokio::time::timeout(SHUTDOWN_DRAIN + Duration::from_secs(5), serving).await.expect("the server ended despite the stalled request");
