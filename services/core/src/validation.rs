@@ -163,8 +163,45 @@ pub fn validate_block_with(
     previous_state_hash: &[u8],
     signatures: SignatureChecks,
 ) -> StateResult<BlockValidation> {
-    let number = block.header.number;
     let checked = check_transactions(network, rules, block, signatures);
+    validate_checked_transactions(state, block, &checked, previous_state_hash)
+}
+
+/// A block after step 1 of the module docs (decoding, static checks, signatures, policy), before
+/// the sequential checks against state. Step 1 depends on nothing but the block and the network
+/// config, so a validator can run it for the next block while it still validates and commits
+/// the one before. It holds its block, so the two halves cannot be paired with different blocks.
+pub struct CheckedBlock {
+    block: std::sync::Arc<Block>,
+    checked: Vec<Checked>,
+}
+
+impl CheckedBlock {
+    /// Step 1 for `block`.
+    pub fn new(network: &Network, rules: &dyn WriteRules, block: std::sync::Arc<Block>, signatures: SignatureChecks) -> Self {
+        let checked = check_transactions(network, rules, &block, signatures);
+        Self { block, checked }
+    }
+
+    pub fn block(&self) -> &std::sync::Arc<Block> {
+        &self.block
+    }
+
+    /// Step 2 against committed `state`: the same verdicts and batch as [`validate_block_with`]
+    /// gives for this block.
+    pub fn validate(&self, state: &dyn CommittedState, previous_state_hash: &[u8]) -> StateResult<BlockValidation> {
+        validate_checked_transactions(state, &self.block, &self.checked, previous_state_hash)
+    }
+}
+
+/// Step 2: the sequential checks, in block order, of transactions that went through step 1.
+fn validate_checked_transactions(
+    state: &dyn CommittedState,
+    block: &Block,
+    checked: &[Checked],
+    previous_state_hash: &[u8],
+) -> StateResult<BlockValidation> {
+    let number = block.header.number;
     let mut codes: Vec<TxValidationCode> = checked.iter().map(|c| c.code).collect();
 
     // The committed versions of every key the block reads, in one bulk request.

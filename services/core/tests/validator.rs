@@ -8,11 +8,19 @@ use streamledger_core::endorsement::endorse;
 use streamledger_core::fixtures::{Fixture, Rw};
 use streamledger_core::model::*;
 use streamledger_core::state::{CommittedState, MemState};
-use streamledger_core::validation::{validate_block, AnyWrite, BlockValidation, TxValidationCode as Code, GENESIS_STATE_HASH};
+use streamledger_core::crypto::SignatureChecks;
+use streamledger_core::validation::{validate_block, AnyWrite, BlockValidation, CheckedBlock, TxValidationCode as Code, GENESIS_STATE_HASH};
 
+/// Validates in one call, and again in the validator stage's two halves (the per-transaction
+/// checks first, as its look-ahead runs them, then the checks against state): every case below
+/// therefore holds for both, and the two must agree on every verdict, write and hash.
 fn validate(f: &Fixture, state: &MemState, number: i64, txs: &[OrderedTx]) -> BlockValidation {
     let block = f.block(number, &[0; 32], txs);
-    validate_block(&f.network, &AnyWrite, state, &block, &GENESIS_STATE_HASH).expect("memory state never fails")
+    let whole = validate_block(&f.network, &AnyWrite, state, &block, &GENESIS_STATE_HASH).expect("memory state never fails");
+    let checked = CheckedBlock::new(&f.network, &AnyWrite, std::sync::Arc::new(block), SignatureChecks::On);
+    let halves = checked.validate(state, &GENESIS_STATE_HASH).expect("memory state never fails");
+    assert_eq!(whole, halves, "validating in two halves must give the same outcome as in one");
+    whole
 }
 
 fn codes(f: &Fixture, state: &MemState, txs: &[OrderedTx]) -> Vec<Code> {

@@ -3,6 +3,12 @@
 //! commits state, tx index, block and savepoint atomically, then produces the verdict to
 //! `validated-blocks`.
 //!
+//! A reader task ([`read_ahead`]) polls the topic and starts each block's per-transaction checks
+//! (decoding, signatures, endorsement policy: they depend on the block alone) as soon as the block
+//! is read, up to [`LOOKAHEAD`] blocks or [`LOOKAHEAD_BYTES`] ahead. The checks of the next blocks
+//! therefore run while this one is checked against state and committed. Only a block an orderer
+//! signed is checked ahead.
+//!
 //! Blocks that arrive together (a validator behind the orderers, a restart, a replay) are
 //! validated one after the other, each against the committed state plus the blocks before it
 //! ([`PendingWrites`]), and committed in one store transaction, up to the store's
@@ -38,9 +44,9 @@ use streamledger_core::model::{Block, BlockHeader, OrderedTx, TxResult, Validate
 use streamledger_core::publish;
 use streamledger_core::network::Network;
 use streamledger_core::crypto::SignatureChecks;
-use streamledger_core::validation::{check_block, check_block_signature, validate_block_with, BlockRejection, BlockValidation, WriteRules, GENESIS_STATE_HASH};
+use streamledger_core::validation::{check_block, check_block_signature, BlockRejection, BlockValidation, CheckedBlock, WriteRules, GENESIS_STATE_HASH};
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
-use streamledger_core::state::{CommittedState, PendingWrites};
+use streamledger_core::state::PendingWrites;
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 use streamledger_ports::topics::{names, Topics};
 
@@ -182,78 +188,187 @@ pub async fn run(
     let from = config.start_offset.unwrap_or(from);
     progress.read_blocks_before(from);
     tracing::info!(peer = %config.peer, height = position.height, from_offset = from, "validator started");
-    let mut consumer = log.consumer(Subscription::assign(&blocks_topic, 0, from)).await?;
+    let consumer = log.consumer(Subscription::assign(&blocks_topic, 0, from)).await?;
+    let (ahead_tx, mut ahead) = tokio::sync::mpsc::channel(LOOKAHEAD);
+    let _reader = AbortOnDrop(tokio::spawn(read_ahead(config.clone(), consumer, ahead_tx, LOOKAHEAD_BYTES, counters.clone(), shutdown.clone())));
     let ends = Ends { config: config.clone(), log: log.clone(), store: store.clone(), progress, counters: counters.clone(), verdicts_topic, shutdown: shutdown.clone() };
     let mut group = Group::default();
     // Read-only: signed blocks that do not follow the chain, by number, held until the replay
     // ends. A later record may still bring a block of that number that does (orderer replicas may
     // both write one); only a break nothing repairs stops the replay, naming the first such block.
     let mut broken: BTreeMap<i64, String> = BTreeMap::new();
+    // The offset after the last record of the current poll that was processed.
+    let mut read_before = None;
     'polling: while !*shutdown.borrow() {
-        let records = tokio::select! {
-            r = consumer.poll(32, Duration::from_millis(200)) => r?,
+        let item = tokio::select! {
+            item = ahead.recv() => item,
             _ = shutdown.changed() => continue,
         };
-        metrics.observe_lag(&counters, &consumer.lag());
-        counters.records_in.inc_by(records.len() as u64);
-        let idle = records.is_empty();
-        let mut read_before = None;
-        for record in records {
-            if config.stop_after_offset.is_some_and(|last| record.offset > last) {
-                break;
-            }
-            let done = config.stop_after_offset == Some(record.offset);
-            read_before = Some(record.offset + 1);
-            let next = match admissible(&config, &store, &position, &group, &record, &dead).await {
-                Ok(Admission::Next(block)) => validate_next(&ends, &group, block, record, &position.state_hash).await.map(Some),
-                Ok(Admission::Skip) => Ok(None),
-                Ok(Admission::BrokenChain { number, reason }) => {
-                    tracing::warn!(peer = %config.peer, %reason, "block skipped; the replay fails unless a block {number} that follows the chain comes later");
-                    broken.entry(number).or_insert(reason);
-                    Ok(None)
-                }
-                Err(e) => Err(e),
-            };
-            match next {
-                Ok(Some(validated)) => {
-                    position = Position { height: validated.block.header.number, header: Some(validated.block.header.clone()), state_hash: validated.validation.state_hash.to_vec() };
-                    broken = broken.split_off(&(position.height + 1));
-                    group.push(validated);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    // The blocks validated before the one that stops the validator are good:
-                    // they are committed first (a replay stopping at a broken chain keeps them).
-                    ends.commit(&mut group).await?;
-                    return Err(e);
-                }
-            }
-            if done {
-                ends.commit(&mut group).await?;
-                if let Some((_, reason)) = broken.pop_first() {
-                    return Err(StageError::Fatal(reason));
-                }
+        let Some(item) = item else {
+            // The reader stops on the same shutdown signal, and may see it first.
+            if *shutdown.borrow() {
                 break 'polling;
             }
-            if group.blocks.len() >= store.blocks_per_commit() {
+            return Err(StageError::Fatal(format!("{}: the reader of the blocks topic stopped", config.peer)));
+        };
+        // Taking it gives its bytes back to the reader.
+        let Prepared { record, block, checks, .. } = match item? {
+            Ahead::Record(prepared) => prepared,
+            Ahead::EndOfPoll { idle } => {
+                // Nothing more at hand: commit what is validated now, so that a quiet network gets
+                // each verdict as soon as its block is committed.
                 ends.commit(&mut group).await?;
+                if let Some(offset) = read_before.take() {
+                    ends.progress.read_blocks_before(offset);
+                }
+                if idle {
+                    // A quiet network: the last commits need not wait for the next block to be durable.
+                    ends.make_durable().await?;
+                }
+                continue;
+            }
+        };
+        if config.stop_after_offset.is_some_and(|last| record.offset > last) {
+            continue;
+        }
+        let done = config.stop_after_offset == Some(record.offset);
+        read_before = Some(record.offset + 1);
+        let next = match admissible(&config, &store, &position, &group, &record, block, &dead).await {
+            Ok(Admission::Next(block)) => validate_next(&ends, &group, block, checks, record, &position.state_hash).await.map(Some),
+            Ok(Admission::Skip) => Ok(None),
+            Ok(Admission::BrokenChain { number, reason }) => {
+                tracing::warn!(peer = %config.peer, %reason, "block skipped; the replay fails unless a block {number} that follows the chain comes later");
+                broken.entry(number).or_insert(reason);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+        match next {
+            Ok(Some(validated)) => {
+                position = Position { height: validated.block.header.number, header: Some(validated.block.header.clone()), state_hash: validated.validation.state_hash.to_vec() };
+                broken = broken.split_off(&(position.height + 1));
+                group.push(validated);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // The blocks validated before the one that stops the validator are good:
+                // they are committed first (a replay stopping at a broken chain keeps them).
+                ends.commit(&mut group).await?;
+                return Err(e);
             }
         }
-        // Nothing more at hand: commit what is validated now, so that a quiet network gets each
-        // verdict as soon as its block is committed.
-        ends.commit(&mut group).await?;
-        if let Some(offset) = read_before {
-            ends.progress.read_blocks_before(offset);
+        if done {
+            ends.commit(&mut group).await?;
+            if let Some((_, reason)) = broken.pop_first() {
+                return Err(StageError::Fatal(reason));
+            }
+            break 'polling;
         }
-        if idle {
-            // A quiet network: the last commits need not wait for the next block to be durable.
-            ends.make_durable().await?;
+        if group.blocks.len() >= store.blocks_per_commit() {
+            ends.commit(&mut group).await?;
         }
     }
     // A clean stop leaves nothing for the next start to re-apply.
     ends.make_durable().await?;
     tracing::info!(peer = %config.peer, height = position.height, "validator stopped");
     Ok(())
+}
+
+/// Blocks the reader may have checked, or be checking, ahead of the one being validated: as many
+/// as the store commits together, so that a validator catching up (a replay, a restart) verifies
+/// the signatures of the next group while it commits this one. At the network's pace blocks come
+/// one at a time and the reader is rarely more than one ahead.
+const LOOKAHEAD: usize = 8;
+/// The bytes of blocks (as read from the topic) the reader may hold ahead, whatever their number:
+/// each also holds its decoded transactions, and a block may be up to `AbsoluteMaxBytes`. A block
+/// bigger than this waits until the reader holds nothing else.
+const LOOKAHEAD_BYTES: usize = 16 << 20;
+
+/// What [`read_ahead`] hands to the validator, in the order of the blocks topic.
+enum Ahead {
+    Record(Prepared),
+    /// The end of one poll's records; `idle` when the poll brought none.
+    EndOfPoll { idle: bool },
+}
+
+/// A record from the blocks topic, decoded (or why it could not be), with the per-transaction
+/// checks of its block started when an orderer signed it.
+struct Prepared {
+    record: Record,
+    block: Result<Arc<Block>, String>,
+    checks: Option<tokio::task::JoinHandle<CheckedBlock>>,
+    /// This record's share of [`LOOKAHEAD_BYTES`], given back when the validator takes it.
+    _budget: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Reads the blocks topic ahead of the validator and starts each block's per-transaction checks
+/// (decoding, signatures, policy: they depend on the block alone) as soon as it is read, so that
+/// they run while the blocks before it are checked against state and committed. The channel's
+/// capacity ([`LOOKAHEAD`]) and `budget_bytes` bound how far ahead it runs. A poll's error is
+/// handed on, and ends it.
+async fn read_ahead(
+    config: Arc<ValidatorConfig>,
+    mut consumer: Box<dyn streamledger_ports::log::Consumer>,
+    ahead: tokio::sync::mpsc::Sender<StageResult<Ahead>>,
+    budget_bytes: usize,
+    counters: StageCounters,
+    mut shutdown: Shutdown,
+) {
+    let budget_bytes = budget_bytes.clamp(1, u32::MAX as usize);
+    let budget = Arc::new(tokio::sync::Semaphore::new(budget_bytes));
+    while !*shutdown.borrow() {
+        let records = tokio::select! {
+            r = consumer.poll(32, Duration::from_millis(200)) => r,
+            _ = shutdown.changed() => continue,
+        };
+        let records = match records {
+            Ok(records) => records,
+            Err(e) => {
+                let _ = ahead.send(Err(e.into())).await;
+                return;
+            }
+        };
+        config.metrics.observe_lag(&counters, &consumer.lag());
+        counters.records_in.inc_by(records.len() as u64);
+        let idle = records.is_empty();
+        for record in records {
+            let bytes = record.value.len().clamp(1, budget_bytes) as u32;
+            let Ok(share) = budget.clone().acquire_many_owned(bytes).await else { return };
+            let prepared = prepare(&config, record, share);
+            if ahead.send(Ok(Ahead::Record(prepared))).await.is_err() {
+                return; // the validator stopped
+            }
+        }
+        if ahead.send(Ok(Ahead::EndOfPoll { idle })).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Decodes a record and, for a block an orderer signed, starts its per-transaction checks on the
+/// blocking pool. A block no orderer signed gets none: whoever can write to the topic must not be
+/// able to make the peers verify the transactions of forged blocks (the validator refuses such a
+/// block before looking at its transactions). Nor does a record past a replay's last offset.
+fn prepare(config: &Arc<ValidatorConfig>, record: Record, budget: tokio::sync::OwnedSemaphorePermit) -> Prepared {
+    let block = codec::decode::<Block>(&record.value).map(Arc::new).map_err(|e| e.to_string());
+    let wanted = config.stop_after_offset.is_none_or(|last| record.offset <= last);
+    let checks = match &block {
+        Ok(block) if wanted && check_block_signature(&config.network, block).is_ok() => {
+            let (config, block) = (config.clone(), block.clone());
+            Some(tokio::task::spawn_blocking(move || CheckedBlock::new(&config.network, config.rules.as_ref(), block, config.signature_checks)))
+        }
+        _ => None,
+    };
+    Prepared { record, block, checks, _budget: budget }
+}
+
+/// Stops the reader when the validator stops, however it stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A block validated against the committed state and the blocks before it in the group.
@@ -300,18 +415,36 @@ struct Ends {
 }
 
 /// Validates the next block against the committed state and the group's pending blocks, and
-/// publishes its changes when configured to (before the commit: see the module docs).
-async fn validate_next(ends: &Ends, group: &Group, block: Block, record: Record, previous_state_hash: &[u8]) -> StageResult<Validated> {
+/// publishes its changes when configured to (before the commit: see the module docs). `checks`
+/// are its per-transaction checks, started by [`read_ahead`]; they are run here when it did not.
+async fn validate_next(
+    ends: &Ends,
+    group: &Group,
+    block: Arc<Block>,
+    checks: Option<tokio::task::JoinHandle<CheckedBlock>>,
+    record: Record,
+    previous_state_hash: &[u8],
+) -> StageResult<Validated> {
     let number = block.header.number;
-    let (block, record, started) = (Arc::new(block), Arc::new(record), Instant::now());
+    let (record, started) = (Arc::new(record), Instant::now());
+    let checked = match checks {
+        // The reader checked this very block (the same `Arc`); anything else is checked again.
+        Some(checks) => match checks.await {
+            Ok(checked) if Arc::ptr_eq(checked.block(), &block) => checked,
+            Ok(_) => check_now(&ends.config, block.clone()).await?,
+            Err(e) => return Err(StageError::Fatal(format!("{}: checking block {number} failed: {e}", ends.config.peer))),
+        },
+        None => check_now(&ends.config, block.clone()).await?,
+    };
+    let checked = Arc::new(checked);
     let validation = retry("validating", &ends.shutdown, || {
-        let (cfg, store, pending, b, prev) = (ends.config.clone(), ends.store.clone(), group.pending.clone(), block.clone(), previous_state_hash.to_vec());
+        let (cfg, store, pending, checked, prev) = (ends.config.clone(), ends.store.clone(), group.pending.clone(), checked.clone(), previous_state_hash.to_vec());
         let (log, counters) = (ends.log.clone(), ends.counters.clone());
         async move {
-            let (c, bl) = (cfg.clone(), b.clone());
-            let validation = blocking(move || validate(&c, &lock(&pending).over(store.as_ref()), &bl, &prev)).await?;
+            let c = checked.clone();
+            let validation = blocking(move || Ok(c.validate(&lock(&pending).over(store.as_ref()), &prev)?)).await?;
             if cfg.publish_changes && !cfg.read_only {
-                publish_changes(&cfg, &log, &b, &validation, &counters).await?;
+                publish_changes(&cfg, &log, checked.block(), &validation, &counters).await?;
             }
             Ok(validation)
         }
@@ -319,6 +452,12 @@ async fn validate_next(ends: &Ends, group: &Group, block: Block, record: Record,
     .await
     .map_err(|e| cannot(&ends.config.peer, "validate", &format!("block {number}"), e))?;
     Ok(Validated { block, record, validation: Arc::new(validation), started })
+}
+
+/// The per-transaction checks of `block`, off the async threads.
+async fn check_now(config: &Arc<ValidatorConfig>, block: Arc<Block>) -> StageResult<CheckedBlock> {
+    let config = config.clone();
+    blocking(move || Ok(CheckedBlock::new(&config.network, config.rules.as_ref(), block, config.signature_checks))).await
 }
 
 /// A store error that outlived the retries stops the validator, naming the blocks.
@@ -392,14 +531,14 @@ async fn refuse(config: &ValidatorConfig, dead: &DeadLetters, record: &Record, r
 /// What to do with a record from the blocks topic.
 enum Admission {
     /// The next block: validate it.
-    Next(Block),
+    Next(Arc<Block>),
     /// A copy, a fork, garbage or a forgery: already skipped (and reported).
     Skip,
     /// Read-only: a block an orderer signed that does not follow the chain.
     BrokenChain { number: i64, reason: String },
 }
 
-/// Decodes a record from the blocks topic and decides whether it is the next block to commit.
+/// Decides whether a record from the blocks topic (decoded by [`read_ahead`]) is the next block to commit.
 /// Copies of committed blocks are skipped (or reported as a fork); anything else that is not the
 /// next valid block is dead-lettered.
 async fn admissible(
@@ -408,12 +547,13 @@ async fn admissible(
     position: &Position,
     group: &Group,
     record: &Record,
+    block: Result<Arc<Block>, String>,
     dead: &DeadLetters,
 ) -> StageResult<Admission> {
-    let block = match codec::decode::<Block>(&record.value) {
+    let block = match block {
         Ok(b) => b,
         Err(e) => {
-            refuse(config, dead, record, e.to_string()).await?;
+            refuse(config, dead, record, e).await?;
             return Ok(Admission::Skip);
         }
     };
@@ -475,11 +615,6 @@ fn observe_commit(metrics: &Metrics, peer: &str, number: i64, v: &BlockValidatio
 /// Runs blocking store and CPU work off the async threads.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> StageResult<T> + Send + 'static) -> StageResult<T> {
     tokio::task::spawn_blocking(work).await.map_err(|e| StageError::Fatal(format!("validator task panicked: {e}")))?
-}
-
-/// Validates a block against the committed state.
-fn validate(config: &ValidatorConfig, state: &dyn CommittedState, block: &Block, previous_state_hash: &[u8]) -> StageResult<BlockValidation> {
-    Ok(validate_block_with(&config.network, config.rules.as_ref(), state, block, previous_state_hash, config.signature_checks)?)
 }
 
 /// Appends a validated block's state changes and tx-result rows, counted as the stage's records
@@ -573,4 +708,179 @@ async fn append_verdicts(log: &Arc<dyn Log>, topic: &str, verdicts: &[ValidatedB
         .collect::<StageResult<Vec<_>>>()?;
     retry("appending verdicts", shutdown, || async { Ok(log.append(topic, records.clone()).await?) }).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streamledger_core::fixtures::{Fixture, Rw};
+    use streamledger_core::state::MemState;
+    use streamledger_core::validation::{validate_block_with, AnyWrite};
+    use streamledger_embedded::log::EmbeddedLog;
+    use streamledger_ports::log::OutRecord;
+    use streamledger_ports::topics::TopicSpec;
+
+    fn config(f: &Fixture) -> Arc<ValidatorConfig> {
+        let network = Arc::new(f.network.clone());
+        Arc::new(ValidatorConfig::new("Org1.peer0".into(), network.clone(), Topics::default_for(network.channel()), Arc::new(AnyWrite)))
+    }
+
+    /// [`prepare`] with a share of a budget of its own.
+    fn prepare_one(config: &Arc<ValidatorConfig>, record: Record) -> Prepared {
+        let share = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().expect("a free permit");
+        prepare(config, record, share)
+    }
+
+    fn record(offset: i64, value: Vec<u8>) -> Record {
+        Record { topic: "blocks".into(), partition: 0, offset, key: None, value, timestamp_ms: 0 }
+    }
+
+    /// A block of two transfers on one key: the second conflicts, so the verdicts differ.
+    fn block(f: &Fixture, number: i64) -> Block {
+        let txs = [f.tx(Rw::new().read("a", None).write("a", "1").build()), f.tx(Rw::new().read("a", None).write("a", "2").build())];
+        f.block(number, &[0; 32], &txs)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_checks_started_ahead_give_the_verdicts_of_a_whole_validation() {
+        let f = Fixture::new();
+        let config = config(&f);
+        let b = block(&f, 0);
+        let prepared = prepare_one(&config, record(0, codec::encode(&b).unwrap()));
+        let checked = prepared.checks.expect("a block an orderer signed is checked ahead").await.unwrap();
+        assert!(Arc::ptr_eq(checked.block(), prepared.block.as_ref().unwrap()), "the checks hold the block the reader decoded");
+        let state = MemState::new();
+        let ahead = checked.validate(&state, &GENESIS_STATE_HASH).unwrap();
+        let whole = validate_block_with(&f.network, &AnyWrite, &state, &b, &GENESIS_STATE_HASH, SignatureChecks::On).unwrap();
+        assert_eq!(ahead, whole);
+        assert_eq!(ahead.codes.len(), 2);
+        assert_ne!(ahead.codes[0], ahead.codes[1], "one valid, one conflicting: the case tells the verdicts apart");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_blocks_an_orderer_signed_get_their_transactions_checked_ahead() {
+        let f = Fixture::new();
+        let config = config(&f);
+        // Signed by someone who is not an orderer: the validator will refuse it unread, so its
+        // transactions must not cost the peer a signature check.
+        let mut forged = block(&f, 0);
+        forged.metadata.signature = f.clients[0].sign(b"not the block");
+        let prepared = prepare_one(&config, record(0, codec::encode(&forged).unwrap()));
+        assert!(prepared.block.is_ok() && prepared.checks.is_none(), "a forged block is decoded but not checked");
+
+        let garbage = prepare_one(&config, record(1, b"not avro".to_vec()));
+        let reason = garbage.block.expect_err("garbage does not decode");
+        assert!(!reason.is_empty(), "the reason goes to the dead letter");
+        assert!(garbage.checks.is_none());
+
+        // A replay to offset 5 does not check what lies after it.
+        let mut replay = ValidatorConfig::new("Org1.peer0".into(), config.network.clone(), config.topics.clone(), Arc::new(AnyWrite));
+        replay.stop_after_offset = Some(5);
+        let replay = Arc::new(replay);
+        let good = codec::encode(&block(&f, 0)).unwrap();
+        assert!(prepare_one(&replay, record(5, good.clone())).checks.is_some());
+        assert!(prepare_one(&replay, record(6, good)).checks.is_none());
+    }
+
+    /// Counts the writes it is asked about: one per transaction of [`block`], so it tells how
+    /// many of a block's transactions went through the per-transaction checks.
+    #[derive(Default)]
+    struct CountingRules(std::sync::atomic::AtomicUsize);
+
+    impl WriteRules for CountingRules {
+        fn check(&self, _: &streamledger_core::model::KvWrite) -> Result<(), String> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A reader over a blocks topic of `n` blocks, with a byte budget; what it reads goes to
+    /// the receiver, and the rules count the transactions it checked.
+    struct Reader {
+        rules: Arc<CountingRules>,
+        rx: tokio::sync::mpsc::Receiver<StageResult<Ahead>>,
+        block_bytes: usize,
+        _reader: AbortOnDrop,
+        _stop: tokio::sync::watch::Sender<bool>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// Transactions per block of [`block`].
+    const TXS_PER_BLOCK: usize = 2;
+
+    async fn reader(n: i64, budget_bytes: impl Fn(usize) -> usize) -> Reader {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        let spec = TopicSpec { name: "blocks".into(), suffix: "blocks".into(), partitions: 1, replication: 1, configs: Default::default() };
+        log.ensure_topic(&spec).await.unwrap();
+        let f = Fixture::new();
+        let blocks: Vec<Vec<u8>> = (0..n).map(|n| codec::encode(&block(&f, n)).unwrap()).collect();
+        let block_bytes = blocks.iter().map(Vec::len).max().unwrap();
+        log.append("blocks", blocks.into_iter().map(|b| OutRecord::to_partition(0, b)).collect()).await.unwrap();
+
+        let rules = Arc::new(CountingRules::default());
+        let network = Arc::new(f.network.clone());
+        let config = Arc::new(ValidatorConfig::new("Org1.peer0".into(), network.clone(), Topics::default_for(network.channel()), rules.clone()));
+        let counters = config.metrics.stage("validator", "Org1.peer0", 1);
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let consumer = log.consumer(Subscription::assign("blocks", 0, 0)).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(LOOKAHEAD);
+        let reader = AbortOnDrop(tokio::spawn(read_ahead(config, consumer, tx, budget_bytes(block_bytes), counters, shutdown)));
+        // Nothing is taken for a while: the reader runs as far ahead as it may.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Reader { rules, rx, block_bytes, _reader: reader, _stop: stop, _dir: dir }
+    }
+
+    impl Reader {
+        fn txs_checked(&self) -> usize {
+            self.rules.0.load(Ordering::SeqCst)
+        }
+
+        async fn next_block(&mut self) -> Prepared {
+            match self.rx.recv().await.unwrap().unwrap() {
+                Ahead::Record(p) => p,
+                Ahead::EndOfPoll { .. } => panic!("the end of a poll came before its records"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_checks_ahead_no_further_than_the_lookahead_and_keeps_the_topic_s_order() {
+        let n = LOOKAHEAD as i64 + 4;
+        let mut r = reader(n, |_| LOOKAHEAD_BYTES).await;
+        // The blocks the channel holds and the one the reader is trying to hand over, no more
+        // (one poll brought them all).
+        assert_eq!(r.txs_checked(), (LOOKAHEAD + 1) * TXS_PER_BLOCK, "blocks checked before the validator took one");
+        assert!(r.block_bytes * (LOOKAHEAD + 1) < LOOKAHEAD_BYTES, "the count, not the bytes, held the reader here");
+
+        for offset in 0..n {
+            let p = r.next_block().await;
+            assert_eq!((p.record.offset, p.block.as_ref().unwrap().header.number), (offset, offset), "in the topic's order");
+            let checked = p.checks.expect("signed blocks are checked ahead").await.unwrap();
+            assert_eq!(checked.block().header.number, offset);
+        }
+        assert_eq!(r.txs_checked(), n as usize * TXS_PER_BLOCK, "every block checked once");
+        assert!(matches!(r.rx.recv().await.unwrap().unwrap(), Ahead::EndOfPoll { idle: false }), "then the end of that poll");
+        assert!(matches!(r.rx.recv().await.unwrap().unwrap(), Ahead::EndOfPoll { idle: true }), "then an empty poll, reported as idle");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_holds_no_more_block_bytes_than_its_budget() {
+        // Room for one block and a half: one is checked ahead, the next waits for its bytes.
+        let mut r = reader(4, |block_bytes| block_bytes * 3 / 2).await;
+        assert_eq!(r.txs_checked(), TXS_PER_BLOCK, "one block checked ahead");
+        let first = r.next_block().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(r.txs_checked(), TXS_PER_BLOCK, "a record taken but not dropped keeps its share");
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(r.txs_checked(), 2 * TXS_PER_BLOCK, "its bytes given back, the next block is checked");
+
+        // A budget smaller than one block: each block still goes through, alone.
+        let mut r = reader(3, |block_bytes| block_bytes / 2).await;
+        assert_eq!(r.txs_checked(), TXS_PER_BLOCK);
+        for offset in 0..3 {
+            assert_eq!(r.next_block().await.record.offset, offset);
+        }
+    }
 }
