@@ -11,14 +11,17 @@ use streamledger_core::state::{CommittedState, MemState};
 use streamledger_core::crypto::SignatureChecks;
 use streamledger_core::validation::{validate_block, AnyWrite, BlockValidation, CheckedBlock, TxValidationCode as Code, GENESIS_STATE_HASH};
 
+fn validate(f: &Fixture, state: &MemState, number: i64, txs: &[OrderedTx]) -> BlockValidation {
+    validate_both(f, state, &f.block(number, &[0; 32], txs), &GENESIS_STATE_HASH)
+}
+
 /// Validates in one call, and again in the validator stage's two halves (the per-transaction
 /// checks first, as its look-ahead runs them, then the checks against state): every case below
 /// therefore holds for both, and the two must agree on every verdict, write and hash.
-fn validate(f: &Fixture, state: &MemState, number: i64, txs: &[OrderedTx]) -> BlockValidation {
-    let block = f.block(number, &[0; 32], txs);
-    let whole = validate_block(&f.network, &AnyWrite, state, &block, &GENESIS_STATE_HASH).expect("memory state never fails");
-    let checked = CheckedBlock::new(&f.network, &AnyWrite, std::sync::Arc::new(block), SignatureChecks::On);
-    let halves = checked.validate(state, &GENESIS_STATE_HASH).expect("memory state never fails");
+fn validate_both(f: &Fixture, state: &MemState, block: &Block, previous_state_hash: &[u8]) -> BlockValidation {
+    let whole = validate_block(&f.network, &AnyWrite, state, block, previous_state_hash).expect("memory state never fails");
+    let checked = CheckedBlock::new(&f.network, &AnyWrite, std::sync::Arc::new(block.clone()), SignatureChecks::On);
+    let halves = checked.validate(state, previous_state_hash).expect("memory state never fails");
     assert_eq!(whole, halves, "validating in two halves must give the same outcome as in one");
     whole
 }
@@ -284,7 +287,7 @@ fn undecodable_transactions_stay_in_the_block_as_bad_payload() {
     let good = codec::encode(&f.tx(Rw::new().write("k", "v").build())).unwrap();
     let truncated = good[..good.len() / 2].to_vec();
     let block = f.block_of_raw(1, &[0; 32], vec![b"garbage".to_vec(), Vec::new(), truncated, good]);
-    let v = validate_block(&f.network, &AnyWrite, &committed(), &block, &GENESIS_STATE_HASH).unwrap();
+    let v = validate_both(&f, &committed(), &block, &GENESIS_STATE_HASH);
     assert_eq!(v.codes, [Code::BadPayload, Code::BadPayload, Code::BadPayload, Code::Valid]);
     assert_eq!(v.tx_ids[0], "");
 }
@@ -356,7 +359,7 @@ fn the_state_hash_is_deterministic_and_covers_verdicts_and_writes() {
     let f = Fixture::new();
     let txs = [f.tx(Rw::new().write("n", "1").build()), f.tx(Rw::new().read("a", Some((1, 0))).build())];
     let block = f.block(4, &[1; 32], &txs);
-    let run = |s: &MemState, prev: &[u8]| validate_block(&f.network, &AnyWrite, s, &block, prev).unwrap().state_hash;
+    let run = |s: &MemState, prev: &[u8]| validate_both(&f, s, &block, prev).state_hash;
     let base = run(&committed(), &GENESIS_STATE_HASH);
     assert_eq!(base, run(&committed(), &GENESIS_STATE_HASH));
     assert_ne!(base, run(&committed(), &[1; 32]), "the hash chains on the previous one");
@@ -423,7 +426,7 @@ proptest! {
                 expected.push(if ok { Code::Valid } else { Code::MvccReadConflict });
             }
             let block = f.block(number, &[0; 32], &txs);
-            let v = validate_block(&f.network, &AnyWrite, &state, &block, &prev).unwrap();
+            let v = validate_both(&f, &state, &block, &prev);
             prop_assert_eq!(&v.codes, &expected);
             prev = v.state_hash;
             state.apply(&v.batch);
