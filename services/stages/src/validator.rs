@@ -353,10 +353,7 @@ fn prepare(config: &Arc<ValidatorConfig>, record: Record, budget: tokio::sync::O
     let block = codec::decode::<Block>(&record.value).map(Arc::new).map_err(|e| e.to_string());
     let wanted = config.stop_after_offset.is_none_or(|last| record.offset <= last);
     let checks = match &block {
-        Ok(block) if wanted && check_block_signature(&config.network, block).is_ok() => {
-            let (config, block) = (config.clone(), block.clone());
-            Some(tokio::task::spawn_blocking(move || CheckedBlock::new(&config.network, config.rules.as_ref(), block, config.signature_checks)))
-        }
+        Ok(block) if wanted && check_block_signature(&config.network, block).is_ok() => Some(start_checks(config, block.clone())),
         _ => None,
     };
     Prepared { record, block, checks, _budget: budget }
@@ -427,14 +424,14 @@ async fn validate_next(
 ) -> StageResult<Validated> {
     let number = block.header.number;
     let (record, started) = (Arc::new(record), Instant::now());
+    let failed = |e: tokio::task::JoinError| StageError::Fatal(format!("{}: checking block {number} failed: {e}", ends.config.peer));
     let checked = match checks {
         // The reader checked this very block (the same `Arc`); anything else is checked again.
-        Some(checks) => match checks.await {
-            Ok(checked) if Arc::ptr_eq(checked.block(), &block) => checked,
-            Ok(_) => check_now(&ends.config, block.clone()).await?,
-            Err(e) => return Err(StageError::Fatal(format!("{}: checking block {number} failed: {e}", ends.config.peer))),
+        Some(checks) => match checks.await.map_err(failed)? {
+            checked if Arc::ptr_eq(checked.block(), &block) => checked,
+            _ => start_checks(&ends.config, block.clone()).await.map_err(failed)?,
         },
-        None => check_now(&ends.config, block.clone()).await?,
+        None => start_checks(&ends.config, block.clone()).await.map_err(failed)?,
     };
     let checked = Arc::new(checked);
     let validation = retry("validating", &ends.shutdown, || {
@@ -454,10 +451,10 @@ async fn validate_next(
     Ok(Validated { block, record, validation: Arc::new(validation), started })
 }
 
-/// The per-transaction checks of `block`, off the async threads.
-async fn check_now(config: &Arc<ValidatorConfig>, block: Arc<Block>) -> StageResult<CheckedBlock> {
+/// Starts the per-transaction checks of `block` on the blocking pool.
+fn start_checks(config: &Arc<ValidatorConfig>, block: Arc<Block>) -> tokio::task::JoinHandle<CheckedBlock> {
     let config = config.clone();
-    blocking(move || Ok(CheckedBlock::new(&config.network, config.rules.as_ref(), block, config.signature_checks))).await
+    tokio::task::spawn_blocking(move || CheckedBlock::new(&config.network, config.rules.as_ref(), block, config.signature_checks))
 }
 
 /// A store error that outlived the retries stops the validator, naming the blocks.
