@@ -299,6 +299,35 @@ struct Prepared {
     checks: Option<tokio::task::JoinHandle<CheckedBlock>>,
     /// This record's share of [`LOOKAHEAD_BYTES`], given back when the validator takes it.
     _budget: tokio::sync::OwnedSemaphorePermit,
+    /// Counts this record among those read but not yet taken, until the validator takes it.
+    _held: HeldRecord,
+}
+
+/// One record the reader has handed on and the validator has not taken yet. They are still to be
+/// processed, so the consumer-lag metric (and readiness, which is made of it) counts them: without
+/// them a validator catching up would report up to [`LOOKAHEAD`] blocks less than it has to commit.
+struct HeldRecord(Arc<AtomicI64>);
+
+impl HeldRecord {
+    fn new(held: &Arc<AtomicI64>) -> Self {
+        held.fetch_add(1, Ordering::SeqCst);
+        Self(held.clone())
+    }
+}
+
+impl Drop for HeldRecord {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The consumer's lag (records not yet read) plus `held` records read but not yet processed.
+fn with_held(mut lag: Vec<(String, i32, i64)>, held: i64) -> Vec<(String, i32, i64)> {
+    // The reader is assigned the one partition of the blocks topic.
+    for (_, _, records) in &mut lag {
+        *records += held;
+    }
+    lag
 }
 
 /// Reads the blocks topic ahead of the validator and starts each block's per-transaction checks
@@ -316,6 +345,7 @@ async fn read_ahead(
 ) {
     let budget_bytes = budget_bytes.clamp(1, u32::MAX as usize);
     let budget = Arc::new(tokio::sync::Semaphore::new(budget_bytes));
+    let held = Arc::new(AtomicI64::new(0));
     while !*shutdown.borrow() {
         let records = tokio::select! {
             r = consumer.poll(32, Duration::from_millis(200)) => r,
@@ -328,13 +358,15 @@ async fn read_ahead(
                 return;
             }
         };
-        config.metrics.observe_lag(&counters, &consumer.lag());
+        // The records of this poll are in hand, as a consumer's lag always counts them; those
+        // of earlier polls that the validator has not taken yet are not.
+        config.metrics.observe_lag(&counters, &with_held(consumer.lag(), held.load(Ordering::SeqCst)));
         counters.records_in.inc_by(records.len() as u64);
         let idle = records.is_empty();
         for record in records {
             let bytes = record.value.len().clamp(1, budget_bytes) as u32;
             let Ok(share) = budget.clone().acquire_many_owned(bytes).await else { return };
-            let prepared = prepare(&config, record, share);
+            let prepared = prepare(&config, record, share, HeldRecord::new(&held));
             if ahead.send(Ok(Ahead::Record(prepared))).await.is_err() {
                 return; // the validator stopped
             }
@@ -349,14 +381,14 @@ async fn read_ahead(
 /// blocking pool. A block no orderer signed gets none: whoever can write to the topic must not be
 /// able to make the peers verify the transactions of forged blocks (the validator refuses such a
 /// block before looking at its transactions). Nor does a record past a replay's last offset.
-fn prepare(config: &Arc<ValidatorConfig>, record: Record, budget: tokio::sync::OwnedSemaphorePermit) -> Prepared {
+fn prepare(config: &Arc<ValidatorConfig>, record: Record, budget: tokio::sync::OwnedSemaphorePermit, held: HeldRecord) -> Prepared {
     let block = codec::decode::<Block>(&record.value).map(Arc::new).map_err(|e| e.to_string());
     let wanted = config.stop_after_offset.is_none_or(|last| record.offset <= last);
     let checks = match &block {
         Ok(block) if wanted && check_block_signature(&config.network, block).is_ok() => Some(start_checks(config, block.clone())),
         _ => None,
     };
-    Prepared { record, block, checks, _budget: budget }
+    Prepared { record, block, checks, _budget: budget, _held: held }
 }
 
 /// Stops the reader when the validator stops, however it stops.
@@ -725,7 +757,7 @@ mod tests {
     /// [`prepare`] with a share of a budget of its own.
     fn prepare_one(config: &Arc<ValidatorConfig>, record: Record) -> Prepared {
         let share = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().expect("a free permit");
-        prepare(config, record, share)
+        prepare(config, record, share, HeldRecord::new(&Arc::new(AtomicI64::new(0))))
     }
 
     fn record(offset: i64, value: Vec<u8>) -> Record {
@@ -795,6 +827,7 @@ mod tests {
     /// the receiver, and the rules count the transactions it checked.
     struct Reader {
         rules: Arc<CountingRules>,
+        config: Arc<ValidatorConfig>,
         rx: tokio::sync::mpsc::Receiver<StageResult<Ahead>>,
         block_bytes: usize,
         _reader: AbortOnDrop,
@@ -822,15 +855,21 @@ mod tests {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let consumer = log.consumer(Subscription::assign("blocks", 0, 0)).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(LOOKAHEAD);
-        let reader = AbortOnDrop(tokio::spawn(read_ahead(config, consumer, tx, budget_bytes(block_bytes), counters, shutdown)));
+        let reader = AbortOnDrop(tokio::spawn(read_ahead(config.clone(), consumer, tx, budget_bytes(block_bytes), counters, shutdown)));
         // Nothing is taken for a while: the reader runs as far ahead as it may.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        Reader { rules, rx, block_bytes, _reader: reader, _stop: stop, _dir: dir }
+        Reader { rules, config, rx, block_bytes, _reader: reader, _stop: stop, _dir: dir }
     }
 
     impl Reader {
         fn txs_checked(&self) -> usize {
             self.rules.0.load(Ordering::SeqCst)
+        }
+
+        /// The consumer-lag metric of the blocks topic, as the reader last set it.
+        fn lag(&self) -> i64 {
+            let m = &self.config.metrics;
+            m.consumer_lag.with_label_values(&[m.channel.as_str(), "validator", "Org1.peer0", "blocks", "0"]).get()
         }
 
         async fn next_block(&mut self) -> Prepared {
@@ -859,6 +898,31 @@ mod tests {
         assert_eq!(r.txs_checked(), n as usize * TXS_PER_BLOCK, "every block checked once");
         assert!(matches!(r.rx.recv().await.unwrap().unwrap(), Ahead::EndOfPoll { idle: false }), "then the end of that poll");
         assert!(matches!(r.rx.recv().await.unwrap().unwrap(), Ahead::EndOfPoll { idle: true }), "then an empty poll, reported as idle");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lag_counts_the_blocks_read_ahead_but_not_yet_taken() {
+        // A poll brings 32 records at most: 40 blocks take two polls.
+        let mut r = reader(40, |_| LOOKAHEAD_BYTES).await;
+        assert_eq!(r.lag(), 8, "after the first poll: the 8 blocks it did not read");
+        // Take all but 7 of the first poll's records: the reader hands on the rest, polls again
+        // and reads the last 8 while those 7 still wait in the channel.
+        for offset in 0..25 {
+            assert_eq!(r.next_block().await.record.offset, offset);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(r.lag(), 7, "the topic is read to its end, but 7 blocks read before are still to be taken");
+        for offset in 25..32 {
+            assert_eq!(r.next_block().await.record.offset, offset);
+        }
+        assert!(matches!(r.rx.recv().await.unwrap().unwrap(), Ahead::EndOfPoll { idle: false }));
+        for offset in 32..40 {
+            assert_eq!(r.next_block().await.record.offset, offset);
+        }
+        assert!(matches!(r.rx.recv().await.unwrap().unwrap(), Ahead::EndOfPoll { idle: false }));
+        // The next poll finds nothing, and nothing is held: caught up.
+        assert!(matches!(r.rx.recv().await.unwrap().unwrap(), Ahead::EndOfPoll { idle: true }));
+        assert_eq!(r.lag(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
