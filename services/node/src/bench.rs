@@ -792,9 +792,8 @@ impl CryptoPerTx {
     ///   (`orderer::Replica::due` → `sign_block`), amortised over the block;
     /// - one-by-one verifies: the API checks the creator's signature for `POST /v1/proposals`
     ///   (`api::submit_signed` → `check_proposal`); every validator checks the orderer's
-    ///   signature twice per block: before it checks the block's transactions ahead
-    ///   (`validator::prepare`), and with the block's chain link (`validation::check_block` →
-    ///   `check_block_signature`);
+    ///   signature once per block, as its reader reads it (`validator::prepare` →
+    ///   `check_block_signature`), and keeps the verdict for the chain check;
     /// - batched verifies: every endorser checks the creator's signature, a batch of proposals
     ///   in one `crypto::verify_all` pass (`endorser::endorse_all` → `check_proposals_with`);
     ///   every validator checks the creator's and each endorsement's signature of every
@@ -812,7 +811,7 @@ impl CryptoPerTx {
         let checks = f64::from(u8::from(shape.signature_checks));
         Self {
             signs: 1.0 + endorsers + per_block,
-            verifies: f64::from(u8::from(shape.via_api)) + 2.0 * validators * per_block,
+            verifies: f64::from(u8::from(shape.via_api)) + validators * per_block,
             batch_verifies: checks * (endorsers + validators * (1.0 + shape.endorsements_per_tx as f64)),
         }
     }
@@ -2204,17 +2203,17 @@ mod tests {
         let shape = CryptoShape { endorsers: 2, validators: 2, endorsements_per_tx: 2, mean_block_txs: 100.0, via_api: false, signature_checks: true };
         let c = CryptoPerTx::count(&shape);
         assert!((c.signs - 3.01).abs() < 1e-9, "client + 2 endorsers + 1/100 orderer: {}", c.signs);
-        assert!((c.verifies - 0.04).abs() < 1e-9, "2 validators x 2 checks of the block's signature / 100: {}", c.verifies);
+        assert!((c.verifies - 0.02).abs() < 1e-9, "2 validators x 1 check of the block's signature / 100: {}", c.verifies);
         assert!((c.batch_verifies - 8.0).abs() < 1e-9, "2 endorsers + 2 validators x (creator + 2 endorsements)");
         let api = CryptoPerTx::count(&CryptoShape { via_api: true, ..shape });
-        assert!((api.verifies - 1.04).abs() < 1e-9);
+        assert!((api.verifies - 1.02).abs() < 1e-9);
         // Checks off: signing and the block signature check remain.
         let off = CryptoPerTx::count(&CryptoShape { signature_checks: false, ..shape });
         assert_eq!((off.signs, off.batch_verifies), (c.signs, 0.0));
-        assert!((off.verifies - 0.04).abs() < 1e-9);
-        // Equal rates of 1000/s: 11.05 signature operations per tx.
+        assert!((off.verifies - 0.02).abs() < 1e-9);
+        // Equal rates of 1000/s: 11.03 signature operations per tx.
         let cal = Calibration { threads: 1, signs_per_s: 1000.0, verifies_per_s: 1000.0, batch_verifies_per_s: 1000.0 };
-        assert!((c.ceiling_tps(&cal) - 1000.0 / 11.05).abs() < 1e-6);
+        assert!((c.ceiling_tps(&cal) - 1000.0 / 11.03).abs() < 1e-6);
     }
 
     #[test]

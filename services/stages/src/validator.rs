@@ -44,7 +44,8 @@ use streamledger_core::model::{Block, BlockHeader, OrderedTx, TxResult, Validate
 use streamledger_core::publish;
 use streamledger_core::network::Network;
 use streamledger_core::crypto::SignatureChecks;
-use streamledger_core::validation::{check_block, check_block_signature, BlockRejection, BlockValidation, CheckedBlock, WriteRules, GENESIS_STATE_HASH};
+use streamledger_core::cutter::verify_block_link;
+use streamledger_core::validation::{check_block_signature, BlockRejection, BlockValidation, CheckedBlock, WriteRules, GENESIS_STATE_HASH};
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_core::state::PendingWrites;
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
@@ -295,12 +296,21 @@ enum Ahead {
 /// checks of its block started when an orderer signed it.
 struct Prepared {
     record: Record,
-    block: Result<Arc<Block>, String>,
+    block: Result<ReadBlock, String>,
     checks: Option<tokio::task::JoinHandle<CheckedBlock>>,
     /// This record's share of [`LOOKAHEAD_BYTES`], given back when the validator takes it.
     _budget: tokio::sync::OwnedSemaphorePermit,
     /// Counts this record among those read but not yet taken, until the validator takes it.
     _held: HeldRecord,
+}
+
+/// A block as read from the topic, with the verdict on its orderer's signature: verified once,
+/// by the reader, and used by every later decision on the block (the block and the network's
+/// orderers do not change in between).
+#[derive(Debug)]
+struct ReadBlock {
+    block: Arc<Block>,
+    signature: Result<(), BlockRejection>,
 }
 
 /// One record the reader has handed on and the validator has not taken yet. They are still to be
@@ -382,10 +392,12 @@ async fn read_ahead(
 /// able to make the peers verify the transactions of forged blocks (the validator refuses such a
 /// block before looking at its transactions). Nor does a record past a replay's last offset.
 fn prepare(config: &Arc<ValidatorConfig>, record: Record, budget: tokio::sync::OwnedSemaphorePermit, held: HeldRecord) -> Prepared {
-    let block = codec::decode::<Block>(&record.value).map(Arc::new).map_err(|e| e.to_string());
+    let block = codec::decode::<Block>(&record.value)
+        .map(|block| ReadBlock { signature: check_block_signature(&config.network, &block), block: Arc::new(block) })
+        .map_err(|e| e.to_string());
     let wanted = config.stop_after_offset.is_none_or(|last| record.offset <= last);
     let checks = match &block {
-        Ok(block) if wanted && check_block_signature(&config.network, block).is_ok() => Some(start_checks(config, block.clone())),
+        Ok(read) if wanted && read.signature.is_ok() => Some(start_checks(config, read.block.clone())),
         _ => None,
     };
     Prepared { record, block, checks, _budget: budget, _held: held }
@@ -576,10 +588,10 @@ async fn admissible(
     position: &Position,
     group: &Group,
     record: &Record,
-    block: Result<Arc<Block>, String>,
+    block: Result<ReadBlock, String>,
     dead: &DeadLetters,
 ) -> StageResult<Admission> {
-    let block = match block {
+    let ReadBlock { block, signature } = match block {
         Ok(b) => b,
         Err(e) => {
             refuse(config, dead, record, e).await?;
@@ -602,7 +614,7 @@ async fn admissible(
                 let reason = format!("block {number} at offset {}: a copy of the committed block whose transactions do not match its data_hash (reordered or altered)", record.offset);
                 refuse(config, dead, record, reason).await?;
             }
-        } else if let Err(e) = check_block_signature(&config.network, &block) {
+        } else if let Err(e) = &signature {
             // Not signed by an orderer: a forgery, refused like any other, not an alarm.
             refuse(config, dead, record, format!("block {number} at offset {} is not the committed block {number}: {e}", record.offset)).await?;
         } else {
@@ -612,10 +624,12 @@ async fn admissible(
         }
         return Ok(Admission::Skip);
     }
-    if let Err(e) = check_block(&config.network, position.header.as_ref(), &block) {
+    // `check_block`, with the signature verified by the reader.
+    let checked = verify_block_link(position.header.as_ref(), &block).map_err(BlockRejection::from).and_then(|()| signature.clone());
+    if let Err(e) = checked {
         // In a replay the log is final: a block an orderer really signed that does not follow the
         // chain is a broken chain, not garbage, unless a block that does follow comes later.
-        let signed = check_block_signature(&config.network, &block).is_ok();
+        let signed = signature.is_ok();
         if config.read_only && signed && matches!(e, BlockRejection::Chain(_)) {
             return Ok(Admission::BrokenChain { number, reason: format!("broken chain at block {number} (blocks offset {}): {e}", record.offset) });
         }
@@ -777,7 +791,7 @@ mod tests {
         let b = block(&f, 0);
         let prepared = prepare_one(&config, record(0, codec::encode(&b).unwrap()));
         let checked = prepared.checks.expect("a block an orderer signed is checked ahead").await.unwrap();
-        assert!(Arc::ptr_eq(checked.block(), prepared.block.as_ref().unwrap()), "the checks hold the block the reader decoded");
+        assert!(Arc::ptr_eq(checked.block(), &prepared.block.as_ref().unwrap().block), "the checks hold the block the reader decoded");
         let state = MemState::new();
         let ahead = checked.validate(&state, &GENESIS_STATE_HASH).unwrap();
         let whole = validate_block_with(&f.network, &AnyWrite, &state, &b, &GENESIS_STATE_HASH, SignatureChecks::On).unwrap();
@@ -795,7 +809,9 @@ mod tests {
         let mut forged = block(&f, 0);
         forged.metadata.signature = f.clients[0].sign(b"not the block");
         let prepared = prepare_one(&config, record(0, codec::encode(&forged).unwrap()));
-        assert!(prepared.block.is_ok() && prepared.checks.is_none(), "a forged block is decoded but not checked");
+        assert!(prepared.checks.is_none(), "a forged block is decoded but not checked");
+        let read = prepared.block.expect("a forged block decodes");
+        assert!(matches!(read.signature, Err(BlockRejection::BadSignature { number: 0, .. })), "{:?}", read.signature);
 
         let garbage = prepare_one(&config, record(1, b"not avro".to_vec()));
         let reason = garbage.block.expect_err("garbage does not decode");
@@ -891,7 +907,7 @@ mod tests {
 
         for offset in 0..n {
             let p = r.next_block().await;
-            assert_eq!((p.record.offset, p.block.as_ref().unwrap().header.number), (offset, offset), "in the topic's order");
+            assert_eq!((p.record.offset, p.block.as_ref().unwrap().block.header.number), (offset, offset), "in the topic's order");
             let checked = p.checks.expect("signed blocks are checked ahead").await.unwrap();
             assert_eq!(checked.block().header.number, offset);
         }
