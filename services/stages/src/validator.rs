@@ -368,8 +368,8 @@ async fn read_ahead(
                 return;
             }
         };
-        // The records of this poll are in hand, as a consumer's lag always counts them; those
-        // of earlier polls that the validator has not taken yet are not.
+        // The records this poll returned count as read, as in any consumer's lag; those of
+        // earlier polls that the validator has not taken yet count as lag.
         config.metrics.observe_lag(&counters, &with_held(consumer.lag(), held.load(Ordering::SeqCst)));
         counters.records_in.inc_by(records.len() as u64);
         let idle = records.is_empty();
