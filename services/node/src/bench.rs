@@ -621,6 +621,77 @@ fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// CPU time as Linux counts it in `/proc`: in clock ticks of `USER_HZ`, which the kernel's
+/// userspace ABI fixes at 100 on every architecture it runs on (what `getconf CLK_TCK` prints);
+/// asking `sysconf` for it would bring in libc for one constant.
+const TICKS_PER_S: f64 = 100.0;
+
+/// CPU seconds used so far, by this process and by the whole machine, at one instant.
+#[derive(Debug, Clone, Copy)]
+struct CpuClock {
+    at: Instant,
+    process_s: f64,
+    machine_busy_s: f64,
+}
+
+impl CpuClock {
+    /// `None` where `/proc` is not Linux's.
+    fn now() -> Option<Self> {
+        let process_s = parse_process_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)? / TICKS_PER_S;
+        let machine_busy_s = parse_machine_busy_ticks(&std::fs::read_to_string("/proc/stat").ok()?)? / TICKS_PER_S;
+        Some(Self { at: Instant::now(), process_s, machine_busy_s })
+    }
+
+    /// What was used from `self` to `later`, and per committed transaction.
+    fn used_until(&self, later: &CpuClock, committed: u64) -> Option<CpuUse> {
+        let seconds = later.at.duration_since(self.at).as_secs_f64();
+        if seconds <= 0.0 {
+            return None;
+        }
+        let process_s = (later.process_s - self.process_s).max(0.0);
+        Some(CpuUse {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            process_cores: process_s / seconds,
+            machine_cores: (later.machine_busy_s - self.machine_busy_s).max(0.0) / seconds,
+            us_per_committed_tx: (committed > 0).then(|| process_s * 1e6 / committed as f64),
+        })
+    }
+}
+
+/// User and system ticks of a process, from its `/proc/<pid>/stat` line. The command name (field
+/// 2, in parentheses) may hold spaces and parentheses itself, so fields are counted after its
+/// last `)`: `utime` and `stime` are fields 14 and 15.
+fn parse_process_cpu_ticks(stat: &str) -> Option<f64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    Some((utime + stime) as f64)
+}
+
+/// Busy ticks of all CPUs together, from `/proc/stat`'s `cpu` line: every state but idle and
+/// waiting for I/O (user, nice, system, irq, softirq, steal; guest time is inside user).
+fn parse_machine_busy_ticks(stat: &str) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|v| v.parse().ok()).collect::<Option<_>>()?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal] = ticks.try_into().ok()?;
+    Some((user + nice + system + irq + softirq + steal) as f64)
+}
+
+/// The CPU the measured round used: what says whether the cores were the bound.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CpuUse {
+    /// Cores of this machine.
+    pub cores: usize,
+    /// Cores this process kept busy, on average: its CPU seconds over the round's seconds. With
+    /// the embedded target the process is the whole network and the client.
+    pub process_cores: f64,
+    /// Cores busy on the whole machine over the same time: more than `process_cores` when
+    /// other work ran beside the bench (the kernel's writeback, other processes).
+    pub machine_cores: f64,
+    /// This process's CPU time per committed transaction, in µs.
+    pub us_per_committed_tx: Option<f64>,
+}
+
 /// Resident memory sampled once a minute through the measured round: the flatness goal
 /// compares minute 1 with minute 5 of a sustained run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -967,6 +1038,9 @@ pub struct BenchReport {
     pub peak_rss_bytes: Option<u64>,
     /// `None` for a remote target, or a round shorter than a minute.
     pub memory_by_minute: Option<MemoryTrend>,
+    /// Over the measured round. `None` for a remote target (the network's CPU is not this
+    /// process's), or where `/proc` cannot be read.
+    pub cpu: Option<CpuUse>,
     pub crypto: CryptoReport,
 }
 
@@ -1056,6 +1130,16 @@ impl BenchReport {
                 Some(g) => writeln!(t, " (minute {} vs minute 1: {:+.1}%)", m.by_minute_mib.len(), g * 100.0)?,
                 None => writeln!(t)?,
             }
+        }
+        match &self.cpu {
+            Some(c) => {
+                write!(t, "cpu: {:.2} of {} cores busy in this process ({:.2} on the whole machine)", c.process_cores, c.cores, c.machine_cores)?;
+                match c.us_per_committed_tx {
+                    Some(us) => writeln!(t, ", {us:.0} µs per committed tx")?,
+                    None => writeln!(t)?,
+                }
+            }
+            None => writeln!(t, "cpu: n/a (remote target)")?,
         }
         let c = &self.crypto;
         let k = &c.calibration;
@@ -1727,10 +1811,11 @@ async fn run_embedded(config: &BenchConfig, calibration: Calibration) -> Result<
 
     tasks.stop().await;
     let stopped = node_task.await.map_err(|e| BenchError::Failed(format!("the embedded network task failed: {e}")))?;
-    let (mut report, rss_by_minute) = result?;
+    let (mut report, this_process) = result?;
     stopped?;
     report.peak_rss_bytes = peak_rss_bytes();
-    report.memory_by_minute = MemoryTrend::from_samples(&rss_by_minute);
+    report.memory_by_minute = MemoryTrend::from_samples(&this_process.rss_by_minute);
+    report.cpu = this_process.cpu;
     drop(dir);
     Ok(report)
 }
@@ -1792,7 +1877,7 @@ async fn run_http(config: &BenchConfig, url: &str, calibration: Calibration) -> 
     let validators = status.peers.len();
     let harness = Harness { submit, events, events_tx, http: Some(client), signer, channel: network.channel().to_string() };
     let prepared = Prepared { harness, network, endorsers, validators, via_api: true };
-    // The remote target's memory is not this process's: the samples are dropped.
+    // The remote target's memory and CPU are not this process's: the samples are dropped.
     let result = rounds(config, prepared, calibration, url.to_string()).await.map(|(report, _)| report);
     let _ = stop_tx.send(true);
     let _ = follower.await;
@@ -1831,9 +1916,9 @@ async fn run_kafka(config: &BenchConfig, calibration: Calibration) -> Result<Ben
     result
 }
 
-/// The setup round, then the measured round, then the report and this process's resident memory
-/// at the end of each minute of the measured round.
-async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibration, target: String) -> Result<(BenchReport, Vec<u64>), BenchError> {
+/// The setup round, then the measured round, then the report and what the round measured of this
+/// process (its memory each minute, its CPU).
+async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibration, target: String) -> Result<(BenchReport, ThisProcess), BenchError> {
     let Prepared { mut harness, network, endorsers, validators, via_api } = prepared;
     let w = &config.workload;
     let contract = w.kind.contract();
@@ -1862,7 +1947,9 @@ async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibrati
 
     let plan = Plan { mode: config.mode, stop: config.stop, tx_timeout: config.tx_timeout, max_outstanding: config.max_outstanding };
     let bar = progress_bar(config.progress, &plan, contract);
+    let cpu_before = CpuClock::now();
     let r = drive(&mut harness, &mut || Some(generator.next_op()), &plan, &bar).await?;
+    let cpu_after = CpuClock::now();
 
     let round_start = r.start.unwrap_or_else(Instant::now);
     let since_start = |t: Option<Instant>| t.map(|t| t.duration_since(round_start).as_secs_f64()).filter(|s| *s > 0.0);
@@ -1930,10 +2017,20 @@ async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibrati
         mean_block_txs,
         peak_rss_bytes: None,
         memory_by_minute: None,
+        cpu: None,
         // With the timing before the target only; `run` adds the one after the round.
         crypto: CryptoReport::new(vec![calibration], shape, committed_tps, valid_tps),
     };
-    Ok((report, r.rss_by_minute))
+    let cpu = cpu_before.zip(cpu_after).and_then(|(before, after)| before.used_until(&after, committed));
+    Ok((report, ThisProcess { rss_by_minute: r.rss_by_minute, cpu }))
+}
+
+/// What the measured round measured of this process. Only the embedded target's report uses it:
+/// a remote target's network runs in other processes.
+struct ThisProcess {
+    /// Resident memory at the end of each minute.
+    rss_by_minute: Vec<u64>,
+    cpu: Option<CpuUse>,
 }
 
 #[cfg(test)]
@@ -2024,6 +2121,40 @@ mod tests {
             assert!(peak_rss_bytes().unwrap() > 0);
             assert!(current_rss_bytes().unwrap() > 0);
         }
+    }
+
+    #[test]
+    fn proc_cpu_ticks_are_read_from_the_right_fields() {
+        // A command name with a space and a parenthesis in it: fields count from the last `)`.
+        let stat = "4242 (a b) c)) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 3 0 100 1000 50";
+        assert_eq!(parse_process_cpu_ticks(stat), Some(325.0), "utime 250 + stime 75");
+        assert_eq!(parse_process_cpu_ticks("4242 (x) S 1 2"), None, "too short");
+        assert_eq!(parse_process_cpu_ticks("no name here"), None);
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let machine = "cpu  100 2 30 5000 40 5 6 7 8 9\ncpu0 50 1 15 2500 20 2 3 3 4 4\n";
+        assert_eq!(parse_machine_busy_ticks(machine), Some(150.0), "idle, iowait and guest left out");
+        assert_eq!(parse_machine_busy_ticks("cpu0 1 2 3\n"), None, "no total line");
+        assert_eq!(parse_machine_busy_ticks("cpu  1 2 x 4 5 6 7 8\n"), None, "not a number");
+    }
+
+    #[test]
+    #[cfg_attr(not(target_os = "linux"), ignore = "reads Linux's /proc")]
+    fn cpu_use_over_a_busy_stretch() {
+        let before = CpuClock::now().expect("/proc readable");
+        // Busy for 300 ms on this thread: at least a few ticks of 10 ms each.
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let after = CpuClock::now().unwrap();
+        let used = before.used_until(&after, 10).expect("time passed");
+        assert!(used.process_cores > 0.5 && used.process_cores <= used.cores as f64 + 0.1, "{used:?}");
+        assert!(used.machine_cores + 0.2 >= used.process_cores, "the machine is at least as busy as this process: {used:?}");
+        let us = used.us_per_committed_tx.unwrap();
+        assert!(us > 10_000.0, "about 300 ms over 10 transactions: {us} µs");
+        assert_eq!(before.used_until(&after, 0).unwrap().us_per_committed_tx, None, "nothing committed, no per-tx figure");
+        assert!(after.used_until(&before, 10).is_none(), "no time, no rate");
     }
 
     #[test]
@@ -2291,6 +2422,9 @@ mod tests {
         check_consistent(&report, 200);
         assert_eq!(report.valid, 200, "blind writes never conflict: {}", report.table());
         assert!(report.peak_rss_bytes.is_some());
+        let cpu = report.cpu.as_ref().expect("the process's CPU, on Linux");
+        assert!(cpu.process_cores > 0.0 && cpu.us_per_committed_tx.is_some_and(|us| us > 0.0), "{cpu:?}");
+        assert!(report.table().contains("cores busy in this process"));
         assert_eq!(report.crypto.shape.endorsements_per_tx, 1);
     }
 
@@ -2320,6 +2454,7 @@ mod tests {
         check_consistent(&report, 100);
         assert_eq!(report.setup.as_ref().map(|s| s.txs), Some(20));
         assert_eq!(report.peak_rss_bytes, None, "remote memory is not ours");
+        assert_eq!(report.cpu, None, "nor its CPU");
         assert!(report.crypto.shape.via_api);
         stop.send(()).unwrap();
         running.await.unwrap().unwrap();
