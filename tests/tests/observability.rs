@@ -68,6 +68,19 @@ const FABRIC_METRICS: &[(&str, &str, &[&str])] = &[
     ("blockcutter_block_fill_duration", "histogram", &[]),
     ("broadcast_enqueue_duration", "histogram", &["type", "status"]),
 ];
+/// The standard process metrics every Prometheus client library exports (the `prometheus` crate's
+/// process collector, on Linux), under the names Prometheus documents for them: the third kind of
+/// name besides Fabric's and the project's. They describe the process, not a channel, so they
+/// have no `channel` label.
+const PROCESS_METRICS: &[&str] = &[
+    "process_cpu_seconds_total",
+    "process_max_fds",
+    "process_open_fds",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_threads",
+    "process_virtual_memory_bytes",
+];
 /// The project's metrics: `streamledger_*`.
 const PROJECT_PREFIX: &str = "streamledger_";
 /// Base-unit suffixes a project histogram or gauge may end in (`_info`: an info metric, value 1).
@@ -265,8 +278,14 @@ async fn metric_names_follow_prometheus_conventions() {
     let mut warnings = Vec::new();
     let fabric: BTreeMap<&str, (&str, &[&str])> = FABRIC_METRICS.iter().map(|(n, t, l)| (*n, (*t, *l))).collect();
 
+    // The process metrics: all of them.
+    let missing: Vec<&&str> = PROCESS_METRICS.iter().filter(|n| !families.contains_key(**n)).collect();
+    if !missing.is_empty() {
+        errors.push(format!("the standard process metrics {missing:?} are not exported"));
+    }
     // Fabric-named metrics: exactly Fabric's list, with Fabric's types.
-    let others: BTreeSet<&str> = families.keys().map(String::as_str).filter(|n| !n.starts_with(PROJECT_PREFIX)).collect();
+    let others: BTreeSet<&str> =
+        families.keys().map(String::as_str).filter(|n| !n.starts_with(PROJECT_PREFIX) && !PROCESS_METRICS.contains(n)).collect();
     let fabric_names: BTreeSet<&str> = fabric.keys().copied().collect();
     if others != fabric_names {
         errors.push(format!(
@@ -321,7 +340,7 @@ async fn metric_names_follow_prometheus_conventions() {
             }
         }
         for s in &f.samples {
-            if s.labels.get("channel").is_none_or(|c| c.is_empty()) {
+            if !PROCESS_METRICS.contains(&name.as_str()) && s.labels.get("channel").is_none_or(|c| c.is_empty()) {
                 errors.push(format!("{name}: series without a channel label: {s}"));
             }
             for label in s.labels.keys() {

@@ -50,6 +50,7 @@ use streamledger_core::validation::TxValidationCode;
 use streamledger_kafka::{KafkaConfig, KafkaLog};
 use streamledger_ports::log::{Log, OutRecord, Subscription};
 use streamledger_ports::topics::{names, Topics};
+use streamledger_stages::metrics;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -621,11 +622,6 @@ fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// CPU time as Linux counts it in `/proc`: in clock ticks of `USER_HZ`, which the kernel's
-/// userspace ABI fixes at 100 on every architecture it runs on (what `getconf CLK_TCK` prints);
-/// asking `sysconf` for it would bring in libc for one constant.
-const TICKS_PER_S: f64 = 100.0;
-
 /// CPU seconds used so far, by this process and by the whole machine, at one instant.
 #[derive(Debug, Clone, Copy)]
 struct CpuClock {
@@ -637,8 +633,8 @@ struct CpuClock {
 impl CpuClock {
     /// `None` where `/proc` is not Linux's.
     fn now() -> Option<Self> {
-        let process_s = parse_process_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)? / TICKS_PER_S;
-        let machine_busy_s = parse_machine_busy_ticks(&std::fs::read_to_string("/proc/stat").ok()?)? / TICKS_PER_S;
+        let process_s = metrics::process_cpu_seconds()?;
+        let machine_busy_s = parse_machine_busy_ticks(&std::fs::read_to_string("/proc/stat").ok()?)? / metrics::USER_HZ;
         Some(Self { at: Instant::now(), process_s, machine_busy_s })
     }
 
@@ -656,16 +652,6 @@ impl CpuClock {
             us_per_committed_tx: (committed > 0).then(|| process_s * 1e6 / committed as f64),
         })
     }
-}
-
-/// User and system ticks of a process, from its `/proc/<pid>/stat` line. The command name (field
-/// 2, in parentheses) may hold spaces and parentheses itself, so fields are counted after its
-/// last `)`: `utime` and `stime` are fields 14 and 15.
-fn parse_process_cpu_ticks(stat: &str) -> Option<f64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
-    Some((utime + stime) as f64)
 }
 
 /// Busy ticks of all CPUs together, from `/proc/stat`'s `cpu` line: every state but idle and
@@ -2124,12 +2110,7 @@ mod tests {
     }
 
     #[test]
-    fn proc_cpu_ticks_are_read_from_the_right_fields() {
-        // A command name with a space and a parenthesis in it: fields count from the last `)`.
-        let stat = "4242 (a b) c)) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 3 0 100 1000 50";
-        assert_eq!(parse_process_cpu_ticks(stat), Some(325.0), "utime 250 + stime 75");
-        assert_eq!(parse_process_cpu_ticks("4242 (x) S 1 2"), None, "too short");
-        assert_eq!(parse_process_cpu_ticks("no name here"), None);
+    fn proc_stat_machine_ticks_are_read_from_the_right_fields() {
         // user nice system idle iowait irq softirq steal guest guest_nice
         let machine = "cpu  100 2 30 5000 40 5 6 7 8 9\ncpu0 50 1 15 2500 20 2 3 3 4 4\n";
         assert_eq!(parse_machine_busy_ticks(machine), Some(150.0), "idle, iowait and guest left out");

@@ -59,7 +59,7 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
     let topics = Topics::default_for(network.channel());
     let log: Arc<dyn Log> = KafkaLog::connect(config.kafka.clone()).await?;
     ensure_topics(log.as_ref(), &topics).await?;
-    let prometheus = prometheus::Registry::new();
+    let prometheus = streamledger_stages::metrics::process_registry();
     let metrics = Metrics::new(&prometheus, network.channel()).map_err(|e| NodeError::Api(format!("metrics: {e}")))?;
     let signer = |owner: &str| keys.signer(owner).map_err(|e| NodeError::Network(e.to_string()));
     let (shutdown_tx, shutdown) = watch::channel(false);

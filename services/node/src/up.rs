@@ -237,7 +237,7 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
     let (shutdown_tx, shutdown) = watch::channel(false);
     let registry = Arc::new(Registry::builtin());
     // One Prometheus registry for the whole process, injected into every stage.
-    let prometheus = prometheus::Registry::new();
+    let prometheus = streamledger_stages::metrics::process_registry();
     let metrics = Metrics::new(&prometheus, network.channel()).map_err(|e| NodeError::Api(format!("metrics: {e}")))?;
     let signer = |owner: &str| keys.signer(owner).map_err(|e| NodeError::Network(e.to_string()));
     let mut tasks = JoinSet::new();
