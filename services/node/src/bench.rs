@@ -945,14 +945,11 @@ pub struct CryptoReport {
 }
 
 impl CryptoReport {
-    /// The ceiling of `shape` from the best of `timings`, and the round's rates over it.
-    pub fn new(timings: Vec<Calibration>, shape: CryptoShape, committed_tps: f64, valid_tps: f64) -> Self {
-        let calibration = timings.iter().copied().reduce(Calibration::best).unwrap_or(Calibration {
-            threads: crypto_threads(),
-            signs_per_s: 0.0,
-            verifies_per_s: 0.0,
-            batch_verifies_per_s: 0.0,
-        });
+    /// The ceiling of `shape` from the best of `first` and `later` timings, and the round's rates
+    /// over it. There is always a first timing, so always a ceiling.
+    pub fn new(first: Calibration, later: &[Calibration], shape: CryptoShape, committed_tps: f64, valid_tps: f64) -> Self {
+        let calibration = later.iter().copied().fold(first, Calibration::best);
+        let timings = [&[first], later].concat();
         let per_tx = CryptoPerTx::count(&shape);
         let ceiling_tps = per_tx.ceiling_tps(&calibration);
         let ratio = |tps: f64| if ceiling_tps > 0.0 { tps / ceiling_tps } else { 0.0 };
@@ -1725,7 +1722,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     // tenth, in runs measured on 2026-12-06; README: Performance).
     let after = time_crypto().await?;
     let c = &report.crypto;
-    report.crypto = CryptoReport::new(vec![before, after], c.shape, report.committed_tps, report.valid_tps);
+    report.crypto = CryptoReport::new(before, &[after], c.shape, report.committed_tps, report.valid_tps);
     Ok(report)
 }
 
@@ -2005,7 +2002,7 @@ async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibrati
         memory_by_minute: None,
         cpu: None,
         // With the timing before the target only; `run` adds the one after the round.
-        crypto: CryptoReport::new(vec![calibration], shape, committed_tps, valid_tps),
+        crypto: CryptoReport::new(calibration, &[], shape, committed_tps, valid_tps),
     };
     let cpu = cpu_before.zip(cpu_after).and_then(|(before, after)| before.used_until(&after, committed));
     Ok((report, ThisProcess { rss_by_minute: r.rss_by_minute, cpu }))
@@ -2343,14 +2340,14 @@ mod tests {
         let best = slow_signing.best(slow_verifying);
         assert_eq!((best.signs_per_s, best.verifies_per_s, best.batch_verifies_per_s), (100_000.0, 40_000.0, 90_000.0));
         let shape = CryptoShape { endorsers: 2, validators: 2, endorsements_per_tx: 2, mean_block_txs: 300.0, via_api: false, signature_checks: true };
-        let report = CryptoReport::new(vec![slow_signing, slow_verifying], shape, 1_000.0, 800.0);
+        let report = CryptoReport::new(slow_signing, &[slow_verifying], shape, 1_000.0, 800.0);
         assert_eq!(report.calibration, best);
         assert_eq!(report.timings, vec![slow_signing, slow_verifying], "both timings are reported");
         let ceiling = CryptoPerTx::count(&shape).ceiling_tps(&best);
         assert!((report.ceiling_tps - ceiling).abs() < 1e-9, "{} against {ceiling}", report.ceiling_tps);
         // Either timing alone gives a lower ceiling, so a higher ratio.
         for one in [slow_signing, slow_verifying] {
-            assert!(CryptoReport::new(vec![one], shape, 1_000.0, 800.0).committed_ratio > report.committed_ratio);
+            assert!(CryptoReport::new(one, &[], shape, 1_000.0, 800.0).committed_ratio > report.committed_ratio);
         }
         assert!((report.committed_ratio - 1_000.0 / ceiling).abs() < 1e-12);
         assert!((report.valid_ratio - 800.0 / ceiling).abs() < 1e-12);
