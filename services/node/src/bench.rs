@@ -634,7 +634,7 @@ impl CpuClock {
     /// `None` where `/proc` is not Linux's.
     fn now() -> Option<Self> {
         let process_s = metrics::process_cpu_seconds()?;
-        let machine_busy_s = parse_machine_busy_ticks(&std::fs::read_to_string("/proc/stat").ok()?)? / metrics::USER_HZ;
+        let machine_busy_s = metrics::machine_busy_cpu_seconds()?;
         Some(Self { at: Instant::now(), process_s, machine_busy_s })
     }
 
@@ -652,15 +652,6 @@ impl CpuClock {
             us_per_committed_tx: (committed > 0).then(|| process_s * 1e6 / committed as f64),
         })
     }
-}
-
-/// Busy ticks of all CPUs together, from `/proc/stat`'s `cpu` line: every state but idle and
-/// waiting for I/O (user, nice, system, irq, softirq, steal; guest time is inside user).
-fn parse_machine_busy_ticks(stat: &str) -> Option<f64> {
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let ticks: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|v| v.parse().ok()).collect::<Option<_>>()?;
-    let [user, nice, system, _idle, _iowait, irq, softirq, steal] = ticks.try_into().ok()?;
-    Some((user + nice + system + irq + softirq + steal) as f64)
 }
 
 /// The CPU the measured round used: what says whether the cores were the bound.
@@ -2104,15 +2095,6 @@ mod tests {
             assert!(peak_rss_bytes().unwrap() > 0);
             assert!(current_rss_bytes().unwrap() > 0);
         }
-    }
-
-    #[test]
-    fn proc_stat_machine_ticks_are_read_from_the_right_fields() {
-        // user nice system idle iowait irq softirq steal guest guest_nice
-        let machine = "cpu  100 2 30 5000 40 5 6 7 8 9\ncpu0 50 1 15 2500 20 2 3 3 4 4\n";
-        assert_eq!(parse_machine_busy_ticks(machine), Some(150.0), "idle, iowait and guest left out");
-        assert_eq!(parse_machine_busy_ticks("cpu0 1 2 3\n"), None, "no total line");
-        assert_eq!(parse_machine_busy_ticks("cpu  1 2 x 4 5 6 7 8\n"), None, "not a number");
     }
 
     #[test]

@@ -59,25 +59,48 @@ impl prometheus::core::Collector for ProcessMetrics {
     }
 }
 
-/// The unit of CPU times in Linux's `/proc`: the kernel's userspace ABI fixes `USER_HZ` at 100
-/// ticks a second on every architecture (what `getconf CLK_TCK` prints); asking `sysconf` for it
-/// would bring in libc for one constant.
-pub const USER_HZ: f64 = 100.0;
-
-/// User and system CPU seconds this process has used, from `/proc/self/stat` (Linux; `None`
-/// elsewhere), to the clock tick.
+/// User and system CPU seconds this process has used, to the clock tick (Linux; `None`
+/// elsewhere).
+#[cfg(target_os = "linux")]
 pub fn process_cpu_seconds() -> Option<f64> {
-    Some(parse_process_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)? / USER_HZ)
+    let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
+    Some(ticks_to_seconds(process_ticks(&stat)))
 }
 
-/// User and system ticks of a process, from its `/proc/<pid>/stat` line. The command name (field
-/// 2, in parentheses) may hold spaces and parentheses itself, so fields are counted after its
-/// last `)`: `utime` and `stime` are fields 14 and 15.
-fn parse_process_cpu_ticks(stat: &str) -> Option<f64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
-    Some((utime + stime) as f64)
+#[cfg(not(target_os = "linux"))]
+pub fn process_cpu_seconds() -> Option<f64> {
+    None
+}
+
+/// CPU seconds all the machine's cores together have spent busy since boot (Linux; `None`
+/// elsewhere): what the bench compares its own process's CPU with.
+#[cfg(target_os = "linux")]
+pub fn machine_busy_cpu_seconds() -> Option<f64> {
+    use procfs::CurrentSI;
+    Some(ticks_to_seconds(busy_ticks(&procfs::KernelStats::current().ok()?.total)))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn machine_busy_cpu_seconds() -> Option<f64> {
+    None
+}
+
+#[cfg(target_os = "linux")]
+fn ticks_to_seconds(ticks: u64) -> f64 {
+    ticks as f64 / procfs::ticks_per_second() as f64
+}
+
+/// User and system ticks of a process.
+#[cfg(target_os = "linux")]
+fn process_ticks(stat: &procfs::process::Stat) -> u64 {
+    stat.utime + stat.stime
+}
+
+/// Busy ticks of a CPU time line: every state but idle and waiting for I/O (user, nice, system,
+/// irq, softirq, steal; guest time is inside user).
+#[cfg(target_os = "linux")]
+fn busy_ticks(t: &procfs::CpuTime) -> u64 {
+    t.user + t.nice + t.system + t.irq.unwrap_or(0) + t.softirq.unwrap_or(0) + t.steal.unwrap_or(0)
 }
 
 pub struct Metrics {
@@ -321,13 +344,26 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn proc_cpu_ticks_are_read_from_the_right_fields() {
+        use procfs::{FromRead, FromReadSI};
         // A command name with a space and a parenthesis in it: fields count from the last `)`.
-        let stat = "4242 (a b) c)) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 3 0 100 1000 50";
-        assert_eq!(parse_process_cpu_ticks(stat), Some(325.0), "utime 250 + stime 75");
-        assert_eq!(parse_process_cpu_ticks("4242 (x) S 1 2"), None, "too short");
-        assert_eq!(parse_process_cpu_ticks("no name here"), None);
-        assert_eq!(parse_process_cpu_ticks("1 (x) S 1 2 3 4 5 6 7 8 9 10 u 75 0"), None, "not a number");
+        let stat = "4242 (a b) c)) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 3 0 100 1000 50 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        let stat = procfs::process::Stat::from_read(stat.as_bytes()).unwrap();
+        assert_eq!(process_ticks(&stat), 325, "utime 250 + stime 75");
+        assert!(procfs::process::Stat::from_read("4242 (x) S 1 2".as_bytes()).is_err(), "too short");
+        assert!(procfs::process::Stat::from_read("no name here".as_bytes()).is_err());
+        assert!(procfs::process::Stat::from_read("1 (x) S 1 2 3 4 5 6 7 8 9 10 u 75 0 0 20 0 3 0 100 1000 50".as_bytes()).is_err(), "not a number");
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let machine = "cpu  100 2 30 5000 40 5 6 7 8 9\ncpu0 50 1 15 2500 20 2 3 3 4 4\nctxt 1\nbtime 1\nprocesses 1\n";
+        let info = procfs::ExplicitSystemInfo { boot_time_secs: 1, ticks_per_second: 100, page_size: 4096, is_little_endian: true };
+        let kernel = procfs::KernelStats::from_read(machine.as_bytes(), &info).unwrap();
+        assert_eq!(busy_ticks(&kernel.total), 150, "idle, iowait and guest left out");
+        assert!(procfs::KernelStats::from_read("cpu0 1 2 3 4\nctxt 1\nbtime 1\nprocesses 1\n".as_bytes(), &info).is_err(), "no total line");
+        assert!(procfs::KernelStats::from_read("cpu  1 2 x 4 5 6 7 8\nctxt 1\nbtime 1\nprocesses 1\n".as_bytes(), &info).is_err(), "not a number");
+        // This process and this machine.
+        assert!(process_cpu_seconds().is_some_and(|s| s >= 0.0));
+        assert!(machine_busy_cpu_seconds().is_some_and(|s| s > 0.0));
     }
 
     #[test]
