@@ -2102,11 +2102,7 @@ mod tests {
     fn cpu_use_over_a_busy_stretch() {
         let before = CpuClock::now().expect("/proc readable");
         // Busy for 300 ms on this thread: at least a few ticks of 10 ms each.
-        let start = Instant::now();
-        let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(300) {
-            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-        }
+        streamledger_stages::testkit::burn_cpu(Duration::from_millis(300));
         let after = CpuClock::now().unwrap();
         let used = before.used_until(&after, 10).expect("time passed");
         assert!(used.process_cores > 0.5 && used.process_cores <= used.cores as f64 + 0.1, "{used:?}");

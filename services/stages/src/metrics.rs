@@ -321,11 +321,7 @@ mod tests {
         let registry = process_registry();
         Metrics::new(&registry, "mychannel").unwrap().committed("Org1.peer0", 0, "aa");
         // Some CPU time first: a few clock ticks at least.
-        let start = std::time::Instant::now();
-        let mut x = 0u64;
-        while start.elapsed() < std::time::Duration::from_millis(50) {
-            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-        }
+        crate::testkit::burn_cpu(std::time::Duration::from_millis(50));
         let before = process_cpu_seconds().unwrap();
         let families = registry.gather();
         let after = process_cpu_seconds().unwrap();

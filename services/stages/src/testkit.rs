@@ -351,3 +351,12 @@ pub mod scenarios {
         }
     }
 }
+
+/// Keeps this thread busy computing for `time`, for tests of CPU accounting (10 ms clock ticks).
+pub fn burn_cpu(time: Duration) {
+    let start = Instant::now();
+    let mut x = 0u64;
+    while start.elapsed() < time {
+        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+    }
+}
