@@ -13,11 +13,9 @@
 
 mod common;
 
-#[allow(dead_code)]
 #[path = "../../services/couch/tests/common/mod.rs"]
 mod couch;
 
-#[allow(dead_code)]
 #[path = "../../services/kafka/tests/common/mod.rs"]
 mod kafka;
 

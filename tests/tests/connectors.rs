@@ -5,7 +5,6 @@
 
 mod common;
 
-#[allow(dead_code)]
 #[path = "../../services/couch/tests/common/mod.rs"]
 mod couch;
 

@@ -9,7 +9,6 @@
 mod common;
 mod test_schema_registry;
 
-#[allow(dead_code)]
 #[path = "../../services/kafka/tests/common/mod.rs"]
 mod kafka;
 

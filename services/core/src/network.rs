@@ -320,7 +320,8 @@ mod tests {
     #[test]
     fn bad_configs_name_the_field() {
         let (net, _) = sample();
-        let cases: Vec<(Box<dyn Fn(&mut NetworkConfig)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut NetworkConfig)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|c| c.channel = "my channel".into()), "channel"),
             (Box::new(|c| c.orgs[1].members[0].public_key = "zz".into()), "orgs[1].members[0].public_key"),
             (Box::new(|c| c.orgs[0].members[1].public_key = "ab".repeat(31)), "32 bytes"),

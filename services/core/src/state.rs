@@ -71,12 +71,19 @@ pub fn in_range(key: &str, start: &str, end: &str) -> bool {
     key >= start && (end.is_empty() || key < end)
 }
 
+/// A key's last write in a block or a group of blocks: the value (`None`: deleted) and the version
+/// that wrote it.
+pub type FinalWrite = (Option<Vec<u8>>, Version);
+
+/// The last write of each (namespace, key).
+pub type FinalWrites = BTreeMap<(String, String), FinalWrite>;
+
 /// The committed changes of one block: final value per key (`None`: deleted) with the version
 /// that wrote it, and the tx-id index entries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteBatch {
     pub block: i64,
-    pub writes: BTreeMap<(String, String), (Option<Vec<u8>>, Version)>,
+    pub writes: FinalWrites,
     pub tx_index: Vec<(String, TxLocation)>,
 }
 
@@ -85,14 +92,14 @@ pub struct WriteBatch {
 /// pending blocks' writes (the latest wins) and tx ids, then the store.
 pub struct Pending<'a> {
     base: &'a dyn CommittedState,
-    writes: &'a BTreeMap<(String, String), (Option<Vec<u8>>, Version)>,
+    writes: &'a FinalWrites,
     tx_index: &'a HashMap<String, TxLocation>,
 }
 
 /// The merged writes and tx ids of the pending blocks, in block order.
 #[derive(Debug, Default)]
 pub struct PendingWrites {
-    writes: BTreeMap<(String, String), (Option<Vec<u8>>, Version)>,
+    writes: FinalWrites,
     tx_index: HashMap<String, TxLocation>,
 }
 
@@ -120,7 +127,7 @@ impl PendingWrites {
 }
 
 impl Pending<'_> {
-    fn pending(&self, namespace: &str, key: &str) -> Option<&(Option<Vec<u8>>, Version)> {
+    fn pending(&self, namespace: &str, key: &str) -> Option<&FinalWrite> {
         // The map is keyed by owned strings; a lookup by borrowed ones would need a custom key
         // type, and this runs only for the keys a block reads.
         self.writes.get(&(namespace.to_string(), key.to_string()))
@@ -137,7 +144,7 @@ impl CommittedState for Pending<'_> {
 
     fn range(&self, namespace: &str, start: &str, end: &str, limit: Option<usize>) -> StateResult<Vec<(String, VersionedValue)>> {
         let from = (namespace.to_string(), start.to_string());
-        let overlay: Vec<(&String, &(Option<Vec<u8>>, Version))> = self
+        let overlay: Vec<(&String, &FinalWrite)> = self
             .writes
             .range(from..)
             .take_while(|((ns, k), _)| ns == namespace && in_range(k, start, end))

@@ -19,7 +19,7 @@ use crate::crypto::{self, Hash, Preimage, SigCheck, SignatureChecks};
 use crate::model::*;
 use crate::network::Network;
 use crate::policy::SignerRef;
-use crate::state::{in_range, CommittedState, StateResult, TxLocation, WriteBatch};
+use crate::state::{in_range, CommittedState, FinalWrites, StateResult, TxLocation, WriteBatch};
 
 /// Fabric's `TxValidationCode`, with its numbers, so that Fabric users' dashboards and scripts
 /// carry over. Only the codes this validator can give are listed.
@@ -218,7 +218,7 @@ fn validate_checked_transactions(
     let in_ledger: HashSet<&str> =
         owned_ids.iter().zip(state.tx_locations(&owned_ids)?).filter(|(_, loc)| loc.is_some()).map(|(id, _)| *id).collect();
     let mut seen_ids: HashSet<&str> = HashSet::new();
-    let mut updates: BTreeMap<(String, String), (Option<Vec<u8>>, Version)> = BTreeMap::new();
+    let mut updates = FinalWrites::new();
     let mut tx_index = Vec::new();
     for (position, c) in checked.iter().enumerate() {
         let Some(tx) = &c.tx else { continue };
@@ -392,15 +392,13 @@ fn policy_holds(network: &Network, tx: &OrderedTx, signature_ok: &[bool]) -> boo
     policy.evaluate(&signers)
 }
 
-type Updates = BTreeMap<(String, String), (Option<Vec<u8>>, Version)>;
-
 /// MVCC and phantom checks of one transaction against committed state and the block's earlier
 /// valid writes (Fabric's `validateKVRead` and `validateRangeQuery`).
 fn check_reads(
     state: &dyn CommittedState,
     rw: &RwSet,
     committed: &HashMap<(&str, &str), Option<Version>>,
-    updates: &Updates,
+    updates: &FinalWrites,
 ) -> StateResult<TxValidationCode> {
     for r in &rw.reads {
         // A key written by an earlier valid transaction of this block conflicts, whatever its
@@ -424,7 +422,7 @@ fn check_reads(
 /// Re-runs a range read over committed state merged with the block's earlier writes and compares
 /// keys and versions with what simulation saw. An unexhausted read is compared only up to the last
 /// key it saw, since the contract never looked further.
-fn range_unchanged(state: &dyn CommittedState, rr: &RangeRead, updates: &Updates) -> StateResult<bool> {
+fn range_unchanged(state: &dyn CommittedState, rr: &RangeRead, updates: &FinalWrites) -> StateResult<bool> {
     // The exclusive end of what the contract observed. For an unexhausted read that is just past
     // its last key: `key + "\0"` is the smallest key greater than `key`.
     let end = match (rr.exhausted, rr.reads.last()) {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
 use apache_avro::types::Value;
+use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use streamledger_core::codec::{self, all_schemas, CodecError, Record};
 use streamledger_core::model::DeadLetter;
@@ -153,7 +154,8 @@ fn written_with_v1() -> Vec<u8> {
     let schema = Schema::parse_str(v1.text).unwrap();
     let mut bytes = codec::SINGLE_OBJECT_MAGIC.to_vec();
     bytes.extend_from_slice(&fingerprint(v1.text).unwrap());
-    bytes.extend(apache_avro::to_avro_datum(&schema, Value::Record(letter_v1_fields())).unwrap());
+    let writer = GenericDatumWriter::builder(&schema).build().unwrap();
+    bytes.extend(writer.write_value_to_vec(Value::Record(letter_v1_fields())).unwrap());
     bytes
 }
 

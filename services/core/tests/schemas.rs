@@ -144,13 +144,11 @@ fn compare(value: &Value, schema: &Schema, names: &HashMap<Name, Schema>, path: 
                 compare(v, &f.schema, names, &format!("{path}.{n}"), problems);
             }
         }
-        (Value::Union(_, inner), Schema::Union(us)) => {
-            if **inner != Value::Null {
-                let non_null = us.variants().iter().find(|s| **s != Schema::Null);
-                match non_null {
-                    Some(s) => compare(inner, s, names, path, problems),
-                    None => problems.push(format!("{path}: union has no non-null branch")),
-                }
+        (Value::Union(_, inner), Schema::Union(us)) if **inner != Value::Null => {
+            let non_null = us.variants().iter().find(|s| **s != Schema::Null);
+            match non_null {
+                Some(s) => compare(inner, s, names, path, problems),
+                None => problems.push(format!("{path}: union has no non-null branch")),
             }
         }
         (Value::Array(items), Schema::Array(a)) => {

@@ -891,7 +891,7 @@ mod tests {
     async fn group_commit_persists_and_a_new_member_resumes_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), &[("t", 2)]).await;
-        log.append("t", (0..5).map(|i| OutRecord::to_partition(0, &[i])).chain((0..3).map(|i| OutRecord::to_partition(1, &[i]))).collect()).await.unwrap();
+        log.append("t", (0..5).map(|i| OutRecord::to_partition(0, [i])).chain((0..3).map(|i| OutRecord::to_partition(1, [i]))).collect()).await.unwrap();
         let mut c = log.consumer(Subscription::group("g", "t")).await.unwrap();
         assert_eq!(c.assignment(), vec![("t".to_string(), 0), ("t".to_string(), 1)]);
         assert_eq!(drain(&mut c, 8).await.len(), 8);
@@ -956,7 +956,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut placed = Vec::new();
                     for batch in 0..25u8 {
-                        let records = (0..4u8).map(|i| OutRecord::to_partition((i % 2) as i32, &[writer, batch, i])).collect();
+                        let records = (0..4u8).map(|i| OutRecord::to_partition((i % 2) as i32, [writer, batch, i])).collect();
                         placed.extend(log.append("t", records).await.unwrap());
                     }
                     placed

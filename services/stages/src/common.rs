@@ -111,14 +111,18 @@ pub(crate) async fn commit(consumer: &mut dyn Consumer, processed: &[(Arc<str>, 
     }
 }
 
+/// The polls a [`forward`] task hands on, in order.
+pub(crate) type Polls = mpsc::Receiver<StageResult<Vec<Record>>>;
+
 /// Forwards a consumer's records into a bounded channel (bounded: a slow stage holds its
 /// consumers back instead of buffering without limit) until shutdown or the receiver goes away.
+/// The task gives the consumer back when it ends.
 pub(crate) fn forward(
     mut consumer: Box<dyn Consumer>,
     max: usize,
     lag: Option<(Arc<Metrics>, StageCounters)>,
     shutdown: Shutdown,
-) -> (mpsc::Receiver<StageResult<Vec<Record>>>, tokio::task::JoinHandle<Box<dyn Consumer>>) {
+) -> (Polls, tokio::task::JoinHandle<Box<dyn Consumer>>) {
     let (tx, rx) = mpsc::channel(4);
     let handle = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);

@@ -68,13 +68,14 @@ struct Pending {
     inputs: Vec<(Arc<str>, i32, i64)>,
 }
 
+// Most outcomes are orders, so boxing the larger variant would add an allocation per transaction
+// to save space in the few rejections.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     Ordered(OrderedTx),
     Rejected(Rejection),
 }
 
-/// The gateway's in-memory state: pending transactions, resolved ids, and which input offsets
-/// are still held by a pending transaction.
 /// What became of a resolved transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Resolution {
@@ -82,6 +83,8 @@ enum Resolution {
     Rejected,
 }
 
+/// The gateway's in-memory state: pending transactions, resolved ids, and which input offsets
+/// are still held by a pending transaction.
 struct Gateway {
     config: GatewayConfig,
     pending: HashMap<String, Pending>,

@@ -524,7 +524,7 @@ impl Ends {
     async fn commit(&self, group: &mut Group) -> StageResult<()> {
         let (Some(first), Some(last)) = (group.blocks.first(), group.blocks.last()) else { return Ok(()) };
         let blocks = format!("blocks {} to {}", first.block.header.number, last.block.header.number);
-        let items: Arc<Vec<(Arc<Block>, Arc<Record>, Arc<BlockValidation>)>> =
+        let items: Arc<Vec<ToCommit>> =
             Arc::new(group.blocks.iter().map(|v| (v.block.clone(), v.record.clone(), v.validation.clone())).collect());
         let commit_seconds = retry("committing", &self.shutdown, || {
             let (store, items) = (self.store.clone(), items.clone());
@@ -689,7 +689,11 @@ async fn publish_changes(config: &ValidatorConfig, log: &Arc<dyn Log>, block: &B
 
 /// Commits validated blocks (state, tx index, block and savepoint of each) in one store
 /// transaction; returns the seconds it took.
-fn commit(store: &dyn PeerStore, blocks: &[(Arc<Block>, Arc<Record>, Arc<BlockValidation>)]) -> StageResult<f64> {
+/// A validated block on its way to the store: the block, the record it was read from (whose bytes
+/// the store keeps) and its verdicts.
+type ToCommit = (Arc<Block>, Arc<Record>, Arc<BlockValidation>);
+
+fn commit(store: &dyn PeerStore, blocks: &[ToCommit]) -> StageResult<f64> {
     let rows: Vec<(StoredBlock, Savepoint)> = blocks
         .iter()
         .map(|(block, record, validation)| {

@@ -74,14 +74,16 @@ impl Registry {
         Ok(id)
     }
 
-    fn version(&self, subject: &str, version: &str) -> Result<Value, Response> {
-        let not_found = || error(StatusCode::NOT_FOUND, 40401, format!("Subject '{subject}' not found."));
+    /// The error is the status, the registry's error code and the message, turned into a response
+    /// by the handler.
+    fn version(&self, subject: &str, version: &str) -> Result<Value, (StatusCode, u32, String)> {
+        let not_found = || (StatusCode::NOT_FOUND, 40401, format!("Subject '{subject}' not found."));
         let versions = self.subjects.get(subject).ok_or_else(not_found)?;
         let n = match version {
             "latest" => versions.len(),
-            n => n.parse::<usize>().map_err(|_| error(StatusCode::UNPROCESSABLE_ENTITY, 42202, format!("invalid version {n}")))?,
+            n => n.parse::<usize>().map_err(|_| (StatusCode::UNPROCESSABLE_ENTITY, 42202, format!("invalid version {n}")))?,
         };
-        let id = *n.checked_sub(1).and_then(|i| versions.get(i)).ok_or_else(|| error(StatusCode::NOT_FOUND, 40402, format!("Version {version} not found.")))?;
+        let id = *n.checked_sub(1).and_then(|i| versions.get(i)).ok_or_else(|| (StatusCode::NOT_FOUND, 40402, format!("Version {version} not found.")))?;
         Ok(json!({ "subject": subject, "version": n, "id": id, "schema": self.schemas[id as usize - 1] }))
     }
 }
@@ -102,7 +104,7 @@ async fn register(State(state): State<Shared>, Path(subject): Path<String>, Json
 async fn version(State(state): State<Shared>, Path((subject, version)): Path<(String, String)>) -> Response {
     match lock(&state).version(&subject, &version) {
         Ok(v) => Json(v).into_response(),
-        Err(r) => r,
+        Err((status, code, message)) => error(status, code, message),
     }
 }
 
