@@ -324,7 +324,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
 /// jemalloc instead of glibc's malloc. Measured with `bench --workload transfer --rate 1710
 /// --duration 330`: with glibc the resident memory grew 16% from minute 1 to minute 5 (its
 /// per-thread arenas keep freed memory fragmented across the tokio and rayon threads), with
-/// jemalloc it stays within 10%, and peak throughput rose by about 5% (README: Performance).
+/// jemalloc it stays within 10%, and peak throughput rose by about 5% (docs/performance-history.md).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

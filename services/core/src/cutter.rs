@@ -41,7 +41,7 @@ impl Default for BatchConfig {
     /// Fabric's sample `configtx.yaml` values, but a much shorter timeout: 2 s is too long to wait
     /// for a block when a commit is on a client's critical path. Below saturation the timeout sets
     /// the latency; even a closed-loop peak run cuts many blocks on it (bursty arrivals). Measured
-    /// (README, Performance), 330 s at half the peak rate: 50 ms gave a commit p99 of 232 and
+    /// (docs/performance-history.md), 330 s at half the peak rate: 50 ms gave a commit p99 of 232 and
     /// 342 ms against 371 and 388 ms with 100 ms, for a peak 2.7% lower (within the run-to-run
     /// spread); an earlier session measured 100 ms against 250 ms (p99 237 against 391 ms).
     /// Smaller blocks by count (250) cost about 10% of the peak.

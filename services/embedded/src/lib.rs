@@ -9,7 +9,7 @@ pub mod store;
 /// gigabyte per open database as data is written. Smaller is not free: at 1,710 tx/s for 330 s,
 /// 16 MiB per database (with smaller remembered-id sets) cut the peak resident memory from 474 to
 /// 222 MiB but raised the commit p99 from 259 to 305 ms (more pages read back from the file as
-/// the databases grow), past the 300 ms goal, so the cache stays at 64 MiB (README: Performance).
+/// the databases grow), past the 300 ms goal, so the cache stays at 64 MiB (docs/performance-history.md).
 pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Opens (or creates) a redb database with the bounded cache.

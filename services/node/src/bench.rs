@@ -1710,7 +1710,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     }?;
     // Timed again once the load has stopped, and the faster timing of each rate kept: the ceiling
     // timed in one slow moment of the machine would otherwise flatter the ratio (it did, by a
-    // tenth, in runs measured on 2026-12-06; README: Performance).
+    // tenth, in runs measured on 2026-12-06; docs/performance-history.md).
     let after = time_crypto().await?;
     let c = &report.crypto;
     report.crypto = CryptoReport::new(before, &[after], c.shape, report.committed_tps, report.valid_tps);
