@@ -687,12 +687,12 @@ async fn publish_changes(config: &ValidatorConfig, log: &Arc<dyn Log>, block: &B
     Ok(())
 }
 
-/// Commits validated blocks (state, tx index, block and savepoint of each) in one store
-/// transaction; returns the seconds it took.
 /// A validated block on its way to the store: the block, the record it was read from (whose bytes
 /// the store keeps) and its verdicts.
 type ToCommit = (Arc<Block>, Arc<Record>, Arc<BlockValidation>);
 
+/// Commits validated blocks (state, tx index, block and savepoint of each) in one store
+/// transaction; returns the seconds it took.
 fn commit(store: &dyn PeerStore, blocks: &[ToCommit]) -> StageResult<f64> {
     let rows: Vec<(StoredBlock, Savepoint)> = blocks
         .iter()
