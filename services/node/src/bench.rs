@@ -611,6 +611,9 @@ pub fn current_rss_bytes() -> Option<u64> {
     proc_status_bytes("VmRSS:")
 }
 
+// Read by hand although `procfs` is in the tree (the CPU times go through it, in `metrics`): its
+// `Status` requires some thirty fields and fails whole when any one is missing, while the bench
+// needs one line and reads only that.
 fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     parse_status_kb(&status, field)
