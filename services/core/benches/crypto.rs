@@ -2,7 +2,7 @@
 //! does. These set the crypto ceiling of the pipeline.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use streamledger_core::crypto::{verify, verify_all, SigCheck, Signer};
+use streamledger_core::crypto::{verify, verify_all, SigCheck, Signer, BATCH};
 
 fn bench(c: &mut Criterion) {
     let signer = Signer::from_seed("Org1", [1; 32]);
@@ -16,7 +16,8 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("sign", |b| b.iter(|| signer.sign(&messages[0])));
     g.bench_function("verify", |b| b.iter(|| assert!(verify(&checks[0]))));
-    for n in [64usize, 1024] {
+    // One small batch, one full batch, and a block's worth split into batches over the cores.
+    for n in [64usize, BATCH, 1024] {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(BenchmarkId::new("verify_all", n), |b| b.iter(|| verify_all(&checks[..n])));
     }

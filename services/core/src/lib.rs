@@ -5,6 +5,7 @@
 //! function is deterministic and can be unit- and property-tested. The stages (endorser, gateway,
 //! orderer, validator) wrap these functions with the log and state ports.
 
+mod batch_verify;
 pub mod codec;
 pub mod schema_history;
 pub mod contract;

@@ -786,12 +786,12 @@ pub fn calibrate(threads: usize, budget: Duration) -> Calibration {
             std::hint::black_box(crypto::verify(&check));
         })
     });
-    // verify_all parallelises over rayon itself: call it from here, with four batches of 64 per
-    // thread (a block brings more, in the same batches of 64).
+    // verify_all parallelises over rayon itself: call it from here, with four of its batches per
+    // thread (a block brings a few, in the same batches).
     let checks: Vec<SigCheck> = signed
         .iter()
         .cycle()
-        .take(64 * 4 * threads)
+        .take(crypto::BATCH * 4 * threads)
         .map(|(s, m, sig)| SigCheck { public_key: &s.identity().public_key, message: m, signature: sig })
         .collect();
     let batch_verifies_per_s = best(&|| {
