@@ -279,6 +279,32 @@ fn an_endorser_the_policy_does_not_name_does_not_count() {
     assert_eq!(codes(&f, &committed(), &[tx]), [Code::EndorsementPolicyFailure]);
 }
 
+#[test]
+fn a_stranger_s_bad_endorsement_beside_the_needed_ones_changes_nothing() {
+    // The validator leaves strangers' endorsements out of its signature batches (a bad one would
+    // fail a batch of good ones); the verdicts must be those of checking every signature.
+    let f = Fixture::new();
+    let stranger = Signer::from_seed("Org2", [43; 32]);
+    let txs: Vec<OrderedTx> = ["a", "b", "c"]
+        .into_iter()
+        .map(|key| {
+            let p = f.proposal("kv", "put", &[key, "v"]);
+            let rw = RwSet { writes: vec![KvWrite { namespace: "kv".into(), key: key.into(), value: Some(b"v".to_vec()) }], ..Default::default() };
+            let mut tx = f.endorsed(p.clone(), rw.clone());
+            let mut forged = endorse(&stranger, &p, Response::ok(Vec::new()), rw).endorsement();
+            forged.signature[0] ^= 1;
+            tx.endorsements.insert(0, forged);
+            tx
+        })
+        .collect();
+    assert_eq!(codes(&f, &committed(), &txs), [Code::Valid, Code::Valid, Code::Valid]);
+    // And a member's bad endorsement still fails its policy.
+    let mut spoilt = txs[1].clone();
+    spoilt.endorsements.truncate(2); // the stranger's and the first peer's,
+    spoilt.endorsements[1].signature[0] ^= 1; // now spoilt: no good member's endorsement is left
+    assert_eq!(codes(&f, &committed(), &[txs[0].clone(), spoilt, txs[2].clone()]), [Code::Valid, Code::EndorsementPolicyFailure, Code::Valid]);
+}
+
 // ---- Malformed transactions ----
 
 #[test]
