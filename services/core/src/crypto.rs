@@ -262,6 +262,15 @@ pub fn verify_all(checks: &[SigCheck]) -> Vec<bool> {
     checks.par_chunks(BATCH).flat_map_iter(verify_chunk).collect()
 }
 
+/// [`verify_all`] over the checks that are present, `false` where one is absent. A caller leaves
+/// out the signatures whose verdict cannot matter (a stranger's, a proposal already refused): in
+/// a batch, a bad one would send the whole batch of good ones to one-by-one checks.
+pub fn verify_present(checks: &[Option<SigCheck>]) -> Vec<bool> {
+    let present: Vec<SigCheck> = checks.iter().flatten().copied().collect();
+    let mut verdicts = verify_all(&present).into_iter();
+    checks.iter().map(|c| c.is_some() && verdicts.next().unwrap_or(false)).collect()
+}
+
 fn verify_chunk(chunk: &[SigCheck]) -> Vec<bool> {
     let parsed: Vec<_> = chunk.iter().map(parse).collect();
     if parsed.iter().all(Option::is_some) {
@@ -293,6 +302,23 @@ mod tests {
         assert_ne!(compute_tx_id(b"n", a.identity()), compute_tx_id(b"n", b.identity()));
         assert_ne!(compute_tx_id(b"n1", a.identity()), compute_tx_id(b"n2", a.identity()));
         assert_eq!(compute_tx_id(b"n", a.identity()).len(), 64);
+    }
+
+    #[test]
+    fn absent_checks_are_false_and_the_present_ones_keep_their_places() {
+        let s = signer(7);
+        let msgs: Vec<Vec<u8>> = (0..6u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        let mut sigs: Vec<Vec<u8>> = msgs.iter().map(|m| s.sign(m)).collect();
+        sigs[4][0] ^= 1;
+        let pk = s.identity().public_key.clone();
+        let checks: Vec<Option<SigCheck>> = msgs
+            .iter()
+            .zip(&sigs)
+            .enumerate()
+            .map(|(i, (m, sig))| (i != 1 && i != 3).then_some(SigCheck { public_key: &pk, message: m, signature: sig }))
+            .collect();
+        assert_eq!(verify_present(&checks), [true, false, true, false, false, true]);
+        assert!(verify_present(&[]).is_empty());
     }
 
     #[test]

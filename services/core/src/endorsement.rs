@@ -44,26 +44,25 @@ pub fn check_proposal_with(network: &Network, p: &Proposal, signatures: Signatur
 /// must not make the members' cost that much.
 pub fn check_proposals_with(network: &Network, proposals: &[Proposal], signatures: SignatureChecks) -> Vec<Result<(), ProposalRejection>> {
     let before: Vec<Result<(), ProposalRejection>> = proposals.iter().map(|p| check_before_signature(network, p)).collect();
-    let mut verified = vec![true; proposals.len()];
-    if signatures == SignatureChecks::On {
-        let signed = to_verify(&before);
-        let messages: Vec<Vec<u8>> = signed.par_iter().map(|i| crypto::proposal_signing_bytes(&proposals[*i])).collect();
-        let checks: Vec<SigCheck> = signed
-            .iter()
-            .zip(&messages)
-            .map(|(i, message)| SigCheck { public_key: &proposals[*i].creator.public_key, message, signature: &proposals[*i].signature })
-            .collect();
-        for (i, ok) in signed.iter().zip(crypto::verify_all(&checks)) {
-            verified[*i] = ok;
+    let verified = match signatures {
+        SignatureChecks::Off => vec![true; proposals.len()],
+        SignatureChecks::On => {
+            let messages = signing_bytes_to_check(proposals, &before);
+            let checks: Vec<Option<SigCheck>> = proposals
+                .iter()
+                .zip(&messages)
+                .map(|(p, message)| message.as_ref().map(|message| SigCheck { public_key: &p.creator.public_key, message, signature: &p.signature }))
+                .collect();
+            crypto::verify_present(&checks)
         }
-    }
+    };
     proposals.iter().zip(before).zip(verified).map(|((p, before), ok)| before.and_then(|()| check_from_signature(network, p, ok))).collect()
 }
 
-/// The positions of the proposals whose signature is worth checking: those that passed every
-/// check before it.
-fn to_verify(before: &[Result<(), ProposalRejection>]) -> Vec<usize> {
-    before.iter().enumerate().filter(|(_, r)| r.is_ok()).map(|(i, _)| i).collect()
+/// What each creator signed, for the proposals whose signature is worth checking: those that
+/// passed every check before it.
+fn signing_bytes_to_check(proposals: &[Proposal], before: &[Result<(), ProposalRejection>]) -> Vec<Option<Vec<u8>>> {
+    proposals.par_iter().zip(before).map(|(p, before)| before.is_ok().then(|| crypto::proposal_signing_bytes(p))).collect()
 }
 
 /// The checks in Fabric's order; `signature_verifies` runs only if the ones before it pass.
@@ -185,6 +184,7 @@ mod tests {
         let before: Vec<_> = batch.iter().map(|p| check_before_signature(&f.network, p)).collect();
         // A member's bad signature and an unknown contract still get theirs checked: the
         // signature comes before the contract in Fabric's order.
-        assert_eq!(to_verify(&before), [0, 4, 5, 6]);
+        let checked: Vec<usize> = signing_bytes_to_check(&batch, &before).iter().enumerate().filter(|(_, m)| m.is_some()).map(|(i, _)| i).collect();
+        assert_eq!(checked, [0, 4, 5, 6]);
     }
 }

@@ -282,34 +282,26 @@ fn check_transactions(network: &Network, rules: &dyn WriteRules, block: &Block, 
             })
         })
         .collect();
-    let mut checks = Vec::new();
-    let mut slots = Vec::new(); // per signature: its place in `checks`, or none if not checked
+    let mut checks = Vec::new(); // per signature; none where its verdict cannot matter
     let mut owners = Vec::new(); // which transaction each signature belongs to
     for (i, (d, m)) in decoded.iter().zip(&messages).enumerate() {
         if let (Ok(tx), Some((proposal_bytes, endorsement_bytes))) = (d, m) {
             let p = &tx.proposal;
-            slots.push(Some(checks.len()));
-            checks.push(SigCheck { public_key: &p.creator.public_key, message: proposal_bytes, signature: &p.signature });
+            checks.push(Some(SigCheck { public_key: &p.creator.public_key, message: proposal_bytes, signature: &p.signature }));
             owners.push(i);
             for e in &tx.endorsements {
                 // An endorser the network does not know satisfies no policy, whatever its
-                // signature. Left out of the batches, where a bad one would send a whole batch
-                // of good signatures to one-by-one checks.
-                if network.role_of(&e.endorser).is_some() {
-                    slots.push(Some(checks.len()));
-                    checks.push(SigCheck { public_key: &e.endorser.public_key, message: endorsement_bytes, signature: &e.signature });
-                } else {
-                    slots.push(None);
-                }
+                // signature: not worth a place in a batch.
+                let known = network.role_of(&e.endorser).is_some();
+                checks.push(known.then_some(SigCheck { public_key: &e.endorser.public_key, message: endorsement_bytes, signature: &e.signature }));
                 owners.push(i);
             }
         }
     }
-    let checked = match signatures {
-        SignatureChecks::On => crypto::verify_all(&checks),
-        SignatureChecks::Off => vec![true; checks.len()],
+    let verdicts = match signatures {
+        SignatureChecks::On => crypto::verify_present(&checks),
+        SignatureChecks::Off => checks.iter().map(Option::is_some).collect(),
     };
-    let verdicts: Vec<bool> = slots.iter().map(|slot| slot.is_some_and(|k| checked[k])).collect();
     let mut first_check = vec![0; decoded.len()];
     for (k, &i) in owners.iter().enumerate().rev() {
         first_check[i] = k;
