@@ -6,7 +6,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 fn main() {
-    let history = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/history");
+    // Read when the script runs, not baked in with env!: cargo reuses a built script across
+    // checkouts of the workspace that share a target directory, and env! would keep the first
+    // checkout's path.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for build scripts");
+    let history = Path::new(&manifest_dir).join("../../schemas/history");
     // A directory given to rerun-if-changed is scanned for any change to its files.
     println!("cargo:rerun-if-changed={}", history.display());
     let mut versions = Vec::new();
