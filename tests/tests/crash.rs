@@ -35,7 +35,7 @@ async fn balances_at_one_height(c: &Client) -> (i64, Vec<u64>) {
         for i in 0..ACCOUNTS {
             balances.push(balance(c, &account(i)).await);
         }
-        if c.status().await.unwrap().peers[0].height == Some(before) {
+        if c.status().await.unwrap().peers[0].last_block == Some(before) {
             return (before, balances);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -117,7 +117,7 @@ async fn sigkill_under_load_every_accepted_transaction_gets_a_verdict() {
         // Kill in the middle: after half the load was accepted and some of it committed.
         let started = Instant::now();
         let height_at_kill = loop {
-            let height = c.status().await.unwrap().peers[0].height.unwrap_or(-1);
+            let height = c.status().await.unwrap().peers[0].last_block.unwrap_or(-1);
             if accepted.lock().unwrap().len() >= KILL_AFTER_ACCEPTED && height > created_block {
                 break height;
             }

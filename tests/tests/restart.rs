@@ -36,17 +36,19 @@ async fn replay_after_a_graceful_stop_equals_the_live_peer() {
     let c = up.client.clone();
     bounded("replay", 60, async {
         let (ids, last) = some_transfers(&c, 6).await;
-        let (height, live_hash) = wait_peers_agree(&c, last, Duration::from_secs(20)).await;
+        let (last_block, live_hash) = wait_peers_agree(&c, last, Duration::from_secs(20)).await;
         let status = up.terminate();
         assert!(status.success(), "up should exit 0 on SIGTERM: {status}");
 
         let data = up.data_dir.to_str().unwrap().to_string();
         let run = cli(None, &["replay", "--data-dir", &data]).await;
         run.assert_success();
-        eprintln!("replay: {} transactions, height {height}:\n{}", ids.len(), run.stdout.trim_end());
+        eprintln!("replay: {} transactions, last block {last_block}:\n{}", ids.len(), run.stdout.trim_end());
         assert!(run.stdout.contains("equals the live peer Org1.peer0"), "{run:?}");
-        assert!(run.stdout.contains(&format!("height {height}, state hash {live_hash}")), "replay should reach the live height and hash: {run:?}");
-        assert!(run.stdout.contains(&format!("replayed {} blocks", height + 1)), "{run:?}");
+        // Fabric's height is the block count: one more than the last block's number.
+        let reached = format!("height {} (last block {last_block}), state hash {live_hash}", last_block + 1);
+        assert!(run.stdout.contains(&reached), "replay should reach the live height and hash: {run:?}");
+        assert!(run.stdout.contains(&format!("replayed {} blocks", last_block + 1)), "{run:?}");
 
         // The same from the other peer, into a store of our choice.
         let into = dir.path().join("org2-replay.redb");

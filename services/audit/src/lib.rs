@@ -69,8 +69,8 @@ pub enum Violation {
     StateDisagrees { number: i64, source_a: String, hash_a: String, source_b: String, hash_b: String },
     #[error("the replay from offset 0 failed: {message}")]
     ReplayFailed { message: String },
-    #[error("peer {peer} is at block {height}, behind the chain's tip {tip}")]
-    PeerBehind { peer: String, height: i64, tip: i64 },
+    #[error("peer {peer} is at block {last_block}, behind the chain's tip {tip}")]
+    PeerBehind { peer: String, last_block: i64, tip: i64 },
     #[error("transfer: {created} was created by VALID transactions but the accounts hold {held}")]
     MoneyNotConserved { created: u128, held: u128 },
 }
@@ -107,10 +107,11 @@ pub struct AuditReport {
     /// Transactions in the chain, and of those with a code from the replay, the count per code.
     pub transactions: u64,
     pub codes: BTreeMap<String, u64>,
-    /// Each peer's highest block, from its verdicts and its store.
+    /// Each peer's last block, from its verdicts and its store (-1: none).
     pub peers: BTreeMap<String, i64>,
-    /// The replay's height and state hash (-1 and empty when nothing was replayed).
-    pub height: i64,
+    /// The replay's last block and state hash (-1 and empty when nothing was replayed). Fabric's
+    /// height is one more: `model::blockchain_height`.
+    pub last_block: i64,
     pub state_hash: String,
     pub money: Option<Money>,
     pub violations: Vec<Violation>,
@@ -124,7 +125,7 @@ impl AuditReport {
 
 /// Runs every check over the topics in `log` and the stores in `config`.
 pub async fn audit(log: Arc<dyn Log>, config: AuditConfig) -> Result<AuditReport, AuditError> {
-    let mut report = AuditReport { height: -1, ..Default::default() };
+    let mut report = AuditReport { last_block: -1, ..Default::default() };
     let mut violations = Vec::new();
     let topics = &config.topics;
     let bar = |what: &str| {
@@ -179,7 +180,7 @@ pub async fn audit(log: Arc<dyn Log>, config: AuditConfig) -> Result<AuditReport
         None => Vec::new(),
     };
     if let Some(r) = &replayed {
-        report.height = r.height;
+        report.last_block = r.height;
         report.state_hash = hex::encode(&r.state_hash);
         if r.height != chain.tip() {
             violations.push(Violation::ReplayFailed { message: format!("it stopped at block {} but the chain's tip is {}", r.height, chain.tip()) });
@@ -240,14 +241,14 @@ pub async fn audit(log: Arc<dyn Log>, config: AuditConfig) -> Result<AuditReport
         let tip = chain.tip();
         for (peer, height) in &report.peers {
             if *height < tip {
-                violations.push(Violation::PeerBehind { peer: peer.clone(), height: *height, tip });
+                violations.push(Violation::PeerBehind { peer: peer.clone(), last_block: *height, tip });
             }
         }
         // A store given behind a peer whose verdicts reached the tip: another database than the
         // peer's (a wrong path, an empty database), which would otherwise pass unseen.
         for (peer, height) in store_heights {
             if height < tip && report.peers.get(peer).is_some_and(|best| *best >= tip) {
-                violations.push(Violation::PeerBehind { peer: format!("{peer}'s store"), height, tip });
+                violations.push(Violation::PeerBehind { peer: format!("{peer}'s store"), last_block: height, tip });
             }
         }
     }

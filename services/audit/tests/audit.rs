@@ -80,8 +80,8 @@ async fn a_healthy_run_has_no_violations_and_its_books_balance() {
     let money = report.money.clone().expect("a transfer ledger");
     assert_eq!((money.created, money.held, money.accounts), (r.created, r.created, 2));
     assert_eq!(report.peers.len(), 2);
-    assert!(report.peers.values().all(|h| *h == report.height), "{:?} vs {}", report.peers, report.height);
-    assert_eq!(report.height as u64 + 1, report.blocks);
+    assert!(report.peers.values().all(|h| *h == report.last_block), "{:?} vs {}", report.peers, report.last_block);
+    assert_eq!(report.last_block as u64 + 1, report.blocks);
     assert_eq!(report.state_hash.len(), 64);
 }
 
@@ -93,7 +93,7 @@ async fn an_empty_store_given_for_a_peer_at_the_tip_is_behind() {
     let report = check(&r, true).await;
     let peer = format!("{}'s store", r.stores[1].0);
     assert!(
-        matches!(report.violations.as_slice(), [Violation::PeerBehind { peer: p, height: -1, .. }] if *p == peer),
+        matches!(report.violations.as_slice(), [Violation::PeerBehind { peer: p, last_block: -1, .. }] if *p == peer),
         "{:#?}",
         report.violations
     );
@@ -124,7 +124,7 @@ async fn an_unsubmitted_transaction_in_a_signed_block_is_reported_and_peers_behi
     append(&r, names::BLOCKS, &block).await;
     let report = check(&r, true).await;
     assert!(report.violations.contains(&Violation::Unsubmitted { tx_id: forged.proposal.tx_id.clone(), block: block.header.number, position: 0 }), "{:#?}", report.violations);
-    assert_eq!(report.height, block.header.number, "the replay commits it");
+    assert_eq!(report.last_block, block.header.number, "the replay commits it");
     let behind: Vec<_> = report.violations.iter().filter(|v| matches!(v, Violation::PeerBehind { .. })).collect();
     assert_eq!(behind.len(), 2, "both peers stopped before it: {:#?}", report.violations);
 }
@@ -202,7 +202,7 @@ async fn a_signed_block_that_does_not_link_is_harmless_when_a_linking_copy_follo
     append(&r, names::BLOCKS, &next).await;
     let report = check(&r, false).await;
     assert!(!report.violations.iter().any(|v| matches!(v, Violation::ReplayFailed { .. } | Violation::Gap { .. })), "{:#?}", report.violations);
-    assert_eq!((report.height, report.blocks as i64, report.refused_block_records), (n + 1, n + 2, 1), "{report:#?}");
+    assert_eq!((report.last_block, report.blocks as i64, report.refused_block_records), (n + 1, n + 2, 1), "{report:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,5 +215,5 @@ async fn a_signed_block_that_does_not_link_and_is_never_repaired_fails_the_repla
     let report = check(&r, false).await;
     let broken = format!("broken chain at block {}", n + 1);
     assert!(report.violations.iter().any(|v| matches!(v, Violation::ReplayFailed { message } if message.contains(&broken))), "{:#?}", report.violations);
-    assert_eq!(report.height, n, "the blocks before it are replayed");
+    assert_eq!(report.last_block, n, "the blocks before it are replayed");
 }

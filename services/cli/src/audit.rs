@@ -119,9 +119,9 @@ fn print_report(r: &AuditReport) {
     println!("rejected                {}", r.rejected);
     println!("chain                   {} blocks ({} identical copies, {} records refused)", r.blocks, r.block_copies, r.refused_block_records);
     println!("transactions            {} {:?}", r.transactions, r.codes);
-    println!("replay from offset 0    height {}, state hash {}", r.height, r.state_hash);
-    for (peer, height) in &r.peers {
-        println!("peer {peer:<18} height {height}");
+    println!("replay from offset 0    {}, state hash {}", crate::height_text(r.last_block), r.state_hash);
+    for (peer, last_block) in &r.peers {
+        println!("peer {peer:<18} {}", crate::height_text(*last_block));
     }
     if let Some(m) = &r.money {
         println!("transfer books          created {}, held {} in {} accounts", m.created, m.held, m.accounts);

@@ -248,7 +248,7 @@ fn print_block(out: &mut impl Write, block: &BlockResponse) -> std::io::Result<(
 }
 
 /// The last block committed on the peer (`None` before the first).
-async fn height(client: &Client, peer: Option<&str>) -> Result<Option<i64>, ClientCommandError> {
+async fn last_block(client: &Client, peer: Option<&str>) -> Result<Option<i64>, ClientCommandError> {
     let status = client.status().await?;
     let found = match peer {
         Some(name) => status.peers.iter().find(|p| p.name == name),
@@ -265,7 +265,7 @@ async fn height(client: &Client, peer: Option<&str>) -> Result<Option<i64>, Clie
     if let Some(e) = &p.error {
         return Err(ClientCommandError::Usage(format!("peer {}: {e}", p.name)));
     }
-    Ok(p.height)
+    Ok(p.last_block)
 }
 
 /// `blocks`, printing to `out`.
@@ -277,7 +277,7 @@ pub async fn blocks(args: BlocksArgs, out: &mut impl Write) -> Result<(), Client
     let peer = args.peer.as_deref();
     let mut next = args.from;
     loop {
-        let top = height(&client, peer).await?;
+        let top = last_block(&client, peer).await?;
         while top.is_some_and(|top| next <= top) {
             let block = client.block(next, peer).await?;
             print_block(out, &block)?;

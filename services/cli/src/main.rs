@@ -4,6 +4,17 @@ mod audit;
 mod bench;
 mod clients;
 
+/// A peer's position in words: Fabric's height (blocks committed) and the last block's number,
+/// which differ by one and are easy to confuse. `last_block` is -1 before the first block.
+fn height_text(last_block: i64) -> String {
+    let height = streamledger_core::model::blockchain_height(last_block);
+    if last_block < 0 {
+        format!("height {height}, no block")
+    } else {
+        format!("height {height} (last block {last_block})")
+    }
+}
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -528,7 +539,7 @@ async fn replay(args: ReplayArgs) -> Result<(), CliError> {
     })
     .await?;
     println!("replayed {} blocks, {} transactions in {:.2} s ({:.0} tx/s) into {}", report.blocks, report.transactions, report.seconds, report.tx_per_second(), into.display());
-    println!("height {}, state hash {}", report.height, report.state_hash);
+    println!("{}, state hash {}", height_text(report.height), report.state_hash);
     match &report.live {
         Some((h, hash)) if report.matches_live() == Some(true) => println!("equals the live peer {} (block {h}, state hash {hash})", args.peer),
         Some((h, hash)) => {
@@ -542,6 +553,13 @@ async fn replay(args: ReplayArgs) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heights_are_fabric_s_block_counts_beside_the_last_block() {
+        assert_eq!(height_text(-1), "height 0, no block");
+        assert_eq!(height_text(0), "height 1 (last block 0)");
+        assert_eq!(height_text(41), "height 42 (last block 41)");
+    }
 
     /// A blocking task that outlasts the command (a consumer leaving its group while the broker
     /// does not answer) holds the exit up by `close` at most, not until it ends.

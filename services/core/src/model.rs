@@ -15,6 +15,13 @@ pub struct Identity {
     pub public_key: Vec<u8>,
 }
 
+/// Fabric's block height after `last_block`: the number of blocks committed, so the last block's
+/// number + 1, and 0 before the first (`last_block` -1). What `peer channel getinfo` and the
+/// `ledger_blockchain_height` metric report; everything shown to a user as "height" means this.
+pub fn blockchain_height(last_block: i64) -> i64 {
+    last_block.max(-1) + 1
+}
+
 /// A height: the block and the position in it of the transaction that wrote a value.
 /// Ordering by (block, tx) is commit order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -291,4 +298,17 @@ pub struct TxResultRow {
     pub peer: String,
     /// The publishing peer's clock when it validated the block (informational).
     pub commit_timestamp_ms: i64,
+}
+
+#[cfg(test)]
+mod height_tests {
+    use super::blockchain_height;
+
+    #[test]
+    fn the_height_counts_the_blocks() {
+        assert_eq!(blockchain_height(-1), 0, "no block yet");
+        assert_eq!(blockchain_height(0), 1, "block 0 alone");
+        assert_eq!(blockchain_height(41), 42);
+        assert_eq!(blockchain_height(-7), 0, "anything below -1 is still no block");
+    }
 }

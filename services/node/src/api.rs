@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use streamledger_core::codec;
 use streamledger_core::crypto::Signer;
 use streamledger_core::endorsement::{check_proposal, ProposalRejection};
-use streamledger_core::model::{Block, Identity, OrderedTx, Proposal, Version};
+use streamledger_core::model::{blockchain_height, Block, Identity, OrderedTx, Proposal, Version};
 use streamledger_core::network::Network;
 use streamledger_core::state::{StateError, VersionedValue};
 use streamledger_core::validation::TxValidationCode;
@@ -284,11 +284,14 @@ pub struct BlockResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub name: String,
+    /// Fabric's height: the number of blocks committed (the last one's number + 1, 0 before the
+    /// first), as `peer channel getinfo` and `ledger_blockchain_height` give it.
+    pub height: i64,
     /// The last block committed; `None` before the first.
-    pub height: Option<i64>,
+    pub last_block: Option<i64>,
     /// Hex; empty before the first block.
     pub block_hash: String,
-    /// The running state hash after `height`, hex: peers that agree on it agree on everything.
+    /// The running state hash after `last_block`, hex: peers that agree on it agree on everything.
     pub state_hash: String,
     /// Set when this peer's store could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -839,14 +842,16 @@ async fn status(State(ctx): State<Arc<ApiContext>>) -> Result<Json<StatusRespons
         let entry = match blocking(move || store.savepoint()).await? {
             Ok(sp) => PeerStatus {
                 name: name.clone(),
-                height: sp.as_ref().map(|s| s.block),
+                height: blockchain_height(sp.as_ref().map_or(-1, |s| s.block)),
+                last_block: sp.as_ref().map(|s| s.block),
                 block_hash: sp.as_ref().map(|s| hex::encode(&s.block_hash)).unwrap_or_default(),
                 state_hash: sp.as_ref().map(|s| hex::encode(&s.state_hash)).unwrap_or_default(),
                 error: None,
             },
             Err(e) => PeerStatus {
                 name: name.clone(),
-                height: None,
+                height: 0,
+                last_block: None,
                 block_hash: String::new(),
                 state_hash: String::new(),
                 error: Some(e.to_string()),
@@ -1167,7 +1172,7 @@ mod tests {
         let h = Harness::new().await;
         let (status, body) = h.get_raw("/v1/status").await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(body["peers"][0]["height"], Value::Null, "no block yet: {body}");
+        assert_eq!((&body["peers"][0]["height"], &body["peers"][0]["last_block"]), (&json!(0), &Value::Null), "no block yet: {body}");
 
         let (tx_id, block) = h.commit_block();
 
@@ -1205,7 +1210,7 @@ mod tests {
         let status = h.client.status().await.unwrap();
         assert_eq!(status.channel, "mychannel");
         assert_eq!(status.peers.len(), 1);
-        assert_eq!((status.peers[0].name.as_str(), status.peers[0].height), (PEER, Some(0)));
+        assert_eq!((status.peers[0].name.as_str(), status.peers[0].height, status.peers[0].last_block), (PEER, 1, Some(0)));
         assert_eq!(status.peers[0].state_hash, "ab".repeat(32));
 
         // Committed before the tracker saw anything: the tx-id index answers.

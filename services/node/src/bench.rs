@@ -1629,7 +1629,7 @@ async fn http_follower(client: Client, peer: String, mut next: i64, events: mpsc
             break;
         }
         let height = match client.status().await {
-            Ok(s) => s.peers.iter().find(|p| p.name == peer).and_then(|p| p.height).unwrap_or(-1),
+            Ok(s) => s.peers.iter().find(|p| p.name == peer).and_then(|p| p.last_block).unwrap_or(-1),
             Err(e) if e.is_retryable() => continue,
             Err(e) => {
                 let _ = events.send(Event::Failed(e.to_string()));
@@ -1844,7 +1844,8 @@ async fn run_http(config: &BenchConfig, url: &str, calibration: Calibration) -> 
     }
     // The API answers with its first peer's view: follow that one.
     let peer = status.peers.first().ok_or_else(|| BenchError::Failed(format!("{url} reports no peer")))?;
-    let next = peer.height.map_or(0, |h| h + 1);
+    // Fabric's height is the number of the next block to come.
+    let next = peer.height;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (events_tx, events) = mpsc::unbounded_channel();
     let follower = tokio::spawn(http_follower(client.clone(), peer.name.clone(), next, events_tx.clone(), stop_rx));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use streamledger_core::model::blockchain_height;
 use streamledger_core::write_rules::CouchDbRules;
 use streamledger_embedded::log::EmbeddedLog;
 use streamledger_embedded::store::EmbeddedStore;
@@ -90,7 +91,7 @@ pub async fn replay(config: ReplayConfig) -> Result<ReplayReport, NodeError> {
     );
     while !running.is_finished() {
         bar.set_position(counters.records_in.get());
-        bar.set_message(format!("height {}", progress.height()));
+        bar.set_message(format!("height {}", blockchain_height(progress.height())));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bar.finish_and_clear();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use streamledger_core::contract::Registry;
+use streamledger_core::model::blockchain_height;
 use streamledger_core::network::{KeyStore, Network, NetworkSpec};
 use streamledger_core::state::CommittedState;
 use streamledger_core::validation::TxValidationCode;
@@ -405,7 +406,7 @@ async fn show_progress(peers: Vec<Peer>, mut shutdown: watch::Receiver<bool>) {
         let now_total = total(&peers);
         let rate = (now_total - last_total) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
         (last_total, last_at) = (now_total, Instant::now());
-        let heights: Vec<String> = peers.iter().map(|p| format!("{} {}", p.name, p.progress.height())).collect();
+        let heights: Vec<String> = peers.iter().map(|p| format!("{} {}", p.name, blockchain_height(p.progress.height()))).collect();
         let codes: Vec<String> = peers
             .first()
             .map(|p| p.progress.codes().iter().map(|(c, n)| format!("{} {n}", TxValidationCode::name_of(*c))).collect())

@@ -273,7 +273,7 @@ impl Metrics {
     /// Publishes a peer's position after committing `block`: Fabric's height (`block + 1`) and
     /// the state-hash info series, which replaces the previous one (one series per peer).
     pub fn committed(&self, peer: &str, block: i64, state_hash: &str) {
-        self.blockchain_height.with_label_values(&[self.channel.as_str(), peer]).set(block + 1);
+        self.blockchain_height.with_label_values(&[self.channel.as_str(), peer]).set(streamledger_core::model::blockchain_height(block));
         let labels = [self.channel.clone(), peer.to_string(), block.to_string(), state_hash.to_string()];
         if let Ok(mut current) = self.state_hash_labels.lock() {
             if let Some(old) = current.insert(peer.to_string(), labels.clone()) {

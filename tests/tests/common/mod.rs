@@ -396,8 +396,8 @@ pub async fn balance(client: &Client, name: &str) -> u64 {
     json["balance"].as_u64().unwrap_or_else(|| panic!("account {name}: no balance in {json}"))
 }
 
-/// Polls `/v1/status` until every peer has committed the same height (at least `min_height`)
-/// with the same block hash and state hash. Returns (height, state hash).
+/// Polls `/v1/status` until every peer has committed the same last block (at least `min_height`)
+/// with the same block hash and state hash. Returns (last block, state hash).
 pub async fn wait_peers_agree(client: &Client, min_height: i64, timeout: Duration) -> (i64, String) {
     let deadline = Instant::now() + timeout;
     loop {
@@ -405,9 +405,9 @@ pub async fn wait_peers_agree(client: &Client, min_height: i64, timeout: Duratio
         assert!(status.peers.len() >= 2, "the sample network has two peers: {status:?}");
         let first = &status.peers[0];
         let agree = status.peers.iter().all(|p| {
-            p.error.is_none() && p.height == first.height && p.block_hash == first.block_hash && p.state_hash == first.state_hash
+            p.error.is_none() && p.last_block == first.last_block && p.block_hash == first.block_hash && p.state_hash == first.state_hash
         });
-        if let (true, Some(h)) = (agree, first.height) {
+        if let (true, Some(h)) = (agree, first.last_block) {
             if h >= min_height {
                 return (h, first.state_hash.clone());
             }
