@@ -188,7 +188,7 @@ pub async fn run(
     }
     let from = config.start_offset.unwrap_or(from);
     progress.read_blocks_before(from);
-    tracing::info!(peer = %config.peer, height = position.height, from_offset = from, "validator started");
+    tracing::info!(peer = %config.peer, last_block = position.height, from_offset = from, "validator started");
     let consumer = log.consumer(Subscription::assign(&blocks_topic, 0, from)).await?;
     let (ahead_tx, mut ahead) = tokio::sync::mpsc::channel(LOOKAHEAD);
     let _reader = AbortOnDrop(tokio::spawn(read_ahead(config.clone(), consumer, ahead_tx, LOOKAHEAD_BYTES, counters.clone(), shutdown.clone())));
@@ -271,7 +271,7 @@ pub async fn run(
     }
     // A clean stop leaves nothing for the next start to re-apply.
     ends.make_durable().await?;
-    tracing::info!(peer = %config.peer, height = position.height, "validator stopped");
+    tracing::info!(peer = %config.peer, last_block = position.height, "validator stopped");
     Ok(())
 }
 
