@@ -35,6 +35,40 @@ pub const INFINITE_RETENTION: &str = "streamledger.infinite.retention.ms";
 /// The CLI's `--schema-registry` / `STREAMLEDGER_SCHEMA_REGISTRY_URL` sets it.
 pub const REGISTRY_URL: &str = "streamledger.schema.registry.url";
 
+/// Adapter option: a PEM file of the CAs trusted for `https://` registry URLs (Confluent's
+/// `schema.registry.ssl.ca.location`). Required with `https://`: the client has no built-in root
+/// store, so for a registry with a public certificate name the system bundle (on Debian
+/// `/etc/ssl/certs/ca-certificates.crt`).
+pub const REGISTRY_CA: &str = "streamledger.schema.registry.ssl.ca.location";
+
+/// Adapter option: `USER:PASSWORD` for HTTP basic authentication to the registry (Confluent's
+/// `basic.auth.user.info`; on Confluent Cloud the API key and secret). Redacted in logs.
+pub const REGISTRY_USER_INFO: &str = "streamledger.schema.registry.basic.auth.user.info";
+
+/// Every adapter option: any other `streamledger.` property is a typo, refused at start.
+const ADAPTER_OPTIONS: [&str; 4] = [INFINITE_RETENTION, REGISTRY_URL, REGISTRY_CA, REGISTRY_USER_INFO];
+
+/// How to reach the schema registry: the adapter options above, read together.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryOptions {
+    /// One URL, or several separated by commas.
+    pub url: String,
+    pub ca_location: Option<std::path::PathBuf>,
+    /// (user, password).
+    pub basic_auth: Option<(String, String)>,
+}
+
+impl fmt::Debug for RegistryOptions {
+    /// Without the password, since options end up in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryOptions")
+            .field("url", &self.url)
+            .field("ca_location", &self.ca_location)
+            .field("user", &self.basic_auth.as_ref().map(|(user, _)| user))
+            .finish()
+    }
+}
+
 /// Kafka's Long.MAX_VALUE as a retention: never delete.
 pub const RETENTION_MAX: &str = "9223372036854775807";
 
@@ -58,7 +92,7 @@ impl fmt::Debug for KafkaConfig {
 }
 
 fn is_secret(key: &str) -> bool {
-    ["password", "secret", "token", "sasl.jaas.config", "ssl.key.pem", "ssl_key"].iter().any(|s| key.contains(s))
+    ["password", "secret", "token", "sasl.jaas.config", "ssl.key.pem", "ssl_key", "user.info"].iter().any(|s| key.contains(s))
 }
 
 impl KafkaConfig {
@@ -157,6 +191,48 @@ impl KafkaConfig {
         self.get(REGISTRY_URL).map(str::trim).filter(|s| !s.is_empty())
     }
 
+    /// How to reach the schema registry, when one is configured. A user info without `:` counts
+    /// as a user without a password ([`KafkaConfig::validate`] refuses it).
+    pub fn schema_registry(&self) -> Option<RegistryOptions> {
+        let option = |key| self.get(key).map(str::trim).filter(|s| !s.is_empty());
+        Some(RegistryOptions {
+            url: self.schema_registry_url()?.to_string(),
+            ca_location: option(REGISTRY_CA).map(std::path::PathBuf::from),
+            basic_auth: option(REGISTRY_USER_INFO).map(|info| match info.split_once(':') {
+                Some((user, password)) => (user.to_string(), password.to_string()),
+                None => (info.to_string(), String::new()),
+            }),
+        })
+    }
+
+    fn validate_registry(&self) -> Result<(), ConfigError> {
+        let Some(registry) = self.schema_registry() else {
+            return match [REGISTRY_CA, REGISTRY_USER_INFO].into_iter().find(|key| self.get(key).is_some()) {
+                Some(key) => Err(ConfigError(format!("{key} is set, but {REGISTRY_URL} is not: there is no registry to use it for"))),
+                None => Ok(()),
+            };
+        };
+        let url = &registry.url;
+        for one in url.split(',').map(str::trim) {
+            if !(one.starts_with("http://") || one.starts_with("https://")) {
+                return Err(ConfigError(format!("{REGISTRY_URL}={url}: each URL must start with http:// or https://, got {one:?}")));
+            }
+            if one.starts_with("https://") && registry.ca_location.is_none() {
+                return Err(ConfigError(format!(
+                    "{REGISTRY_URL}={url}: an https:// registry needs {REGISTRY_CA}, a PEM file of the CAs to trust (for a \
+                     public certificate, the system bundle, e.g. /etc/ssl/certs/ca-certificates.crt)"
+                )));
+            }
+        }
+        if let Some((user, password)) = &registry.basic_auth {
+            // The value is never printed: it holds the password.
+            if user.is_empty() || password.is_empty() {
+                return Err(ConfigError(format!("{REGISTRY_USER_INFO} must be USER:PASSWORD, both not empty")));
+            }
+        }
+        Ok(())
+    }
+
     /// `bootstrap.servers` (or librdkafka's alias `metadata.broker.list`).
     pub fn bootstrap_servers(&self) -> Option<&str> {
         self.get("bootstrap.servers").or_else(|| self.get("metadata.broker.list")).filter(|s| !s.trim().is_empty())
@@ -178,17 +254,11 @@ impl KafkaConfig {
             )));
         }
         for key in self.properties.keys().filter(|k| k.starts_with(ADAPTER_PREFIX)) {
-            if key != INFINITE_RETENTION && key != REGISTRY_URL {
-                return Err(ConfigError(format!("{key} is not an option of the adapter (known: {INFINITE_RETENTION}, {REGISTRY_URL})")));
+            if !ADAPTER_OPTIONS.contains(&key.as_str()) {
+                return Err(ConfigError(format!("{key} is not an option of the adapter (known: {})", ADAPTER_OPTIONS.join(", "))));
             }
         }
-        if let Some(url) = self.schema_registry_url() {
-            for one in url.split(',').map(str::trim) {
-                if !(one.starts_with("http://") || one.starts_with("https://")) {
-                    return Err(ConfigError(format!("{REGISTRY_URL}={url}: each URL must start with http:// or https://, got {one:?}")));
-                }
-            }
-        }
+        self.validate_registry()?;
         let infinite = self.infinite_retention_ms();
         if infinite != "-1" && infinite != RETENTION_MAX {
             return Err(ConfigError(format!("{INFINITE_RETENTION}={infinite}: use -1 (Apache Kafka) or {RETENTION_MAX} (tansu 0.6.0)")));
@@ -326,5 +396,40 @@ mod tests {
         assert_eq!(KafkaConfig::bootstrap("b:1").schema_registry_url(), None);
         let err = KafkaConfig::bootstrap("b:1").with(REGISTRY_URL, "http://a:8081,registry:8081").validate().unwrap_err().to_string();
         assert!(err.contains(REGISTRY_URL) && err.contains("\"registry:8081\""), "{err}");
+    }
+
+    #[test]
+    fn an_https_registry_with_basic_auth_is_read_together_and_the_password_never_shown() {
+        let c = KafkaConfig::bootstrap("b:1")
+            .with(REGISTRY_URL, "https://sr.example:443")
+            .with(REGISTRY_CA, "/etc/ssl/certs/ca-certificates.crt")
+            .with(REGISTRY_USER_INFO, "KEY:s3cr:et");
+        c.validate().unwrap();
+        let options = c.schema_registry().unwrap();
+        assert_eq!(options.url, "https://sr.example:443");
+        assert_eq!(options.ca_location.as_deref(), Some(std::path::Path::new("/etc/ssl/certs/ca-certificates.crt")));
+        assert_eq!(options.basic_auth, Some(("KEY".into(), "s3cr:et".into())), "the password may hold ':'");
+        assert!(!format!("{c:?}").contains("s3cr") && !format!("{options:?}").contains("s3cr"), "{c:?} {options:?}");
+        assert!(c.librdkafka_properties().all(|(k, _)| !k.starts_with(ADAPTER_PREFIX)), "not passed to librdkafka");
+    }
+
+    #[test]
+    fn registry_options_that_cannot_work_are_refused_at_start() {
+        let https = KafkaConfig::bootstrap("b:1").with(REGISTRY_URL, "http://a:8081,https://b:8081");
+        let err = https.validate().unwrap_err().to_string();
+        assert!(err.contains(REGISTRY_CA) && err.contains("https://"), "{err}");
+
+        for key in [REGISTRY_CA, REGISTRY_USER_INFO] {
+            let err = KafkaConfig::bootstrap("b:1").with(key, "x:y").validate().unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("is not"), "{err}");
+        }
+        for info in ["only-a-user", ":pw", "user:"] {
+            let c = KafkaConfig::bootstrap("b:1").with(REGISTRY_URL, "http://a:8081").with(REGISTRY_USER_INFO, info);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(REGISTRY_USER_INFO) && err.contains("USER:PASSWORD"), "{err}");
+            assert!(info.is_empty() || !err.contains(info), "the value is not printed: {err}");
+        }
+        let err = KafkaConfig::bootstrap("b:1").with("streamledger.schema.registry.ssl.ca", "x").validate().unwrap_err().to_string();
+        assert!(err.contains("streamledger.schema.registry.ssl.ca is not an option") && err.contains(REGISTRY_CA), "{err}");
     }
 }

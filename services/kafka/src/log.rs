@@ -80,8 +80,8 @@ impl KafkaLog {
     /// Connects to the cluster named by `config` (`bootstrap.servers` is required; see
     /// [`KafkaConfig::from_file_and_env`]). Fails, retryably, when the cluster does not answer.
     pub async fn connect(config: KafkaConfig) -> LogResult<Arc<KafkaLog>> {
-        let wire = match config.schema_registry_url() {
-            Some(url) => Wire::with_registry(url)?,
+        let wire = match config.schema_registry() {
+            Some(options) => Wire::with_registry(&options)?,
             None => Wire::single_object(),
         };
         let admin = Arc::new(KafkaAdmin::connect(&config).await?);

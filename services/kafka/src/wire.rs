@@ -20,13 +20,19 @@
 //! The embedded log never sees Confluent framing.
 //!
 //! The registry is reached through `schema_registry_converter`'s async client (register:
-//! `POST /subjects/{subject}/versions`, by id: `GET /schemas/ids/{id}`). Its encoders are not used
+//! `POST /subjects/{subject}/versions`, by id: `GET /schemas/ids/{id}`), over `http://` or over
+//! `https://` with rustls, trusting the CAs of [`crate::config::REGISTRY_CA`], with HTTP basic
+//! authentication when [`crate::config::REGISTRY_USER_INFO`] is set. Its encoders are not used
 //! for the values themselves: they would rebuild every datum from a `Value` tree, while swapping
 //! headers keeps the bytes (and so the block hashes) exactly as written.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, post_schema, SrSettings};
 use schema_registry_converter::error::SRCError;
@@ -34,6 +40,8 @@ use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSche
 use streamledger_core::codec::{self, all_schemas, RecordSchema, CONFLUENT_HEADER_LEN, CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC};
 use streamledger_core::schema_history;
 use streamledger_ports::log::{LogError, LogResult, Record};
+
+use crate::config::{RegistryOptions, REGISTRY_CA};
 
 const SINGLE_OBJECT_HEADER_LEN: usize = 10;
 /// How long one registry request may take.
@@ -109,6 +117,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// rustls on ring, trusting the certificates of the PEM file `ca` (none without it: then only
+/// http:// works, which [`crate::KafkaConfig::validate`] makes sure of).
+fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{REGISTRY_CA}={}: cannot read the CA certificates: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{REGISTRY_CA}={}: no PEM certificate in the file", path.display()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| format!("{REGISTRY_CA}={}: a certificate is not usable: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 fn registry_error(context: String, e: &SRCError) -> LogError {
     LogError::new(context, e.to_string(), e.retriable)
 }
@@ -119,8 +150,10 @@ impl Wire {
         Wire { registry: None }
     }
 
-    /// Confluent framing through the registry at `url` (comma-separated URLs are tried in turn).
-    pub fn with_registry(url: &str) -> LogResult<Wire> {
+    /// Confluent framing through the registry `options` describe (comma-separated URLs are tried
+    /// in turn).
+    pub fn with_registry(options: &RegistryOptions) -> LogResult<Wire> {
+        let url = &options.url;
         let ctx = || format!("schema registry {url}");
         let mut urls = url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(|u| u.trim_end_matches('/').to_string());
         let first = urls.next().ok_or_else(|| LogError::new(ctx(), "empty URL", false))?;
@@ -128,7 +161,14 @@ impl Wire {
         for other in urls {
             builder.add_url(other);
         }
-        let settings = builder.set_timeout(REGISTRY_TIMEOUT).build().map_err(|e| registry_error(ctx(), &e))?;
+        if let Some((user, password)) = &options.basic_auth {
+            builder.set_basic_authorization(user, Some(password));
+        }
+        // Always a TLS config of our own, even for http:// only: reqwest built without a crypto
+        // provider of its own (see the workspace's Cargo.toml) panics building a default one.
+        let tls = tls_config(options.ca_location.as_deref()).map_err(|message| LogError::new(ctx(), message, false))?;
+        let client = reqwest_registry::Client::builder().tls_backend_preconfigured(tls);
+        let settings = builder.set_timeout(REGISTRY_TIMEOUT).build_with(client).map_err(|e| registry_error(ctx(), &e))?;
         Ok(Wire {
             registry: Some(Registry {
                 url: url.to_string(),
@@ -304,10 +344,24 @@ mod tests {
         assert!(err.contains("schema id 9") && err.contains("schema registry URL"), "{err}");
     }
 
+    #[test]
+    fn a_registry_ca_file_that_cannot_be_used_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = |ca: &Path| RegistryOptions { url: "https://127.0.0.1:9".into(), ca_location: Some(ca.to_path_buf()), basic_auth: None };
+        let missing = dir.path().join("missing-ca.pem");
+        let err = Wire::with_registry(&options(&missing)).err().unwrap();
+        assert!(!err.retryable && err.message.contains(REGISTRY_CA) && err.message.contains("missing-ca.pem"), "{err}");
+        let empty = dir.path().join("not-a-ca.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let err = Wire::with_registry(&options(&empty)).err().unwrap();
+        assert!(err.message.contains("not-a-ca.pem") && err.message.contains("no PEM certificate"), "{err}");
+        assert!(err.context.contains("https://127.0.0.1:9"), "{err}");
+    }
+
     #[tokio::test]
     async fn an_unreachable_registry_is_a_retryable_error_not_a_dead_letter() {
         // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
-        let wire = Wire::with_registry("http://127.0.0.1:9").unwrap();
+        let wire = Wire::with_registry(&RegistryOptions { url: "http://127.0.0.1:9".into(), ca_location: None, basic_auth: None }).unwrap();
         let rejection = Rejection { tx_id: "t".into(), stage: "gateway".into(), reason: "r".into(), source_offset: 0 };
         let single = codec::encode(&rejection).unwrap();
         let err = wire.outbound("ch.rejections", &single).await.unwrap_err();

@@ -99,7 +99,7 @@ impl ServerTls {
     }
 
     /// Wraps a bound listener: what it accepts is TLS only.
-    pub(crate) fn listener(&self, tcp: TcpListener) -> TlsListener {
+    pub fn listener(&self, tcp: TcpListener) -> TlsListener {
         TlsListener { tcp, acceptor: TlsAcceptor::from(self.config.clone()), handshakes: JoinSet::new() }
     }
 }
@@ -109,7 +109,7 @@ impl ServerTls {
 /// that fails (plain HTTP on this port, a client that does not trust the certificate) is logged
 /// and dropped, and the server goes on. Dropping the listener (on shutdown) aborts the
 /// handshakes in flight.
-pub(crate) struct TlsListener {
+pub struct TlsListener {
     tcp: TcpListener,
     acceptor: TlsAcceptor,
     handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,

@@ -8,7 +8,10 @@
 //! - `GET /subjects/{subject}/versions/latest` and `.../versions/{n}`, `GET /subjects`
 //! - `GET /schemas/ids/{id}` answers the schema text (404, error code 40403, when unknown).
 //!
-//! Not modelled: compatibility checks on register, deletes, references, contexts, auth.
+//! - [`TestSchemaRegistry::start_secure`] serves the same over HTTPS (the node's own listener)
+//!   and requires HTTP basic authentication, as Confluent Cloud's registry does.
+//!
+//! Not modelled: compatibility checks on register, deletes, references, contexts, other auth.
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
@@ -120,18 +123,50 @@ async fn subjects(State(state): State<Shared>) -> Response {
     Json(lock(&state).subjects.keys().cloned().collect::<Vec<_>>()).into_response()
 }
 
+fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/subjects", get(subjects))
+        .route("/subjects/{subject}/versions", post(register))
+        .route("/subjects/{subject}/versions/{version}", get(version))
+        .route("/schemas/ids/{id}", get(by_id))
+        .with_state(state)
+}
+
 impl TestSchemaRegistry {
     /// Starts a registry on a free port of 127.0.0.1, on the current tokio runtime.
     pub async fn start() -> TestSchemaRegistry {
         let state: Shared = Arc::default();
-        let app = Router::new()
-            .route("/subjects", get(subjects))
-            .route("/subjects/{subject}/versions", post(register))
-            .route("/subjects/{subject}/versions/{version}", get(version))
-            .route("/schemas/ids/{id}", get(by_id))
-            .with_state(state.clone());
+        let app = router(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the test registry");
         let url = format!("http://{}", listener.local_addr().expect("local address"));
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("the test registry serves");
+        });
+        TestSchemaRegistry { url, state, task }
+    }
+
+    /// Starts a registry that serves HTTPS with the PEM certificate chain `cert` and key `key`,
+    /// and answers 401 to any request without basic authentication as `user` / `password`.
+    pub async fn start_secure(cert: &std::path::Path, key: &std::path::Path, user: &str, password: &str) -> TestSchemaRegistry {
+        use base64::Engine as _;
+
+        // The node's own HTTPS listener (what `up --tls-cert` serves with).
+        let tls = streamledger_node::tls::ServerTls::load(cert, key).unwrap_or_else(|e| panic!("{e}"));
+        let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
+        let state: Shared = Arc::default();
+        let app = router(state.clone()).layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let authorized = request.headers().get("authorization").is_some_and(|v| v.as_bytes() == expected.as_bytes());
+            async move {
+                if authorized {
+                    next.run(request).await
+                } else {
+                    error(StatusCode::UNAUTHORIZED, 401, "Unauthorized".into())
+                }
+            }
+        }));
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the test registry");
+        let url = format!("https://{}", tcp.local_addr().expect("local address"));
+        let listener = tls.listener(tcp);
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.expect("the test registry serves");
         });

@@ -1,0 +1,71 @@
+//! The Kafka adapter's schema registry client over HTTPS with basic authentication, as Confluent
+//! Cloud's registry requires: the test registry serves TLS with a certificate from a test CA and
+//! answers 401 without the right credentials. What the client does is real: the TLS handshake
+//! against the CA file, the Authorization header, the registry's REST calls.
+
+mod test_schema_registry;
+#[path = "common/pki.rs"]
+mod pki;
+
+use std::path::Path;
+
+use streamledger_core::codec;
+use streamledger_core::model::Rejection;
+use streamledger_kafka::config::{REGISTRY_CA, REGISTRY_URL, REGISTRY_USER_INFO};
+use streamledger_kafka::wire::Wire;
+use streamledger_kafka::KafkaConfig;
+use streamledger_ports::log::Record;
+use test_schema_registry::TestSchemaRegistry;
+
+const TOPIC: &str = "mychannel.rejections";
+
+/// The wire for `url`, configured as a deployment would: adapter options, validated.
+fn wire(url: &str, ca: &Path, user_info: &str) -> Wire {
+    let config = KafkaConfig::bootstrap("unused:9092").with(REGISTRY_URL, url).with(REGISTRY_CA, &ca.display().to_string()).with(REGISTRY_USER_INFO, user_info);
+    config.validate().unwrap_or_else(|e| panic!("{e}"));
+    Wire::with_registry(&config.schema_registry().expect("a registry is configured")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn rejection() -> Vec<u8> {
+    codec::encode(&Rejection { tx_id: "t1".into(), stage: "gateway".into(), reason: "r".into(), source_offset: 3 }).unwrap()
+}
+
+#[tokio::test]
+async fn schemas_are_registered_and_fetched_over_https_with_basic_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::write_pki(dir.path(), "registry");
+    let registry = TestSchemaRegistry::start_secure(&pki.cert, &pki.key, "api-key", "api-secret").await;
+    assert!(registry.url.starts_with("https://"), "{}", registry.url);
+
+    // Produce: the schema is registered under the topic's subject, the value framed with its id.
+    let producer = wire(&registry.url, &pki.ca, "api-key:api-secret");
+    let single = rejection();
+    let framed = producer.outbound(TOPIC, &single).await.unwrap().expect("framed for the registry");
+    let id = registry.latest_id(&format!("{TOPIC}-value")).expect("registered over https");
+    assert_eq!(codec::confluent_schema_id(&framed), Some(id));
+
+    // Consume, in a client that has seen nothing: the schema is fetched by id, the value restored.
+    let consumer = wire(&registry.url, &pki.ca, "api-key:api-secret");
+    let mut records = vec![Record { topic: TOPIC.into(), partition: 0, offset: 0, key: None, value: framed, timestamp_ms: 0 }];
+    consumer.inbound(&mut records).await.unwrap();
+    assert_eq!(records[0].value, single, "the single-object bytes come back exactly");
+}
+
+#[tokio::test]
+async fn a_wrong_password_or_an_untrusted_certificate_is_refused_naming_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::write_pki(dir.path(), "registry");
+    let other = pki::write_pki(dir.path(), "other");
+    let registry = TestSchemaRegistry::start_secure(&pki.cert, &pki.key, "api-key", "api-secret").await;
+
+    let err = wire(&registry.url, &pki.ca, "api-key:wrong").outbound(TOPIC, &rejection()).await.unwrap_err();
+    eprintln!("wrong password: {err}");
+    assert!(err.context.contains(&registry.url) && err.context.contains(&format!("{TOPIC}-value")), "{err}");
+    assert!(err.message.contains("401"), "the registry's answer is in the error: {err}");
+    assert!(!err.to_string().contains("wrong"), "the password is not in the error: {err}");
+
+    let err = wire(&registry.url, &other.ca, "api-key:api-secret").outbound(TOPIC, &rejection()).await.unwrap_err();
+    eprintln!("untrusted certificate: {err}");
+    assert!(err.context.contains(&registry.url), "{err}");
+    assert!(registry.subjects().is_empty(), "nothing was registered: {:?}", registry.subjects());
+}
