@@ -67,5 +67,6 @@ async fn a_wrong_password_or_an_untrusted_certificate_is_refused_naming_the_regi
     let err = wire(&registry.url, &other.ca, "api-key:api-secret").outbound(TOPIC, &rejection()).await.unwrap_err();
     eprintln!("untrusted certificate: {err}");
     assert!(err.context.contains(&registry.url), "{err}");
+    assert!(err.message.contains(REGISTRY_CA) && err.message.contains("TLS handshake"), "the error says what to check: {err}");
     assert!(registry.subjects().is_empty(), "nothing was registered: {:?}", registry.subjects());
 }

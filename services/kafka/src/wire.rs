@@ -21,18 +21,15 @@
 //!
 //! The registry is reached through `schema_registry_converter`'s async client (register:
 //! `POST /subjects/{subject}/versions`, by id: `GET /schemas/ids/{id}`), over `http://` or over
-//! `https://` with rustls, trusting the CAs of [`crate::config::REGISTRY_CA`], with HTTP basic
+//! `https://` (OpenSSL), trusting only the CAs of [`crate::config::REGISTRY_CA`], with HTTP basic
 //! authentication when [`crate::config::REGISTRY_USER_INFO`] is set. Its encoders are not used
 //! for the values themselves: they would rebuild every datum from a `Value` tree, while swapping
 //! headers keeps the bytes (and so the block hashes) exactly as written.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
-
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 
 use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, post_schema, SrSettings};
 use schema_registry_converter::error::SRCError;
@@ -117,31 +114,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// rustls on ring, trusting the certificates of the PEM file `ca` (none without it: then only
-/// http:// works, which [`crate::KafkaConfig::validate`] makes sure of).
-fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = ca {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("{REGISTRY_CA}={}: cannot read the CA certificates: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!("{REGISTRY_CA}={}: no PEM certificate in the file", path.display()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| format!("{REGISTRY_CA}={}: a certificate is not usable: {e}", path.display()))?;
-        }
+/// The certificates of the PEM file `path`: the only CAs trusted for an https:// registry.
+fn trusted_cas(path: &Path) -> Result<Vec<reqwest_registry::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{REGISTRY_CA}={}: cannot read the CA certificates: {e}", path.display()))?;
+    let certs = reqwest_registry::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{REGISTRY_CA}={}: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{REGISTRY_CA}={}: no PEM certificate in the file", path.display()));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(certs)
 }
 
 fn registry_error(context: String, e: &SRCError) -> LogError {
     LogError::new(context, e.to_string(), e.retriable)
+}
+
+/// What schema_registry_converter says when a request got no answer: the connection was refused,
+/// the name did not resolve, or the TLS handshake failed; its message keeps none of the causes.
+const NO_ANSWER: &str = "http call to schema registry failed";
+
+impl Registry {
+    /// A failed request to this registry. For an https:// registry that did not answer, the
+    /// error says what to check besides the network, since the TLS cause is lost.
+    fn error(&self, context: String, e: &SRCError) -> LogError {
+        let mut error = registry_error(context, e);
+        if e.error == NO_ANSWER && self.url.contains("https://") {
+            error.message.push_str(&format!(
+                " (or the TLS handshake failed: check that {REGISTRY_CA} holds the CA that signed the registry's certificate, for \
+                 the host name in the URL)"
+            ));
+        }
+        error
+    }
 }
 
 impl Wire {
@@ -164,10 +168,11 @@ impl Wire {
         if let Some((user, password)) = &options.basic_auth {
             builder.set_basic_authorization(user, Some(password));
         }
-        // Always a TLS config of our own, even for http:// only: reqwest built without a crypto
-        // provider of its own (see the workspace's Cargo.toml) panics building a default one.
-        let tls = tls_config(options.ca_location.as_deref()).map_err(|message| LogError::new(ctx(), message, false))?;
-        let client = reqwest_registry::Client::builder().tls_backend_preconfigured(tls);
+        let mut client = reqwest_registry::Client::builder();
+        if let Some(ca) = &options.ca_location {
+            let roots = trusted_cas(ca).map_err(|message| LogError::new(ctx(), message, false))?;
+            client = client.tls_certs_only(roots);
+        }
         let settings = builder.set_timeout(REGISTRY_TIMEOUT).build_with(client).map_err(|e| registry_error(ctx(), &e))?;
         Ok(Wire {
             registry: Some(Registry {
@@ -195,7 +200,7 @@ impl Wire {
         let supplied = SuppliedSchema::new(Some(rs.full_name.clone()), SchemaType::Avro, rs.text.to_string());
         let registered = post_schema(&registry.settings, subject.clone(), supplied)
             .await
-            .map_err(|e| registry_error(format!("register schemas/{} under subject {subject} at {}", rs.file, registry.url), &e))?;
+            .map_err(|e| registry.error(format!("register schemas/{} under subject {subject} at {}", rs.file, registry.url), &e))?;
         tracing::info!(subject, id = registered.id, schema = rs.file, registry = %registry.url, "schema registered");
         lock(&registry.ids).insert(topic.to_string(), registered.id);
         lock(&registry.meanings).insert(registered.id, IdMeaning::Known(rs.fingerprint()));
@@ -257,7 +262,7 @@ impl Registry {
                     break None;
                 }
                 Err(e) if attempt >= FETCH_ATTEMPTS => {
-                    return Err(registry_error(format!("fetch schema id {id} from {}", self.url), &e));
+                    return Err(self.error(format!("fetch schema id {id} from {}", self.url), &e));
                 }
                 Err(e) => {
                     tracing::warn!(schema_id = id, registry = %self.url, error = %e, retry_in_ms = delay.as_millis() as u64, "schema registry unreachable; retrying");
