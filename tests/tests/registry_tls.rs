@@ -26,6 +26,21 @@ fn wire(url: &str, ca: &Path, user_info: &str) -> Wire {
     Wire::with_registry(&config.schema_registry().expect("a registry is configured")).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A registry serving HTTPS with a certificate of `pki`'s CA, requiring `api-key` / `api-secret`;
+/// `other` is a second CA, which did not sign it.
+struct Secured {
+    registry: TestSchemaRegistry,
+    pki: pki::Pki,
+    other: pki::Pki,
+}
+
+async fn secured(dir: &Path) -> Secured {
+    let pki = pki::write_pki(dir, "registry");
+    let other = pki::write_pki(dir, "other");
+    let registry = TestSchemaRegistry::start_secure(&pki.cert, &pki.key, "api-key", "api-secret").await;
+    Secured { registry, pki, other }
+}
+
 fn rejection() -> Vec<u8> {
     codec::encode(&Rejection { tx_id: "t1".into(), stage: "gateway".into(), reason: "r".into(), source_offset: 3 }).unwrap()
 }
@@ -39,6 +54,7 @@ async fn schemas_are_registered_and_fetched_over_https_with_basic_auth() {
 
     // Produce: the schema is registered under the topic's subject, the value framed with its id.
     let producer = wire(&registry.url, &pki.ca, "api-key:api-secret");
+    producer.check_registry().await.unwrap_or_else(|e| panic!("the start check passes: {e}"));
     let single = rejection();
     let framed = producer.outbound(TOPIC, &single).await.unwrap().expect("framed for the registry");
     let id = registry.latest_id(&format!("{TOPIC}-value")).expect("registered over https");
@@ -54,9 +70,7 @@ async fn schemas_are_registered_and_fetched_over_https_with_basic_auth() {
 #[tokio::test]
 async fn a_wrong_password_or_an_untrusted_certificate_is_refused_naming_the_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki::write_pki(dir.path(), "registry");
-    let other = pki::write_pki(dir.path(), "other");
-    let registry = TestSchemaRegistry::start_secure(&pki.cert, &pki.key, "api-key", "api-secret").await;
+    let Secured { registry, pki, other } = secured(dir.path()).await;
 
     let err = wire(&registry.url, &pki.ca, "api-key:wrong").outbound(TOPIC, &rejection()).await.unwrap_err();
     eprintln!("wrong password: {err}");
@@ -69,4 +83,25 @@ async fn a_wrong_password_or_an_untrusted_certificate_is_refused_naming_the_regi
     assert!(err.context.contains(&registry.url), "{err}");
     assert!(err.message.contains(REGISTRY_CA) && err.message.contains("TLS handshake"), "the error says what to check: {err}");
     assert!(registry.subjects().is_empty(), "nothing was registered: {:?}", registry.subjects());
+}
+
+/// What no retry can fix is refused when a process connects, naming the option to check; a
+/// registry that is down is not (its calls retry).
+#[tokio::test]
+async fn the_start_check_refuses_a_wrong_password_or_certificate_but_not_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let Secured { registry, pki, other } = secured(dir.path()).await;
+
+    let err = wire(&registry.url, &pki.ca, "api-key:wrong").check_registry().await.unwrap_err();
+    eprintln!("wrong password at start: {err}");
+    assert!(!err.retryable && err.message.contains("401") && err.message.contains(REGISTRY_USER_INFO), "{err}");
+    assert!(!err.to_string().contains("wrong"), "the password is not in the error: {err}");
+
+    let err = wire(&registry.url, &other.ca, "api-key:api-secret").check_registry().await.unwrap_err();
+    eprintln!("untrusted certificate at start: {err}");
+    assert!(!err.retryable && err.message.contains("certificate") && err.message.contains(REGISTRY_CA), "{err}");
+    assert!(err.context.contains(&registry.url), "{err}");
+
+    // Nothing listens on port 9 of loopback: an outage, left to the retrying calls.
+    wire("https://127.0.0.1:9", &pki.ca, "api-key:api-secret").check_registry().await.unwrap();
 }

@@ -84,6 +84,7 @@ impl KafkaLog {
             Some(options) => Wire::with_registry(&options)?,
             None => Wire::single_object(),
         };
+        wire.check_registry().await?;
         let admin = Arc::new(KafkaAdmin::connect(&config).await?);
         let producer = new_producer(&config)?;
         Ok(Arc::new(KafkaLog {

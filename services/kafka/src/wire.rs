@@ -38,7 +38,7 @@ use streamledger_core::codec::{self, all_schemas, RecordSchema, CONFLUENT_HEADER
 use streamledger_core::schema_history;
 use streamledger_ports::log::{LogError, LogResult, Record};
 
-use crate::config::{RegistryOptions, REGISTRY_CA};
+use crate::config::{RegistryOptions, REGISTRY_CA, REGISTRY_USER_INFO};
 
 const SINGLE_OBJECT_HEADER_LEN: usize = 10;
 /// How long one registry request may take.
@@ -103,6 +103,11 @@ pub struct Wire {
 struct Registry {
     url: String,
     settings: SrSettings,
+    /// For [`Wire::check_registry`]: the first URL, a client like the settings' one, and the
+    /// credentials. schema_registry_converter keeps its client private and its errors as text.
+    first_url: String,
+    probe: reqwest_registry::Client,
+    basic_auth: Option<(String, String)>,
     /// topic → the id its current schema is registered under.
     ids: Mutex<HashMap<String, u32>>,
     /// Schema ids seen on the wire, resolved once.
@@ -123,6 +128,23 @@ fn trusted_cas(path: &Path) -> Result<Vec<reqwest_registry::Certificate>, String
         return Err(format!("{REGISTRY_CA}={}: no PEM certificate in the file", path.display()));
     }
     Ok(certs)
+}
+
+/// An error with its causes, which reqwest's own message leaves out (the TLS failure, the refused
+/// connection).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        // Some layers repeat the message of the one below.
+        let message = c.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn registry_error(context: String, e: &SRCError) -> LogError {
@@ -161,27 +183,66 @@ impl Wire {
         let ctx = || format!("schema registry {url}");
         let mut urls = url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(|u| u.trim_end_matches('/').to_string());
         let first = urls.next().ok_or_else(|| LogError::new(ctx(), "empty URL", false))?;
-        let mut builder = SrSettings::new_builder(first);
+        let mut builder = SrSettings::new_builder(first.clone());
         for other in urls {
             builder.add_url(other);
         }
         if let Some((user, password)) = &options.basic_auth {
             builder.set_basic_authorization(user, Some(password));
         }
-        let mut client = reqwest_registry::Client::builder();
-        if let Some(ca) = &options.ca_location {
-            let roots = trusted_cas(ca).map_err(|message| LogError::new(ctx(), message, false))?;
-            client = client.tls_certs_only(roots);
-        }
-        let settings = builder.set_timeout(REGISTRY_TIMEOUT).build_with(client).map_err(|e| registry_error(ctx(), &e))?;
+        let roots = match &options.ca_location {
+            Some(ca) => Some(trusted_cas(ca).map_err(|message| LogError::new(ctx(), message, false))?),
+            None => None,
+        };
+        let client = || {
+            let client = reqwest_registry::Client::builder().timeout(REGISTRY_TIMEOUT);
+            match &roots {
+                Some(roots) => client.tls_certs_only(roots.clone()),
+                None => client,
+            }
+        };
+        let settings = builder.set_timeout(REGISTRY_TIMEOUT).build_with(client()).map_err(|e| registry_error(ctx(), &e))?;
+        let probe = client().build().map_err(|e| LogError::new(ctx(), format!("HTTP client: {}", causes(&e)), false))?;
         Ok(Wire {
             registry: Some(Registry {
                 url: url.to_string(),
                 settings,
+                first_url: first,
+                probe,
+                basic_auth: options.basic_auth.clone(),
                 ids: Mutex::new(HashMap::new()),
                 meanings: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Asks the (first) registry for its subjects once, to refuse at start what no retry can fix:
+    /// a certificate the CA file does not vouch for, or credentials the registry refuses. Any other
+    /// failure (the registry down, the network) is left to the calls that retry. Nothing to do
+    /// without a registry.
+    pub async fn check_registry(&self) -> LogResult<()> {
+        let Some(registry) = &self.registry else { return Ok(()) };
+        let url = format!("{}/subjects", registry.first_url);
+        let mut request = registry.probe.get(&url);
+        if let Some((user, password)) = &registry.basic_auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        let refused = |message: String| Err(LogError::new(format!("schema registry {}", registry.first_url), message, false));
+        match request.send().await {
+            Ok(answer) if matches!(answer.status().as_u16(), 401 | 403) => refused(format!(
+                "GET {url} answered {}: the registry refuses these credentials (check {REGISTRY_USER_INFO})",
+                answer.status()
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let why = causes(&e);
+                if why.contains("certificate") || why.contains("handshake") {
+                    return refused(format!("GET {url}: the TLS handshake failed: {why} (check that {REGISTRY_CA} holds the CA that signed the registry's certificate, for the host name in the URL)"));
+                }
+                tracing::warn!(registry = %registry.first_url, error = %why, "schema registry not reachable at start; its calls will retry");
+                Ok(())
+            }
+        }
     }
 
     pub fn registry_url(&self) -> Option<&str> {
