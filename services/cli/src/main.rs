@@ -4,17 +4,6 @@ mod audit;
 mod bench;
 mod clients;
 
-/// A peer's position in words: Fabric's height (blocks committed) and the last block's number,
-/// which differ by one and are easy to confuse. `last_block` is -1 before the first block.
-fn height_text(last_block: i64) -> String {
-    let height = streamledger_core::model::blockchain_height(last_block);
-    if last_block < 0 {
-        format!("height {height}, no block")
-    } else {
-        format!("height {height} (last block {last_block})")
-    }
-}
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -521,6 +510,17 @@ async fn stop_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A peer's position in words: Fabric's height (blocks committed) and the last block's number,
+/// which differ by one and are easy to confuse. `last_block` is -1 before the first block.
+fn height_text(last_block: i64) -> String {
+    let height = streamledger_core::model::blockchain_height(last_block);
+    if last_block < 0 {
+        format!("height {height}, no block")
+    } else {
+        format!("height {height} (last block {last_block})")
     }
 }
 
