@@ -562,7 +562,7 @@ async fn kafka_kills(rng: &mut StdRng, len: &Length, fig: &mut Figures) {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while verdicts.height(PEERS[0]) != verdicts.height(PEERS[1]) && Instant::now() < deadline {
+    while verdicts.last_block(PEERS[0]) != verdicts.last_block(PEERS[1]) && Instant::now() < deadline {
         verdicts.poll(Duration::from_millis(500)).await;
     }
     fig.submitted += submitted.len() as u64;

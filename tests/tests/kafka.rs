@@ -71,13 +71,13 @@ async fn produce_and_settle(net: &mut StageNet, verdicts: &mut Verdicts, batch: 
             assert_eq!(verdicts.code(peer, id), Some(CODE_VALID), "{peer}: {id} is not VALID (rejected: {:?})", verdicts.rejected.get(id));
         }
     }
-    let height = PEERS.iter().map(|peer| verdicts.height(peer)).min().unwrap_or(-1);
+    let last_block = PEERS.iter().map(|peer| verdicts.last_block(peer)).min().unwrap_or(-1);
     for name in endorsers {
         let url = net.metrics_url(name);
         let deadline = Instant::now() + timeout;
         // The gauge is Fabric's height: the last committed block + 1.
-        while metric(&url, "ledger_blockchain_height", &["(endorser replica)"]).await.unwrap_or(0.0) < (height + 1) as f64 {
-            assert!(Instant::now() < deadline, "{name}'s replica did not reach block {height} within {timeout:?}");
+        while metric(&url, "ledger_blockchain_height", &["(endorser replica)"]).await.unwrap_or(0.0) < (last_block + 1) as f64 {
+            assert!(Instant::now() < deadline, "{name}'s replica did not reach block {last_block} within {timeout:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -234,7 +234,7 @@ async fn an_endorser_an_orderer_and_a_validator_killed_mid_run_on_kafka_lose_not
                 }
                 Fault::KillValidator => {
                     // Committed before the kill, at least (a verdict follows its commit).
-                    height_at_kill = verdicts.height(PEERS[0]);
+                    height_at_kill = verdicts.last_block(PEERS[0]);
                     if height_at_kill < 0 {
                         continue;
                     }
@@ -304,11 +304,11 @@ async fn an_endorser_an_orderer_and_a_validator_killed_mid_run_on_kafka_lose_not
 
         // Both peers at the chain's last block, with one state hash.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while verdicts.height(PEERS[0]) != verdicts.height(PEERS[1]) {
+        while verdicts.last_block(PEERS[0]) != verdicts.last_block(PEERS[1]) {
             assert!(Instant::now() < deadline, "the peers did not reach one height");
             verdicts.poll(Duration::from_millis(500)).await;
         }
-        let height = verdicts.height(PEERS[0]);
+        let height = verdicts.last_block(PEERS[0]);
         assert_eq!(verdicts.state_hash(PEERS[0], height), verdicts.state_hash(PEERS[1], height), "state hashes differ at block {height}");
 
         // The chain: numbers 0..=height, each linked to the previous header; a second copy of a

@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde::Serialize;
 use streamledger_core::codec;
 use streamledger_core::contracts::transfer;
-use streamledger_core::model::{OrderedTx, Proposal, Rejection, ValidatedBlock};
+use streamledger_core::model::{blockchain_height, OrderedTx, Proposal, Rejection, ValidatedBlock};
 use streamledger_core::network::Network;
 use streamledger_core::state::CommittedState;
 use streamledger_core::validation::TxValidationCode;
@@ -176,14 +176,14 @@ pub async fn audit(log: Arc<dyn Log>, config: AuditConfig) -> Result<AuditReport
         None => None,
     };
     let replay_codes: Vec<Vec<i32>> = match &replayed {
-        Some(r) => (0..=r.height).map(|n| r.store.block(n).ok().flatten().map(|b| b.codes).unwrap_or_default()).collect(),
+        Some(r) => (0..=r.last_block).map(|n| r.store.block(n).ok().flatten().map(|b| b.codes).unwrap_or_default()).collect(),
         None => Vec::new(),
     };
     if let Some(r) = &replayed {
-        report.last_block = r.height;
+        report.last_block = r.last_block;
         report.state_hash = hex::encode(&r.state_hash);
-        if r.height != chain.tip() {
-            violations.push(Violation::ReplayFailed { message: format!("it stopped at block {} but the chain's tip is {}", r.height, chain.tip()) });
+        if r.last_block != chain.tip() {
+            violations.push(Violation::ReplayFailed { message: format!("it stopped at block {} but the chain's tip is {}", r.last_block, chain.tip()) });
         }
     }
 
@@ -191,10 +191,10 @@ pub async fn audit(log: Arc<dyn Log>, config: AuditConfig) -> Result<AuditReport
     violations.extend(tx_violations);
     report.codes = codes;
 
-    // Peers: every verdict on the chain, with the replay's codes, and one state hash per height.
+    // Peers: every verdict on the chain, with the replay's codes, and one state hash per block.
     let mut hashes: BTreeMap<i64, (String, Vec<u8>)> = BTreeMap::new();
     if let Some(r) = &replayed {
-        hashes.insert(r.height, ("the replay from offset 0".into(), r.state_hash.clone()));
+        hashes.insert(r.last_block, ("the replay from offset 0".into(), r.state_hash.clone()));
     }
     let mut agree = |number: i64, source: String, hash: &[u8], violations: &mut Vec<Violation>| match hashes.get(&number) {
         Some((first, h)) if h[..] != hash[..] => violations.push(Violation::StateDisagrees {
@@ -211,8 +211,8 @@ pub async fn audit(log: Arc<dyn Log>, config: AuditConfig) -> Result<AuditReport
     };
     for verdict in read(names::VALIDATED_BLOCKS).await?.iter().filter_map(|r| codec::decode::<ValidatedBlock>(&r.value).ok()) {
         let number = verdict.block_number;
-        let height = report.peers.entry(verdict.peer.clone()).or_insert(-1);
-        *height = (*height).max(number);
+        let last_block = report.peers.entry(verdict.peer.clone()).or_insert(-1);
+        *last_block = (*last_block).max(number);
         let on_chain = usize::try_from(number).ok().and_then(|n| chain.blocks.get(n)).is_some_and(|b| b.hash == verdict.block_hash);
         if !on_chain {
             violations.push(Violation::VerdictOffChain { peer: verdict.peer.clone(), number });
@@ -226,29 +226,29 @@ pub async fn audit(log: Arc<dyn Log>, config: AuditConfig) -> Result<AuditReport
         }
         agree(number, format!("peer {}'s verdict", verdict.peer), &verdict.state_hash, &mut violations);
     }
-    let mut store_heights = Vec::new();
+    let mut store_last_blocks = Vec::new();
     for (peer, store) in &config.stores {
         let savepoint = store.savepoint().map_err(|e| AuditError::Store { peer: peer.clone(), message: e.to_string() })?;
-        let height = savepoint.as_ref().map_or(-1, |s| s.block);
-        store_heights.push((peer, height));
+        let last_block = savepoint.as_ref().map_or(-1, |s| s.block);
+        store_last_blocks.push((peer, last_block));
         let best = report.peers.entry(peer.clone()).or_insert(-1);
-        *best = (*best).max(height);
+        *best = (*best).max(last_block);
         if let Some(sp) = savepoint {
             agree(sp.block, format!("peer {peer}'s store"), &sp.state_hash, &mut violations);
         }
     }
     if config.expect_settled {
         let tip = chain.tip();
-        for (peer, height) in &report.peers {
-            if *height < tip {
-                violations.push(Violation::PeerBehind { peer: peer.clone(), last_block: *height, tip });
+        for (peer, last_block) in &report.peers {
+            if *last_block < tip {
+                violations.push(Violation::PeerBehind { peer: peer.clone(), last_block: *last_block, tip });
             }
         }
         // A store given behind a peer whose verdicts reached the tip: another database than the
         // peer's (a wrong path, an empty database), which would otherwise pass unseen.
-        for (peer, height) in store_heights {
-            if height < tip && report.peers.get(peer).is_some_and(|best| *best >= tip) {
-                violations.push(Violation::PeerBehind { peer: format!("{peer}'s store"), last_block: height, tip });
+        for (peer, last_block) in store_last_blocks {
+            if last_block < tip && report.peers.get(peer).is_some_and(|best| *best >= tip) {
+                violations.push(Violation::PeerBehind { peer: format!("{peer}'s store"), last_block, tip });
             }
         }
     }
@@ -308,7 +308,8 @@ fn check_transactions(
 }
 
 struct Replayed {
-    height: i64,
+    /// The last block the replay committed.
+    last_block: i64,
     state_hash: Vec<u8>,
     store: Arc<EmbeddedStore>,
 }
@@ -328,7 +329,7 @@ async fn replay(log: &Arc<dyn Log>, config: &AuditConfig, dir: &std::path::Path,
         tokio::spawn(async move { validator::run(stage, log, store, progress, shutdown).await })
     };
     while !running.is_finished() {
-        bar.set_message(format!("replaying from offset 0: block {}", progress.height()));
+        bar.set_message(format!("replaying from offset 0: height {}", blockchain_height(progress.last_block())));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bar.finish_and_clear();
@@ -338,7 +339,7 @@ async fn replay(log: &Arc<dyn Log>, config: &AuditConfig, dir: &std::path::Path,
         Err(e) => violations.push(Violation::ReplayFailed { message: format!("the replay task failed: {e}") }),
     }
     let savepoint = store.savepoint().map_err(|e| AuditError::Store { peer: "replay".into(), message: e.to_string() })?;
-    Ok(savepoint.map(|sp| Replayed { height: sp.block, state_hash: sp.state_hash, store }))
+    Ok(savepoint.map(|sp| Replayed { last_block: sp.block, state_hash: sp.state_hash, store }))
 }
 
 /// The `transfer` ledger's books: money created by VALID `create`s, and money the accounts hold.

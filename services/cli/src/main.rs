@@ -305,8 +305,8 @@ enum CliError {
     Client(#[from] clients::ClientCommandError),
     #[error(transparent)]
     Bench(#[from] streamledger_node::bench::BenchError),
-    #[error("replay: the rebuilt state (block {height}, state hash {hash}) differs from the live peer's (block {live_height}, {live_hash})")]
-    ReplayMismatch { height: i64, hash: String, live_height: i64, live_hash: String },
+    #[error("replay: the rebuilt state (block {last_block}, state hash {hash}) differs from the live peer's (block {live_last_block}, {live_hash})")]
+    ReplayMismatch { last_block: i64, hash: String, live_last_block: i64, live_hash: String },
     #[error("audit: {violations} violation(s) found")]
     Audit { violations: usize },
     #[error("{path}: {source}")]
@@ -539,11 +539,11 @@ async fn replay(args: ReplayArgs) -> Result<(), CliError> {
     })
     .await?;
     println!("replayed {} blocks, {} transactions in {:.2} s ({:.0} tx/s) into {}", report.blocks, report.transactions, report.seconds, report.tx_per_second(), into.display());
-    println!("{}, state hash {}", height_text(report.height), report.state_hash);
+    println!("{}, state hash {}", height_text(report.last_block), report.state_hash);
     match &report.live {
         Some((h, hash)) if report.matches_live() == Some(true) => println!("equals the live peer {} (block {h}, state hash {hash})", args.peer),
         Some((h, hash)) => {
-            return Err(CliError::ReplayMismatch { height: report.height, hash: report.state_hash.clone(), live_height: *h, live_hash: hash.clone() })
+            return Err(CliError::ReplayMismatch { last_block: report.last_block, hash: report.state_hash.clone(), live_last_block: *h, live_hash: hash.clone() })
         }
         None => println!("no live store for peer {} to compare with", args.peer),
     }

@@ -193,7 +193,7 @@ impl CommittedState for Pending<'_> {
 pub struct MemState {
     data: BTreeMap<String, BTreeMap<String, VersionedValue>>,
     txs: HashMap<String, TxLocation>,
-    height: Option<i64>,
+    last_block: Option<i64>,
 }
 
 impl MemState {
@@ -217,12 +217,12 @@ impl MemState {
         for (tx_id, loc) in &batch.tx_index {
             self.txs.entry(tx_id.clone()).or_insert(*loc);
         }
-        self.height = Some(batch.block);
+        self.last_block = Some(batch.block);
     }
 
     /// The last block applied.
-    pub fn height(&self) -> Option<i64> {
-        self.height
+    pub fn last_block(&self) -> Option<i64> {
+        self.last_block
     }
 
     /// Sets a value directly, outside any block: for tests that need a starting state.
@@ -340,6 +340,6 @@ mod tests {
         again.tx_index[0].1.block = 9;
         s.apply(&again);
         assert_eq!(s.tx_location("t").unwrap().unwrap().block, 1);
-        assert_eq!(s.height(), Some(1));
+        assert_eq!(s.last_block(), Some(1));
     }
 }

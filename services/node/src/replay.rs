@@ -37,10 +37,11 @@ pub struct ReplayConfig {
 pub struct ReplayReport {
     pub blocks: u64,
     pub transactions: u64,
-    pub height: i64,
+    /// The last block the replay committed (Fabric's height is one more).
+    pub last_block: i64,
     pub state_hash: String,
     pub seconds: f64,
-    /// The live peer's (height, state hash), when its store could be read.
+    /// The live peer's (last block, state hash), when its store could be read.
     pub live: Option<(i64, String)>,
 }
 
@@ -49,9 +50,9 @@ impl ReplayReport {
         self.transactions as f64 / self.seconds.max(1e-9)
     }
 
-    /// Replay equals live: same height and same state hash.
+    /// Replay equals live: same last block and same state hash.
     pub fn matches_live(&self) -> Option<bool> {
-        self.live.as_ref().map(|(h, hash)| *h == self.height && *hash == self.state_hash)
+        self.live.as_ref().map(|(h, hash)| *h == self.last_block && *hash == self.state_hash)
     }
 }
 
@@ -67,7 +68,7 @@ pub async fn replay(config: ReplayConfig) -> Result<ReplayReport, NodeError> {
     let blocks_topic = topics.name(names::BLOCKS).to_string();
     let end = log.end_offset(&blocks_topic, 0).await?;
     let store = Arc::new(EmbeddedStore::open(&config.into)?);
-    let start_height = store.savepoint()?.map_or(-1, |s| s.block);
+    let start_block = store.savepoint()?.map_or(-1, |s| s.block);
     if config.from_offset >= end {
         return Err(NodeError::Network(format!("{blocks_topic} ends at offset {end}: nothing to replay from offset {}", config.from_offset)));
     }
@@ -91,7 +92,7 @@ pub async fn replay(config: ReplayConfig) -> Result<ReplayReport, NodeError> {
     );
     while !running.is_finished() {
         bar.set_position(counters.records_in.get());
-        bar.set_message(format!("height {}", blockchain_height(progress.height())));
+        bar.set_message(format!("height {}", blockchain_height(progress.last_block())));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bar.finish_and_clear();
@@ -102,19 +103,19 @@ pub async fn replay(config: ReplayConfig) -> Result<ReplayReport, NodeError> {
     let seconds = started.elapsed().as_secs_f64();
 
     let savepoint = store.savepoint()?;
-    let height = savepoint.as_ref().map_or(-1, |s| s.block);
-    if height == start_height {
+    let last_block = savepoint.as_ref().map_or(-1, |s| s.block);
+    if last_block == start_block {
         return Err(NodeError::Network(format!(
-            "replay from offset {} committed nothing: the store is at block {start_height} and no block from that offset follows it (a fresh store can only be rebuilt from offset 0)",
+            "replay from offset {} committed nothing: the store is at block {start_block} and no block from that offset follows it (a fresh store can only be rebuilt from offset 0)",
             config.from_offset
         )));
     }
     let transactions = progress.codes().values().sum();
     let live = live_savepoint(&config.data_dir, &config.peer);
     Ok(ReplayReport {
-        blocks: (height - start_height) as u64,
+        blocks: (last_block - start_block) as u64,
         transactions,
-        height,
+        last_block,
         state_hash: savepoint.map(|s| hex::encode(&s.state_hash)).unwrap_or_default(),
         seconds,
         live,

@@ -406,7 +406,7 @@ async fn show_progress(peers: Vec<Peer>, mut shutdown: watch::Receiver<bool>) {
         let now_total = total(&peers);
         let rate = (now_total - last_total) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
         (last_total, last_at) = (now_total, Instant::now());
-        let heights: Vec<String> = peers.iter().map(|p| format!("{} {}", p.name, blockchain_height(p.progress.height()))).collect();
+        let heights: Vec<String> = peers.iter().map(|p| format!("{} {}", p.name, blockchain_height(p.progress.last_block()))).collect();
         let codes: Vec<String> = peers
             .first()
             .map(|p| p.progress.codes().iter().map(|(c, n)| format!("{} {n}", TxValidationCode::name_of(*c))).collect())

@@ -204,7 +204,7 @@ pub fn agrees_with_the_reference(store: &dyn PeerStore, blocks: Vec<RandomBlock>
         if let Some(now) = store.snapshot().unwrap() {
             answers_alike(now.as_ref(), &model, queries, "a snapshot taken after the commit");
         }
-        assert_eq!(store.savepoint().unwrap().map(|s| s.block), model.height());
+        assert_eq!(store.savepoint().unwrap().map(|s| s.block), model.last_block());
     }
 }
 

@@ -50,7 +50,7 @@ fn bench(c: &mut Criterion) {
         if let Err(e) = runtime.block_on(validator::run(config, log.clone(), store, progress.clone(), shutdown)) {
             panic!("replay failed: {e}");
         }
-        assert_eq!(progress.height(), BLOCKS as i64 - 1, "the replay reached the last block");
+        assert_eq!(progress.last_block(), BLOCKS as i64 - 1, "the replay reached the last block");
     };
 
     let mut g = c.benchmark_group("replay");

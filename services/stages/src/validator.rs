@@ -84,8 +84,9 @@ impl ValidatorConfig {
 /// What a peer has committed, for progress displays, the status document and metrics.
 #[derive(Debug, Default)]
 pub struct PeerProgress {
-    /// The last committed block, -1 before the first.
-    pub height: AtomicI64,
+    /// The last committed block's number, -1 before the first (Fabric's height is one more:
+    /// `model::blockchain_height`).
+    pub last_block: AtomicI64,
     pub state_hash: Mutex<Vec<u8>>,
     /// Committed transactions by validation code.
     pub codes: Mutex<BTreeMap<i32, u64>>,
@@ -99,11 +100,11 @@ pub struct PeerProgress {
 
 impl PeerProgress {
     pub fn new() -> Self {
-        Self { height: AtomicI64::new(-1), ..Default::default() }
+        Self { last_block: AtomicI64::new(-1), ..Default::default() }
     }
 
-    pub fn height(&self) -> i64 {
-        self.height.load(Ordering::Relaxed)
+    pub fn last_block(&self) -> i64 {
+        self.last_block.load(Ordering::Relaxed)
     }
 
     /// Waits until every record before `offset` on the blocks topic is processed, at most until
@@ -135,7 +136,7 @@ impl PeerProgress {
     }
 
     fn committed(&self, number: i64, state_hash: &[u8], codes: &[i32]) {
-        self.height.store(number, Ordering::Relaxed);
+        self.last_block.store(number, Ordering::Relaxed);
         if let Ok(mut h) = self.state_hash.lock() {
             *h = state_hash.to_vec();
         }
@@ -149,7 +150,7 @@ impl PeerProgress {
 
 /// Where the peer stands: the last committed header and state hash.
 struct Position {
-    height: i64,
+    last_block: i64,
     header: Option<BlockHeader>,
     state_hash: Vec<u8>,
 }
@@ -169,12 +170,12 @@ pub async fn run(
     let config = Arc::new(config);
 
     let savepoint = store.savepoint()?;
-    let mut position = Position { height: -1, header: None, state_hash: GENESIS_STATE_HASH.to_vec() };
+    let mut position = Position { last_block: -1, header: None, state_hash: GENESIS_STATE_HASH.to_vec() };
     let mut from = 0;
     if let Some(sp) = &savepoint {
         let stored = store.block(sp.block)?.ok_or_else(|| StageError::Fatal(format!("{}: savepoint names block {} but the store does not hold it", config.peer, sp.block)))?;
         let block = codec::decode::<Block>(&stored.bytes).map_err(|e| StageError::Fatal(format!("{}: stored block {}: {e}", config.peer, sp.block)))?;
-        position = Position { height: sp.block, header: Some(block.header.clone()), state_hash: sp.state_hash.clone() };
+        position = Position { last_block: sp.block, header: Some(block.header.clone()), state_hash: sp.state_hash.clone() };
         from = sp.blocks_offset + 1;
         progress.committed(sp.block, &sp.state_hash, &[]);
         // Known from the start, as Fabric publishes the height when it opens the ledger.
@@ -188,7 +189,7 @@ pub async fn run(
     }
     let from = config.start_offset.unwrap_or(from);
     progress.read_blocks_before(from);
-    tracing::info!(peer = %config.peer, last_block = position.height, from_offset = from, "validator started");
+    tracing::info!(peer = %config.peer, last_block = position.last_block, from_offset = from, "validator started");
     let consumer = log.consumer(Subscription::assign(&blocks_topic, 0, from)).await?;
     let (ahead_tx, mut ahead) = tokio::sync::mpsc::channel(LOOKAHEAD);
     let _reader = AbortOnDrop(tokio::spawn(read_ahead(config.clone(), consumer, ahead_tx, LOOKAHEAD_BYTES, counters.clone(), shutdown.clone())));
@@ -246,8 +247,8 @@ pub async fn run(
         };
         match next {
             Ok(Some(validated)) => {
-                position = Position { height: validated.block.header.number, header: Some(validated.block.header.clone()), state_hash: validated.validation.state_hash.to_vec() };
-                broken = broken.split_off(&(position.height + 1));
+                position = Position { last_block: validated.block.header.number, header: Some(validated.block.header.clone()), state_hash: validated.validation.state_hash.to_vec() };
+                broken = broken.split_off(&(position.last_block + 1));
                 group.push(validated);
             }
             Ok(None) => {}
@@ -271,7 +272,7 @@ pub async fn run(
     }
     // A clean stop leaves nothing for the next start to re-apply.
     ends.make_durable().await?;
-    tracing::info!(peer = %config.peer, last_block = position.height, "validator stopped");
+    tracing::info!(peer = %config.peer, last_block = position.last_block, "validator stopped");
     Ok(())
 }
 
@@ -599,7 +600,7 @@ async fn admissible(
         }
     };
     let number = block.header.number;
-    if number <= position.height {
+    if number <= position.last_block {
         let committed = match &position.header {
             Some(h) if h.number == number => Some(block_header_hash(h).to_vec()),
             _ => match group.header_hash(number) {

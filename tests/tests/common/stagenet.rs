@@ -234,7 +234,7 @@ impl Verdicts {
     }
 
     /// The highest block a peer has a verdict for (-1 before the first).
-    pub fn height(&self, peer: &str) -> i64 {
+    pub fn last_block(&self, peer: &str) -> i64 {
         self.sequence.iter().filter(|(p, ..)| p == peer).map(|(_, b, _)| *b).max().unwrap_or(-1)
     }
 

@@ -118,6 +118,6 @@ mod tests {
             let r = call(&mut s, 1, function, args);
             assert_eq!((r.status, r.message.as_str()), (Response::ERROR, message));
         }
-        assert_eq!(s.height(), None, "nothing was committed");
+        assert_eq!(s.last_block(), None, "nothing was committed");
     }
 }

@@ -205,7 +205,7 @@ mod tests {
         let other_org1 = identity("Org1MSP", 9);
         assert!(call(&mut s, 3, &other_org1, "transfer", &["alice", "bob", "1"]).0.message.contains("not by the caller"));
         assert_eq!((stored(&s, "alice").balance, stored(&s, "bob").balance), (100, 50));
-        assert_eq!(s.height(), Some(2), "no failing call was committed");
+        assert_eq!(s.last_block(), Some(2), "no failing call was committed");
     }
 
     #[test]
