@@ -1,6 +1,7 @@
 //! The Kafka adapter's schema registry client over HTTPS with basic authentication, as Confluent
-//! Cloud's registry requires: the test registry serves TLS with a certificate from a test CA and
-//! answers 401 without the right credentials. What the client does is real: the TLS handshake
+//! Cloud's registry requires, and with a client certificate (mutual TLS): the test registry serves
+//! TLS with a certificate from a test CA, answers 401 without the right credentials, and, when
+//! started with a client CA, fails the handshake of a client without a certificate it signed. What the client does is real: the TLS handshake
 //! against the CA file, the Authorization header, the registry's REST calls.
 
 mod test_schema_registry;
@@ -11,7 +12,7 @@ use std::path::Path;
 
 use streamledger_core::codec;
 use streamledger_core::model::Rejection;
-use streamledger_kafka::config::{REGISTRY_CA, REGISTRY_URL, REGISTRY_USER_INFO};
+use streamledger_kafka::config::{REGISTRY_CA, REGISTRY_CERT, REGISTRY_KEY, REGISTRY_URL, REGISTRY_USER_INFO};
 use streamledger_kafka::wire::Wire;
 use streamledger_kafka::KafkaConfig;
 use streamledger_ports::log::Record;
@@ -21,7 +22,15 @@ const TOPIC: &str = "mychannel.rejections";
 
 /// The wire for `url`, configured as a deployment would: adapter options, validated.
 fn wire(url: &str, ca: &Path, user_info: &str) -> Wire {
-    let config = KafkaConfig::bootstrap("unused:9092").with(REGISTRY_URL, url).with(REGISTRY_CA, &ca.display().to_string()).with(REGISTRY_USER_INFO, user_info);
+    wire_with_cert(url, ca, user_info, None)
+}
+
+/// As [`wire`], sending `client`'s certificate when given.
+fn wire_with_cert(url: &str, ca: &Path, user_info: &str, client: Option<&pki::Pki>) -> Wire {
+    let mut config = KafkaConfig::bootstrap("unused:9092").with(REGISTRY_URL, url).with(REGISTRY_CA, &ca.display().to_string()).with(REGISTRY_USER_INFO, user_info);
+    if let Some(client) = client {
+        config = config.with(REGISTRY_CERT, &client.cert.display().to_string()).with(REGISTRY_KEY, &client.key.display().to_string());
+    }
     config.validate().unwrap_or_else(|e| panic!("{e}"));
     Wire::with_registry(&config.schema_registry().expect("a registry is configured")).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -37,7 +46,7 @@ struct Secured {
 async fn secured(dir: &Path) -> Secured {
     let pki = pki::write_pki(dir, "registry");
     let other = pki::write_pki(dir, "other");
-    let registry = TestSchemaRegistry::start_secure(&pki.cert, &pki.key, "api-key", "api-secret").await;
+    let registry = TestSchemaRegistry::start_secure(&pki.cert, &pki.key, "api-key", "api-secret", None).await;
     Secured { registry, pki, other }
 }
 
@@ -49,7 +58,7 @@ fn rejection() -> Vec<u8> {
 async fn schemas_are_registered_and_fetched_over_https_with_basic_auth() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki::write_pki(dir.path(), "registry");
-    let registry = TestSchemaRegistry::start_secure(&pki.cert, &pki.key, "api-key", "api-secret").await;
+    let registry = TestSchemaRegistry::start_secure(&pki.cert, &pki.key, "api-key", "api-secret", None).await;
     assert!(registry.url.starts_with("https://"), "{}", registry.url);
 
     // Produce: the schema is registered under the topic's subject, the value framed with its id.
@@ -104,4 +113,43 @@ async fn the_start_check_refuses_a_wrong_password_or_certificate_but_not_an_outa
 
     // Nothing listens on port 9 of loopback: an outage, left to the retrying calls.
     wire("https://127.0.0.1:9", &pki.ca, "api-key:api-secret").check_registry().await.unwrap();
+}
+
+/// Mutual TLS: the registry asks for a client certificate signed by the clients' CA. With one,
+/// schemas are registered and fetched, and the start check passes; without one, or with one from
+/// another CA, the start check refuses to start naming the client certificate options, and
+/// nothing is registered.
+#[tokio::test]
+async fn with_mutual_tls_only_a_client_certificate_the_registry_trusts_gets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::write_pki(dir.path(), "registry");
+    let clients = pki::write_pki(dir.path(), "clients");
+    let stranger = pki::write_pki(dir.path(), "stranger");
+    let registry = TestSchemaRegistry::start_secure(&pki.cert, &pki.key, "api-key", "api-secret", Some(&clients.ca)).await;
+
+    // Without a client certificate: the registry ends the handshake.
+    let err = wire(&registry.url, &pki.ca, "api-key:api-secret").check_registry().await.unwrap_err();
+    eprintln!("no client certificate at start: {err}");
+    assert!(!err.retryable && err.message.contains("TLS handshake") && err.message.contains(REGISTRY_CERT) && err.message.contains(REGISTRY_KEY), "{err}");
+    let err = wire(&registry.url, &pki.ca, "api-key:api-secret").outbound(TOPIC, &rejection()).await.unwrap_err();
+    eprintln!("no client certificate on produce: {err}");
+    assert!(err.message.contains(REGISTRY_CERT), "the error says what to check: {err}");
+
+    // A certificate from a CA the registry does not trust.
+    let err = wire_with_cert(&registry.url, &pki.ca, "api-key:api-secret", Some(&stranger)).check_registry().await.unwrap_err();
+    eprintln!("untrusted client certificate at start: {err}");
+    assert!(!err.retryable && err.message.contains("TLS handshake") && err.message.contains(&format!("trusts the CA of {REGISTRY_CERT}")), "{err}");
+    assert!(registry.subjects().is_empty(), "nothing was registered: {:?}", registry.subjects());
+
+    // With the clients' certificate: registered over mutual TLS, and fetched by a fresh client.
+    let producer = wire_with_cert(&registry.url, &pki.ca, "api-key:api-secret", Some(&clients));
+    producer.check_registry().await.unwrap_or_else(|e| panic!("the start check passes: {e}"));
+    let single = rejection();
+    let framed = producer.outbound(TOPIC, &single).await.unwrap().expect("framed for the registry");
+    let id = registry.latest_id(&format!("{TOPIC}-value")).expect("registered over mutual TLS");
+    assert_eq!(codec::confluent_schema_id(&framed), Some(id));
+    let consumer = wire_with_cert(&registry.url, &pki.ca, "api-key:api-secret", Some(&clients));
+    let mut records = vec![Record { topic: TOPIC.into(), partition: 0, offset: 0, key: None, value: framed, timestamp_ms: 0 }];
+    consumer.inbound(&mut records).await.unwrap();
+    assert_eq!(records[0].value, single, "the single-object bytes come back exactly");
 }

@@ -45,8 +45,17 @@ pub const REGISTRY_CA: &str = "streamledger.schema.registry.ssl.ca.location";
 /// `basic.auth.user.info`; on Confluent Cloud the API key and secret). Redacted in logs.
 pub const REGISTRY_USER_INFO: &str = "streamledger.schema.registry.basic.auth.user.info";
 
+/// Adapter option: a PEM file holding this client's certificate (then any intermediates), sent
+/// to an `https://` registry that asks for one (mutual TLS; Confluent's
+/// `schema.registry.ssl.certificate.location`). Set together with [`REGISTRY_KEY`].
+pub const REGISTRY_CERT: &str = "streamledger.schema.registry.ssl.certificate.location";
+
+/// Adapter option: the PEM file of [`REGISTRY_CERT`]'s private key, unencrypted PKCS#8
+/// (`-----BEGIN PRIVATE KEY-----`; Confluent's `schema.registry.ssl.key.location`).
+pub const REGISTRY_KEY: &str = "streamledger.schema.registry.ssl.key.location";
+
 /// Every adapter option: any other `streamledger.` property is a typo, refused at start.
-const ADAPTER_OPTIONS: [&str; 4] = [INFINITE_RETENTION, REGISTRY_URL, REGISTRY_CA, REGISTRY_USER_INFO];
+const ADAPTER_OPTIONS: [&str; 6] = [INFINITE_RETENTION, REGISTRY_URL, REGISTRY_CA, REGISTRY_USER_INFO, REGISTRY_CERT, REGISTRY_KEY];
 
 /// How to reach the schema registry: the adapter options above, read together.
 #[derive(Clone, PartialEq, Eq)]
@@ -56,6 +65,8 @@ pub struct RegistryOptions {
     pub ca_location: Option<std::path::PathBuf>,
     /// (user, password).
     pub basic_auth: Option<(String, String)>,
+    /// The client certificate and its key, for mutual TLS: ([`REGISTRY_CERT`], [`REGISTRY_KEY`]).
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl fmt::Debug for RegistryOptions {
@@ -65,6 +76,7 @@ impl fmt::Debug for RegistryOptions {
             .field("url", &self.url)
             .field("ca_location", &self.ca_location)
             .field("user", &self.basic_auth.as_ref().map(|(user, _)| user))
+            .field("client_cert", &self.client_cert)
             .finish()
     }
 }
@@ -202,12 +214,14 @@ impl KafkaConfig {
                 Some((user, password)) => (user.to_string(), password.to_string()),
                 None => (info.to_string(), String::new()),
             }),
+            // Both or neither: validate_registry refuses one alone.
+            client_cert: option(REGISTRY_CERT).zip(option(REGISTRY_KEY)).map(|(cert, key)| (cert.into(), key.into())),
         })
     }
 
     fn validate_registry(&self) -> Result<(), ConfigError> {
         let Some(registry) = self.schema_registry() else {
-            return match [REGISTRY_CA, REGISTRY_USER_INFO].into_iter().find(|key| self.get(key).is_some()) {
+            return match [REGISTRY_CA, REGISTRY_USER_INFO, REGISTRY_CERT, REGISTRY_KEY].into_iter().find(|key| self.get(key).is_some()) {
                 Some(key) => Err(ConfigError(format!("{key} is set, but {REGISTRY_URL} is not: there is no registry to use it for"))),
                 None => Ok(()),
             };
@@ -223,6 +237,17 @@ impl KafkaConfig {
                      public certificate, the system bundle, e.g. /etc/ssl/certs/ca-certificates.crt)"
                 )));
             }
+        }
+        let set = |key| self.get(key).is_some_and(|v| !v.trim().is_empty());
+        match (set(REGISTRY_CERT), set(REGISTRY_KEY)) {
+            (true, false) => return Err(ConfigError(format!("{REGISTRY_CERT} is set without {REGISTRY_KEY}: a client certificate needs its private key"))),
+            (false, true) => return Err(ConfigError(format!("{REGISTRY_KEY} is set without {REGISTRY_CERT}: a private key needs its client certificate"))),
+            _ => {}
+        }
+        if registry.client_cert.is_some() && !url.contains("https://") {
+            return Err(ConfigError(format!(
+                "{REGISTRY_CERT} is set, but {REGISTRY_URL}={url} has no https:// URL: a client certificate is only sent over TLS"
+            )));
         }
         if let Some((user, password)) = &registry.basic_auth {
             // The value is never printed: it holds the password.
@@ -429,6 +454,22 @@ mod tests {
             assert!(err.contains(REGISTRY_USER_INFO) && err.contains("USER:PASSWORD"), "{err}");
             assert!(info.is_empty() || !err.contains(info), "the value is not printed: {err}");
         }
+        // A client certificate: with its key, over https://, and only with a registry.
+        let mtls = |url: &str| KafkaConfig::bootstrap("b:1").with(REGISTRY_URL, url).with(REGISTRY_CA, "ca.pem");
+        let err = mtls("https://a:8081").with(REGISTRY_CERT, "me.pem").validate().unwrap_err().to_string();
+        assert!(err.contains(REGISTRY_CERT) && err.contains(&format!("without {REGISTRY_KEY}")), "{err}");
+        let err = mtls("https://a:8081").with(REGISTRY_KEY, "me.key").validate().unwrap_err().to_string();
+        assert!(err.contains(REGISTRY_KEY) && err.contains(&format!("without {REGISTRY_CERT}")), "{err}");
+        let err = mtls("http://a:8081").with(REGISTRY_CERT, "me.pem").with(REGISTRY_KEY, "me.key").validate().unwrap_err().to_string();
+        assert!(err.contains(REGISTRY_CERT) && err.contains("no https:// URL"), "{err}");
+        for key in [REGISTRY_CERT, REGISTRY_KEY] {
+            let err = KafkaConfig::bootstrap("b:1").with(key, "x.pem").validate().unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(&format!("{REGISTRY_URL} is not")), "{err}");
+        }
+        let both = mtls("https://a:8081").with(REGISTRY_CERT, "me.pem").with(REGISTRY_KEY, "me.key");
+        both.validate().unwrap();
+        assert_eq!(both.schema_registry().unwrap().client_cert, Some(("me.pem".into(), "me.key".into())));
+
         let err = KafkaConfig::bootstrap("b:1").with("streamledger.schema.registry.ssl.ca", "x").validate().unwrap_err().to_string();
         assert!(err.contains("streamledger.schema.registry.ssl.ca is not an option") && err.contains(REGISTRY_CA), "{err}");
     }

@@ -22,7 +22,8 @@
 //! The registry is reached through `schema_registry_converter`'s async client (register:
 //! `POST /subjects/{subject}/versions`, by id: `GET /schemas/ids/{id}`), over `http://` or over
 //! `https://` (OpenSSL), trusting only the CAs of [`crate::config::REGISTRY_CA`], with HTTP basic
-//! authentication when [`crate::config::REGISTRY_USER_INFO`] is set. Its encoders are not used
+//! authentication when [`crate::config::REGISTRY_USER_INFO`] is set, and a client certificate
+//! (mutual TLS) when [`crate::config::REGISTRY_CERT`] and [`crate::config::REGISTRY_KEY`] are. Its encoders are not used
 //! for the values themselves: they would rebuild every datum from a `Value` tree, while swapping
 //! headers keeps the bytes (and so the block hashes) exactly as written.
 
@@ -38,7 +39,7 @@ use streamledger_core::codec::{self, all_schemas, RecordSchema, CONFLUENT_HEADER
 use streamledger_core::schema_history;
 use streamledger_ports::log::{LogError, LogResult, Record};
 
-use crate::config::{RegistryOptions, REGISTRY_CA, REGISTRY_USER_INFO};
+use crate::config::{RegistryOptions, REGISTRY_CA, REGISTRY_CERT, REGISTRY_KEY, REGISTRY_USER_INFO};
 
 const SINGLE_OBJECT_HEADER_LEN: usize = 10;
 /// How long one registry request may take.
@@ -108,6 +109,8 @@ struct Registry {
     first_url: String,
     probe: reqwest_registry::Client,
     basic_auth: Option<(String, String)>,
+    /// A client certificate is sent (mutual TLS): for the hints of TLS errors.
+    client_cert: bool,
     /// topic → the id its current schema is registered under.
     ids: Mutex<HashMap<String, u32>>,
     /// Schema ids seen on the wire, resolved once.
@@ -128,6 +131,36 @@ fn trusted_cas(path: &Path) -> Result<Vec<reqwest_registry::Certificate>, String
         return Err(format!("{REGISTRY_CA}={}: no PEM certificate in the file", path.display()));
     }
     Ok(certs)
+}
+
+/// The client certificate (then any intermediates) and its key, read and paired now, so that a
+/// wrong file is refused at start naming it rather than at the first TLS handshake.
+fn client_identity(cert: &Path, key: &Path) -> Result<reqwest_registry::Identity, String> {
+    let read = |option: &str, path: &Path| std::fs::read(path).map_err(|e| format!("{option}={}: cannot read it: {e}", path.display()));
+    let (cert_pem, key_pem) = (read(REGISTRY_CERT, cert)?, read(REGISTRY_KEY, key)?);
+    if !cert_pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{REGISTRY_CERT}={}: no PEM certificate in the file (expected -----BEGIN CERTIFICATE-----)", cert.display()));
+    }
+    // OpenSSL (through native-tls) takes the key only as unencrypted PKCS#8.
+    if !key_pem.starts_with(b"-----BEGIN PRIVATE KEY-----") {
+        return Err(format!(
+            "{REGISTRY_KEY}={}: not an unencrypted PKCS#8 PEM key (-----BEGIN PRIVATE KEY-----); convert an RSA or EC key with \
+             `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pk8`",
+            key.display()
+        ));
+    }
+    reqwest_registry::Identity::from_pkcs8_pem(&cert_pem, &key_pem)
+        .map_err(|e| format!("{REGISTRY_CERT}={} with {REGISTRY_KEY}={}: {}", cert.display(), key.display(), causes(&e)))
+}
+
+/// What to check when the TLS handshake with the registry fails.
+fn tls_hint(client_cert: bool) -> String {
+    let client = if client_cert {
+        format!("; that the registry trusts the CA of {REGISTRY_CERT}")
+    } else {
+        format!("; if the registry asks for a client certificate, set {REGISTRY_CERT} and {REGISTRY_KEY}")
+    };
+    format!("check that {REGISTRY_CA} holds the CA that signed the registry's certificate, for the host name in the URL{client}")
 }
 
 /// An error with its causes, which reqwest's own message leaves out (the TLS failure, the refused
@@ -161,10 +194,7 @@ impl Registry {
     fn error(&self, context: String, e: &SRCError) -> LogError {
         let mut error = registry_error(context, e);
         if e.error == NO_ANSWER && self.url.contains("https://") {
-            error.message.push_str(&format!(
-                " (or the TLS handshake failed: check that {REGISTRY_CA} holds the CA that signed the registry's certificate, for \
-                 the host name in the URL)"
-            ));
+            error.message.push_str(&format!(" (or the TLS handshake failed: {})", tls_hint(self.client_cert)));
         }
         error
     }
@@ -194,12 +224,19 @@ impl Wire {
             Some(ca) => Some(trusted_cas(ca).map_err(|message| LogError::new(ctx(), message, false))?),
             None => None,
         };
+        let identity = match &options.client_cert {
+            Some((cert, key)) => Some(client_identity(cert, key).map_err(|message| LogError::new(ctx(), message, false))?),
+            None => None,
+        };
         let client = || {
-            let client = reqwest_registry::Client::builder().timeout(REGISTRY_TIMEOUT);
-            match &roots {
-                Some(roots) => client.tls_certs_only(roots.clone()),
-                None => client,
+            let mut client = reqwest_registry::Client::builder().timeout(REGISTRY_TIMEOUT);
+            if let Some(roots) = &roots {
+                client = client.tls_certs_only(roots.clone());
             }
+            if let Some(identity) = &identity {
+                client = client.identity(identity.clone());
+            }
+            client
         };
         let settings = builder.set_timeout(REGISTRY_TIMEOUT).build_with(client()).map_err(|e| registry_error(ctx(), &e))?;
         let probe = client().build().map_err(|e| LogError::new(ctx(), format!("HTTP client: {}", causes(&e)), false))?;
@@ -210,6 +247,7 @@ impl Wire {
                 first_url: first,
                 probe,
                 basic_auth: options.basic_auth.clone(),
+                client_cert: identity.is_some(),
                 ids: Mutex::new(HashMap::new()),
                 meanings: Mutex::new(HashMap::new()),
             }),
@@ -217,7 +255,8 @@ impl Wire {
     }
 
     /// Asks the (first) registry for its subjects once, to refuse at start what no retry can fix:
-    /// a certificate the CA file does not vouch for, or credentials the registry refuses. Any other
+    /// a certificate the CA file does not vouch for, a client certificate missing or refused, or
+    /// credentials the registry refuses. Any other
     /// failure (the registry down, the network) is left to the calls that retry. Nothing to do
     /// without a registry.
     pub async fn check_registry(&self) -> LogResult<()> {
@@ -236,8 +275,10 @@ impl Wire {
             Ok(_) => Ok(()),
             Err(e) => {
                 let why = causes(&e);
-                if why.contains("certificate") || why.contains("handshake") {
-                    return refused(format!("GET {url}: the TLS handshake failed: {why} (check that {REGISTRY_CA} holds the CA that signed the registry's certificate, for the host name in the URL)"));
+                // A refused client certificate arrives as a TLS alert ("certificate required",
+                // "unknown ca", "bad certificate"), in TLS 1.3 only after the handshake.
+                if why.contains("certificate") || why.contains("handshake") || why.contains("alert") || why.contains("unknown ca") {
+                    return refused(format!("GET {url}: the TLS handshake failed: {why} ({})", tls_hint(registry.client_cert)));
                 }
                 tracing::warn!(registry = %registry.first_url, error = %why, "schema registry not reachable at start; its calls will retry");
                 Ok(())
@@ -354,6 +395,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The process tests' certificate maker.
+#[cfg(test)]
+#[path = "../../../tests/tests/common/pki.rs"]
+mod test_pki;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,7 +459,7 @@ mod tests {
     #[test]
     fn a_registry_ca_file_that_cannot_be_used_is_refused_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let options = |ca: &Path| RegistryOptions { url: "https://127.0.0.1:9".into(), ca_location: Some(ca.to_path_buf()), basic_auth: None };
+        let options = |ca: &Path| RegistryOptions { url: "https://127.0.0.1:9".into(), ca_location: Some(ca.to_path_buf()), basic_auth: None, client_cert: None };
         let missing = dir.path().join("missing-ca.pem");
         let err = Wire::with_registry(&options(&missing)).err().unwrap();
         assert!(!err.retryable && err.message.contains(REGISTRY_CA) && err.message.contains("missing-ca.pem"), "{err}");
@@ -424,10 +470,47 @@ mod tests {
         assert!(err.context.contains("https://127.0.0.1:9"), "{err}");
     }
 
+    #[test]
+    fn a_client_certificate_or_key_that_cannot_be_used_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = super::test_pki::write_pki(dir.path(), "client");
+        let options = |cert: &Path, key: &Path| RegistryOptions {
+            url: "https://127.0.0.1:9".into(),
+            ca_location: Some(pki.ca.clone()),
+            basic_auth: None,
+            client_cert: Some((cert.to_path_buf(), key.to_path_buf())),
+        };
+        let refused = |cert: &Path, key: &Path| {
+            let err = Wire::with_registry(&options(cert, key)).err().expect("refused");
+            assert!(!err.retryable && err.context.contains("https://127.0.0.1:9"), "{err}");
+            err.message
+        };
+        assert!(Wire::with_registry(&options(&pki.cert, &pki.key)).is_ok(), "a good pair is taken");
+
+        let missing = dir.path().join("missing.pem");
+        let err = refused(&missing, &pki.key);
+        assert!(err.contains(REGISTRY_CERT) && err.contains("missing.pem") && err.contains("cannot read"), "{err}");
+        let err = refused(&pki.cert, &missing);
+        assert!(err.contains(REGISTRY_KEY) && err.contains("missing.pem"), "{err}");
+        // The key where the certificate should be.
+        let err = refused(&pki.key, &pki.key);
+        assert!(err.contains(REGISTRY_CERT) && err.contains("no PEM certificate"), "{err}");
+        // A key in another form than PKCS#8 (here SEC1, as `openssl ecparam -genkey` writes).
+        let sec1 = dir.path().join("sec1.key");
+        std::fs::write(&sec1, "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----\n").unwrap();
+        let err = refused(&pki.cert, &sec1);
+        assert!(err.contains(REGISTRY_KEY) && err.contains("sec1.key") && err.contains("PKCS#8") && err.contains("openssl pkcs8"), "{err}");
+        // A PKCS#8 header over something that is not a key.
+        let broken = dir.path().join("broken.key");
+        std::fs::write(&broken, "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n").unwrap();
+        let err = refused(&pki.cert, &broken);
+        assert!(err.contains("broken.key") && err.contains(REGISTRY_CERT), "{err}");
+    }
+
     #[tokio::test]
     async fn an_unreachable_registry_is_a_retryable_error_not_a_dead_letter() {
         // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
-        let wire = Wire::with_registry(&RegistryOptions { url: "http://127.0.0.1:9".into(), ca_location: None, basic_auth: None }).unwrap();
+        let wire = Wire::with_registry(&RegistryOptions { url: "http://127.0.0.1:9".into(), ca_location: None, basic_auth: None, client_cert: None }).unwrap();
         let rejection = Rejection { tx_id: "t".into(), stage: "gateway".into(), reason: "r".into(), source_offset: 0 };
         let single = codec::encode(&rejection).unwrap();
         let err = wire.outbound("ch.rejections", &single).await.unwrap_err();

@@ -1,8 +1,10 @@
 //! Optional TLS on the HTTP endpoints this project serves (the `up` API, the stages' `/metrics`,
 //! `/healthz` and `/readyz`), and the loading of the CA certificates the API client trusts.
 //!
-//! rustls on the ring provider: rustls' default provider, aws-lc-rs, needs cmake to build. Only
-//! the server is authenticated: clients are not asked for certificates (no mutual TLS).
+//! rustls on the ring provider: rustls' default provider, aws-lc-rs, needs cmake to build. The
+//! endpoints `up` and the stages serve authenticate the server only: clients are not asked for
+//! certificates. [`ServerTls::requiring_client_certs`] asks for them; the tests' schema registry
+//! uses it to check the Kafka adapter's mutual TLS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -82,6 +84,17 @@ impl ServerTls {
     /// key in PEM (PKCS#8, PKCS#1 or SEC1). Errors name the file at fault, including a key that
     /// does not belong to the certificate.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsFileError> {
+        Self::build(cert, key, None)
+    }
+
+    /// As [`ServerTls::load`], and every client must present a certificate that a CA of
+    /// `client_ca` (PEM) signed, or its handshake fails.
+    pub fn requiring_client_certs(cert: &Path, key: &Path, client_ca: &Path) -> Result<Self, TlsFileError> {
+        Self::build(cert, key, Some(client_ca))
+    }
+
+    fn build(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsFileError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs = load_certs(cert)?;
         let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| match e {
             rustls::pki_types::pem::Error::NoItemsFound => {
@@ -89,10 +102,23 @@ impl ServerTls {
             }
             e => file_error(key, format!("not a PEM private key: {e}")),
         })?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| file_error(cert, format!("TLS setup: {e}")))?
-            .with_no_client_auth()
+            .map_err(|e| file_error(cert, format!("TLS setup: {e}")))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in load_certs(ca)? {
+                    roots.add(c).map_err(|e| file_error(ca, e.to_string()))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| file_error(ca, format!("cannot check client certificates with it: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder
             .with_single_cert(certs, key_der)
             .map_err(|e| file_error(key, format!("cannot serve {} with this key: {e}", cert.display())))?;
         Ok(Self { config: Arc::new(config), cert: cert.to_path_buf() })
@@ -175,6 +201,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pki::Pki { ca, cert, key } = write_pki(dir.path(), "server");
         assert!(ServerTls::load(&cert, &key).is_ok());
+        assert!(ServerTls::requiring_client_certs(&cert, &key, &ca).is_ok());
         assert_eq!(load_certs(&ca).unwrap().len(), 1);
 
         let missing = dir.path().join("missing.pem");
@@ -196,6 +223,8 @@ mod tests {
             ("broken certificate", error_of(ServerTls::load(&broken, &key)), &broken, "certificate 1 of 1 is not valid"),
             ("key of another certificate", error_of(ServerTls::load(&cert, &other_key)), &other_key, "cannot serve"),
             ("CA not PEM", error_of(load_certs(&not_pem)), &not_pem, "no certificate in it"),
+            ("missing client CA", error_of(ServerTls::requiring_client_certs(&cert, &key, &missing)), &missing, "No such file"),
+            ("client CA not PEM", error_of(ServerTls::requiring_client_certs(&cert, &key, &not_pem)), &not_pem, "no certificate in it"),
         ] {
             assert!(err.starts_with(&format!("{}: ", file.display())) && err.contains(expected), "{what}: {err}");
         }

@@ -9,7 +9,8 @@
 //! - `GET /schemas/ids/{id}` answers the schema text (404, error code 40403, when unknown).
 //!
 //! - [`TestSchemaRegistry::start_secure`] serves the same over HTTPS (the node's own listener)
-//!   and requires HTTP basic authentication, as Confluent Cloud's registry does.
+//!   and requires HTTP basic authentication, as Confluent Cloud's registry does, and, given a
+//!   client CA, a client certificate it signed (mutual TLS).
 //!
 //! Not modelled: compatibility checks on register, deletes, references, contexts, other auth.
 
@@ -147,11 +148,16 @@ impl TestSchemaRegistry {
 
     /// Starts a registry that serves HTTPS with the PEM certificate chain `cert` and key `key`,
     /// and answers 401 to any request without basic authentication as `user` / `password`.
-    pub async fn start_secure(cert: &std::path::Path, key: &std::path::Path, user: &str, password: &str) -> TestSchemaRegistry {
+    pub async fn start_secure(cert: &std::path::Path, key: &std::path::Path, user: &str, password: &str, client_ca: Option<&std::path::Path>) -> TestSchemaRegistry {
         use base64::Engine as _;
+        use streamledger_node::tls::ServerTls;
 
         // The node's own HTTPS listener (what `up --tls-cert` serves with).
-        let tls = streamledger_node::tls::ServerTls::load(cert, key).unwrap_or_else(|e| panic!("{e}"));
+        let tls = match client_ca {
+            None => ServerTls::load(cert, key),
+            Some(ca) => ServerTls::requiring_client_certs(cert, key, ca),
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
         let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
         let state: Shared = Arc::default();
         let app = router(state.clone()).layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
