@@ -1,7 +1,8 @@
 //! HTTPS (`--tls-cert`, `--tls-key`) on `streamledger up`'s API and on a stage process's
 //! operations endpoints, with a CA and a server certificate made here: the CLI over https with
 //! `--cacert`; plain HTTP and clients that do not trust the CA refused while the server goes on;
-//! a graceful stop.
+//! a graceful stop. With `--tls-client-ca` (mutual TLS), only clients with a certificate signed by
+//! that CA get in.
 
 mod common;
 
@@ -22,14 +23,79 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 temp path")
 }
 
-/// A reqwest client that trusts only the CA in `ca`, for endpoints the typed client does not cover.
-fn trusting(ca: &Path) -> reqwest::Client {
+/// A reqwest client builder that trusts only the CA in `ca`.
+fn builder_trusting(ca: &Path) -> reqwest::ClientBuilder {
     let pem = std::fs::read(ca).unwrap();
     let mut builder = reqwest::Client::builder();
     for cert in reqwest::Certificate::from_pem_bundle(&pem).unwrap() {
         builder = builder.add_root_certificate(cert);
     }
-    builder.build().unwrap()
+    builder
+}
+
+/// A reqwest client that trusts only the CA in `ca`, for endpoints the typed client does not cover.
+fn trusting(ca: &Path) -> reqwest::Client {
+    builder_trusting(ca).build().unwrap()
+}
+
+/// As [`trusting`], presenting `client`'s certificate.
+fn trusting_as(ca: &Path, client: &pki::Pki) -> reqwest::Client {
+    let identity = [std::fs::read(&client.key).unwrap(), std::fs::read(&client.cert).unwrap()].join(&b'\n');
+    builder_trusting(ca).identity(reqwest::Identity::from_pem(&identity).unwrap()).build().unwrap()
+}
+
+/// `up --tls-client-ca` (mutual TLS): the CLI and the benchmark with a certificate the clients' CA
+/// signed get in; a client without a certificate, or with one another CA signed, fails its
+/// handshake, told what to give, and nothing it sent reaches the ledger; the node goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_a_client_ca_serves_only_clients_with_a_certificate_it_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = pki::write_pki(dir.path(), "server");
+    let clients = pki::write_pki(dir.path(), "clients");
+    let stranger = pki::write_pki(dir.path(), "stranger");
+    let args = ["--tls-cert", path(&server.cert), "--tls-key", path(&server.key), "--tls-client-ca", path(&clients.ca)];
+    let mut up = Up::start_with_ca(dir.path(), &args, Some(&server.ca));
+    let api = up.api.clone();
+    let ca = path(&server.ca);
+    let me = ["--cacert", ca, "--client-cert", path(&clients.cert), "--client-key", path(&clients.key)];
+    bounded("up with mutual TLS", 120, async {
+        // With the clients' certificate: served.
+        let run = cli(Some(&api), &[&["submit", "transfer", "create", "alice", "100"][..], &me].concat()).await;
+        run.assert_success();
+        assert_eq!(parse_submit(&run).1.expect("submit waits for the verdict").0, "VALID", "{run:?}");
+        let run = cli(Some(&api), &[&["query", "transfer", "alice"][..], &me].concat()).await;
+        run.assert_success();
+        assert_eq!(parse_query(&run)["balance"], 100, "{run:?}");
+        let metrics = trusting_as(&server.ca, &clients).get(format!("{api}/metrics")).send().await.expect("GET /metrics with a client certificate");
+        assert_eq!(metrics.status(), 200);
+
+        // Without a certificate, and with a stranger's: refused, each told what to give.
+        let run = cli(Some(&api), &["submit", "transfer", "create", "mallory", "1", "--cacert", ca]).await;
+        run.assert_failure();
+        eprintln!("mtls: no client certificate -> {}", run.stderr.trim());
+        assert!(run.stderr.contains("CertificateRequired") && run.stderr.contains("--client-cert FILE"), "{run:?}");
+        let theirs = ["--cacert", ca, "--client-cert", path(&stranger.cert), "--client-key", path(&stranger.key)];
+        let run = cli(Some(&api), &[&["submit", "transfer", "create", "mallory", "1"][..], &theirs].concat()).await;
+        run.assert_failure();
+        eprintln!("mtls: a stranger's certificate -> {}", run.stderr.trim());
+        assert!(run.stderr.contains("UnknownCA") && run.stderr.contains("--tls-client-ca"), "{run:?}");
+        let refused = trusting(&server.ca).get(format!("{api}/metrics")).send().await;
+        assert!(refused.is_err(), "/metrics without a client certificate: {refused:?}");
+        up.assert_running("refused client certificates");
+
+        // Nothing the refused clients sent reached the ledger; the benchmark gets in with one.
+        let run = cli(Some(&api), &[&["query", "transfer", "mallory"][..], &me].concat()).await;
+        run.assert_failure();
+        assert!(run.stderr.contains("404"), "mallory was never created: {run:?}");
+        let net = up.data_dir.join("network");
+        let bench = ["bench", "--target", &api, "--network-dir", path(&net), "--workload", "kv", "--txs", "10", "--json", "--no-progress"];
+        let run = cli(None, &[&bench[..], &me].concat()).await;
+        run.assert_success();
+        let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {run:?}"));
+        assert_eq!((report["submitted"].as_u64(), report["valid"].as_u64()), (Some(10), Some(10)), "{run:?}");
+    })
+    .await;
+    assert!(up.terminate().success(), "a graceful stop with mutual TLS");
 }
 
 /// `up` over HTTPS: the CLI submits and queries with `--cacert`; plain HTTP to the TLS port, a

@@ -39,7 +39,8 @@ pub struct BenchArgs {
     pub txs: Option<u64>,
     /// embedded (the whole network in this process, on a fresh temporary data directory),
     /// http://HOST:PORT or https://HOST:PORT (a running `streamledger up`, through its API; needs
-    /// --network-dir, and --cacert for https), or
+    /// --network-dir, and --cacert for https, with --client-cert and --client-key for a node that
+    /// asks for client certificates), or
     /// kafka (the cluster given by --kafka that the stages run on: proposals are produced to
     /// `<channel>.proposals` and verdicts read from the topics; needs --network-dir).
     #[arg(long, env = "STREAMLEDGER_BENCH_TARGET", default_value = "embedded")]
@@ -48,9 +49,9 @@ pub struct BenchArgs {
     /// `streamledger network init` wrote); its keys.toml signs the proposals.
     #[arg(long, env = "STREAMLEDGER_NETWORK_DIR")]
     pub network_dir: Option<PathBuf>,
-    /// HTTPS target: the CA its certificate must be signed by.
+    /// HTTPS target: the CA its certificate must be signed by, and the client certificate.
     #[command(flatten)]
-    pub cacert: crate::clients::CaCertArg,
+    pub tls: crate::clients::ClientTlsArgs,
     /// Kafka target: the cluster, as for the stage commands.
     #[command(flatten)]
     pub kafka: crate::KafkaArgs,
@@ -132,7 +133,7 @@ impl BenchArgs {
             target: self.target.clone(),
             network_dir: self.network_dir.clone(),
             kafka: self.kafka.config().map_err(|e| BenchError::Config(e.to_string()))?,
-            cacert: self.cacert.load().map_err(|e| BenchError::Config(e.to_string()))?,
+            tls: self.tls.load().map_err(|e| BenchError::Config(e.to_string()))?,
             data_dir: self.data_dir.clone(),
             client: self.client.clone(),
             tx_timeout: seconds("--timeout", self.timeout)?,

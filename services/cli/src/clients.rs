@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use streamledger_node::api::{BlockResponse, RangeQuery, RichQueryRequest, StateEntry, SubmitRequest, TxState, ValueEncoding, MAX_RANGE_LIMIT};
-use streamledger_node::client::{Client, ClientError, TrustedCa};
+use streamledger_node::client::{Client, ClientError, ClientIdentity, ClientTls, TrustedCa};
 use streamledger_node::tls::TlsFileError;
 
 /// How often `blocks --follow` asks for the height.
@@ -22,27 +22,41 @@ pub struct ApiArgs {
     #[arg(long, env = "STREAMLEDGER_API", default_value = "http://127.0.0.1:7050")]
     pub api: String,
     #[command(flatten)]
-    pub cacert: CaCertArg,
+    pub tls: ClientTlsArgs,
 }
 
 impl ApiArgs {
     fn client(&self) -> Result<Client, ClientCommandError> {
-        Ok(Client::with_ca(&self.api, self.cacert.load()?.as_ref())?)
+        Ok(Client::with_tls(&self.api, &self.tls.load()?)?)
     }
 }
 
-/// The CA an https:// API's certificate must be signed by; shared with `bench`.
+/// TLS to an https:// API: the CA its certificate must be signed by and, for a node that asks
+/// for client certificates (`up --tls-client-ca`), this client's; shared with `bench`.
 #[derive(Debug, Clone, Args)]
-pub struct CaCertArg {
+pub struct ClientTlsArgs {
     /// For an https:// API: trust the CA certificates in this PEM file (e.g. a private CA's),
     /// and no others. Without it, no certificate is trusted.
     #[arg(long, env = "STREAMLEDGER_CACERT")]
     pub cacert: Option<PathBuf>,
+    /// For a node that asks for client certificates: this client's certificate (PEM: the
+    /// certificate first, then any intermediates). Needs --client-key.
+    #[arg(long, env = "STREAMLEDGER_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM: PKCS#8, PKCS#1 or SEC1). Needs --client-cert.
+    #[arg(long, env = "STREAMLEDGER_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
-impl CaCertArg {
-    pub fn load(&self) -> Result<Option<TrustedCa>, TlsFileError> {
-        self.cacert.as_deref().map(TrustedCa::load).transpose()
+impl ClientTlsArgs {
+    /// Read and checked before any request, so that a bad file stops the command at once.
+    pub fn load(&self) -> Result<ClientTls, TlsFileError> {
+        let identity = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => Some(ClientIdentity::load(cert, key)?),
+            // clap's `requires` refuses one without the other.
+            _ => None,
+        };
+        Ok(ClientTls { ca: self.cacert.as_deref().map(TrustedCa::load).transpose()?, identity })
     }
 }
 
@@ -290,6 +304,11 @@ pub async fn blocks(args: BlocksArgs, out: &mut impl Write) -> Result<(), Client
     }
 }
 
+/// The process tests' certificate maker.
+#[cfg(test)]
+#[path = "../../../tests/tests/common/pki.rs"]
+mod test_pki;
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -336,5 +355,39 @@ mod tests {
             let err = query(q, &mut Vec::new()).await.unwrap_err().to_string();
             assert!(err.starts_with(&format!("{file_arg}: ")) && err.contains(expected), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_needs_its_key_and_bad_files_are_named_before_anything_is_sent() {
+        let err = parse(&["query", "kv", "k", "--client-cert", "me.pem"]).expect_err("refused");
+        assert!(err.to_string().contains("--client-key"), "{err}");
+        let err = parse(&["query", "kv", "k", "--client-key", "me.key"]).expect_err("refused");
+        assert!(err.to_string().contains("--client-cert"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("junk.txt");
+        std::fs::write(&not_pem, "not PEM").unwrap();
+        let missing = dir.path().join("missing.pem");
+        let super::test_pki::Pki { cert, key, .. } = super::test_pki::write_pki(dir.path(), "me");
+        let other_key = super::test_pki::write_pki(dir.path(), "other").key;
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        for (c, k, named, expected) in [
+            (&missing, &key, &missing, "No such file"),
+            (&not_pem, &key, &not_pem, "no certificate in it"),
+            (&cert, &missing, &missing, "No such file"),
+            (&cert, &not_pem, &not_pem, "no private key in it"),
+            // The files swapped.
+            (&key, &cert, &key, "no certificate in it"),
+            // The key of another certificate.
+            (&cert, &other_key, &cert, "KeyMismatch"),
+        ] {
+            let args = ["query", "kv", "k", "--api", "https://127.0.0.1:1", "--client-cert", &path(c), "--client-key", &path(k)];
+            let Ok(ClientCommand::Query(q)) = parse(&args) else { panic!("not a query") };
+            let err = query(q, &mut Vec::new()).await.unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{}: ", path(named))) && err.contains(expected), "{args:?}: {err}");
+        }
+        let Ok(ClientCommand::Query(q)) = parse(&["query", "kv", "k", "--client-cert", &path(&cert), "--client-key", &path(&key)]) else { panic!("not a query") };
+        let tls = q.api.tls.load().expect("a good pair is taken");
+        assert!(tls.identity.is_some() && tls.ca.is_none());
     }
 }

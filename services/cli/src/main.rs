@@ -111,13 +111,21 @@ struct TlsArgs {
     /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1). Needs --tls-cert.
     #[arg(long, env = "STREAMLEDGER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Mutual TLS: ask every client for a certificate signed by a CA in this PEM file, and end
+    /// the handshake of any client without one (as Fabric's clientAuthRequired). Needs
+    /// --tls-cert.
+    #[arg(long, env = "STREAMLEDGER_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 impl TlsArgs {
     /// Read and checked before anything starts, so that a bad file stops the command at once.
     fn load(&self) -> Result<Option<streamledger_node::tls::ServerTls>, CliError> {
         match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Ok(Some(streamledger_node::tls::ServerTls::load(cert, key)?)),
+            (Some(cert), Some(key)) => Ok(Some(match &self.tls_client_ca {
+                None => streamledger_node::tls::ServerTls::load(cert, key)?,
+                Some(ca) => streamledger_node::tls::ServerTls::requiring_client_certs(cert, key, ca)?,
+            })),
             // clap's `requires` refuses one without the other.
             _ => Ok(None),
         }

@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::api::{SignedProposalRequest, TxState, NONCE_BYTES};
-use crate::client::{Client, ClientError, TrustedCa};
+use crate::client::{Client, ClientError, ClientTls};
 use crate::up::{self, NodeError, UpConfig};
 
 /// Proposals per append (embedded) or per hand-over to the HTTP submitter: large enough to
@@ -242,8 +242,9 @@ pub struct BenchConfig {
     pub network_dir: Option<PathBuf>,
     /// Kafka target: the cluster (librdkafka properties, `bootstrap.servers` included).
     pub kafka: Option<KafkaConfig>,
-    /// HTTPS target: the CA its certificate must chain to (none: every certificate is refused).
-    pub cacert: Option<TrustedCa>,
+    /// HTTPS target: the CA its certificate must chain to (none: every certificate is refused),
+    /// and the client certificate, for a node that asks for one.
+    pub tls: ClientTls,
     /// Embedded target: the data directory to run in (kept); a fresh temporary one (removed)
     /// when absent.
     pub data_dir: Option<PathBuf>,
@@ -274,7 +275,7 @@ impl Default for BenchConfig {
             target: Target::Embedded,
             network_dir: None,
             kafka: None,
-            cacert: None,
+            tls: ClientTls::default(),
             data_dir: None,
             client: "Org1/client0".into(),
             tx_timeout: Duration::from_secs(60),
@@ -1831,7 +1832,7 @@ fn orgs_with_peers(network: &Network) -> usize {
 
 async fn run_http(config: &BenchConfig, url: &str, calibration: Calibration) -> Result<BenchReport, BenchError> {
     let (network, signer, dir) = remote_network(config, "an HTTP target")?;
-    let client = Client::with_ca(url, config.cacert.as_ref())?;
+    let client = Client::with_tls(url, &config.tls)?;
     let status = client.status().await?;
     if status.channel != network.channel() {
         return Err(BenchError::Config(format!(

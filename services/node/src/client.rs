@@ -5,7 +5,8 @@
 //!
 //! `https://` URLs are verified against the CA certificates given with [`TrustedCa`] only: there
 //! is no built-in root store, so an `https://` client needs the CA file of the node's certificate
-//! (without one, the handshake fails and the error says so).
+//! (without one, the handshake fails and the error says so). A node that asks for client
+//! certificates (`--tls-client-ca`) gets the one of [`ClientIdentity`].
 
 use std::path::Path;
 use std::time::Duration;
@@ -35,7 +36,7 @@ const QUOTE_LIMIT: usize = 500;
 pub enum ClientError {
     #[error("API address {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("{method} {url}: {}{}", causes(source), untrusted_hint(source))]
+    #[error("{method} {url}: {}{}", causes(source), tls_hint(source))]
     Transport { method: Method, url: String, source: reqwest::Error },
     #[error("{method} {url}: HTTP {status}: {message}")]
     Http { method: Method, url: String, status: StatusCode, message: String },
@@ -82,11 +83,18 @@ fn causes(error: &reqwest::Error) -> String {
     text
 }
 
-fn untrusted_hint(error: &reqwest::Error) -> &'static str {
+/// What to do about a failed TLS handshake, in rustls' words for it.
+fn tls_hint(error: &reqwest::Error) -> &'static str {
     let text = causes(error);
-    // rustls' words for a certificate no trusted CA signed (BadSignature: one of the same name).
+    // A certificate no trusted CA signed (BadSignature: one of the same name).
     if text.contains("UnknownIssuer") || text.contains("BadSignature") {
         " (the server's certificate is not signed by a trusted CA: give its CA file, --cacert FILE)"
+    // The server's alerts: it asked for a client certificate and got none, or does not trust it.
+    } else if text.contains("CertificateRequired") {
+        " (the server asks for a client certificate: give --client-cert FILE and --client-key FILE)"
+    // UnknownCA, BadCertificate, CertificateExpired, CertificateUnknown and the like.
+    } else if ["alert: UnknownCA", "alert: BadCertificate", "alert: Certificate", "alert: DecryptError"].iter().any(|a| text.contains(a)) {
+        " (the server refused the client certificate: it must be valid now and signed by a CA of the server's --tls-client-ca)"
     } else {
         ""
     }
@@ -110,6 +118,47 @@ impl TrustedCa {
     }
 }
 
+/// This client's certificate and key, for a node that asks for one (`up --tls-client-ca`).
+#[derive(Clone)]
+pub struct ClientIdentity {
+    identity: reqwest::Identity,
+    cert: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity").field("cert", &self.cert).finish_non_exhaustive()
+    }
+}
+
+impl ClientIdentity {
+    /// `cert`: PEM, the client's certificate first, then any intermediates. `key`: its private key
+    /// in PEM (PKCS#8, PKCS#1 or SEC1). Both are read and checked now; errors name the file.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, crate::tls::TlsFileError> {
+        crate::tls::load_certs(cert)?;
+        crate::tls::load_key(key)?;
+        let read = |path: &Path| std::fs::read(path).map_err(|e| crate::tls::TlsFileError { path: path.to_path_buf(), message: e.to_string() });
+        // reqwest takes the key and the chain as one PEM buffer.
+        let mut pem = read(key)?;
+        pem.push(b'\n');
+        pem.extend(read(cert)?);
+        let refused = |e: reqwest::Error| crate::tls::TlsFileError { path: cert.to_path_buf(), message: format!("with the key {}: {}", key.display(), causes(&e)) };
+        let identity = reqwest::Identity::from_pem(&pem).map_err(refused)?;
+        // rustls checks the certificate and the key's pairing only when a client is built: build
+        // one now, so that the error names the files (an X.509 v1 certificate, a key of another
+        // certificate) instead of a bare "builder error" later.
+        reqwest::Client::builder().identity(identity.clone()).build().map_err(refused)?;
+        Ok(Self { identity, cert: cert.to_path_buf() })
+    }
+}
+
+/// How a client speaks TLS: the CAs it trusts and, for a node that asks for one, its certificate.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    pub ca: Option<TrustedCa>,
+    pub identity: Option<ClientIdentity>,
+}
+
 /// A client of one node's API.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -126,6 +175,12 @@ impl Client {
 
     /// A client whose `https://` connections trust `ca` and nothing else.
     pub fn with_ca(base_url: &str, ca: Option<&TrustedCa>) -> Result<Self, ClientError> {
+        Self::with_tls(base_url, &ClientTls { ca: ca.cloned(), identity: None })
+    }
+
+    /// A client whose `https://` connections trust `tls.ca` and nothing else, and present
+    /// `tls.identity` to a node that asks for a client certificate.
+    pub fn with_tls(base_url: &str, tls: &ClientTls) -> Result<Self, ClientError> {
         let bad = |reason: String| ClientError::BadUrl { url: base_url.to_string(), reason };
         let base = Url::parse(base_url).map_err(|e| bad(e.to_string()))?;
         if !matches!(base.scheme(), "http" | "https") {
@@ -135,10 +190,13 @@ impl Client {
             return Err(bad("not an http://host:port address".into()));
         }
         let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
-        for cert in ca.map(|ca| ca.certs.as_slice()).unwrap_or_default() {
+        for cert in tls.ca.as_ref().map(|ca| ca.certs.as_slice()).unwrap_or_default() {
             builder = builder.add_root_certificate(cert.clone());
         }
-        let http = builder.build().map_err(|e| bad(format!("cannot build the HTTP client: {e}")))?;
+        if let Some(id) = &tls.identity {
+            builder = builder.identity(id.identity.clone());
+        }
+        let http = builder.build().map_err(|e| bad(format!("cannot build the HTTP client: {}", causes(&e))))?;
         Ok(Self { base, http })
     }
 

@@ -2,9 +2,10 @@
 //! `/healthz` and `/readyz`), and the loading of the CA certificates the API client trusts.
 //!
 //! rustls on the ring provider: rustls' default provider, aws-lc-rs, needs cmake to build. The
-//! endpoints `up` and the stages serve authenticate the server only: clients are not asked for
-//! certificates. [`ServerTls::requiring_client_certs`] asks for them; the tests' schema registry
-//! uses it to check the Kafka adapter's mutual TLS.
+//! endpoints `up` and the stages serve authenticate the server, and with `--tls-client-ca`
+//! ([`ServerTls::requiring_client_certs`]) every client too: mutual TLS, as Fabric's
+//! `clientAuthRequired`. The tests' schema registry uses it as well, to check the Kafka adapter's
+//! mutual TLS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -66,6 +67,16 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileEr
     Ok(certs)
 }
 
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
+    PrivateKeyDer::from_pem_slice(&read(path)?).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            file_error(path, "no private key in it (expected PEM: -----BEGIN PRIVATE KEY-----, or an RSA or EC one)")
+        }
+        e => file_error(path, format!("not a PEM private key: {e}")),
+    })
+}
+
 /// The server side of TLS: a certificate chain and its private key.
 #[derive(Clone)]
 pub struct ServerTls {
@@ -96,12 +107,7 @@ impl ServerTls {
     fn build(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsFileError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs = load_certs(cert)?;
-        let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| match e {
-            rustls::pki_types::pem::Error::NoItemsFound => {
-                file_error(key, "no private key in it (expected PEM: -----BEGIN PRIVATE KEY-----, or an RSA or EC one)")
-            }
-            e => file_error(key, format!("not a PEM private key: {e}")),
-        })?;
+        let key_der = load_key(key)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| file_error(cert, format!("TLS setup: {e}")))?;
