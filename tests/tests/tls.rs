@@ -169,7 +169,8 @@ async fn up_serves_https_only_and_only_to_clients_that_trust_its_ca() {
 }
 
 /// A stage process with `--tls-cert`: `/metrics` and `/healthz` over https to a client trusting
-/// the CA, not over plain HTTP; SIGTERM stops it cleanly.
+/// the CA, not over plain HTTP; SIGTERM stops it cleanly. A second one with `--tls-client-ca` as
+/// well serves only clients with a certificate of the clients' CA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_serves_its_operations_endpoints_over_https() {
     let mut net = stagenet::StageNet::start("").await;
@@ -191,4 +192,17 @@ async fn a_stage_serves_its_operations_endpoints_over_https() {
     .await;
     let status = net.terminate("gw");
     assert!(status.success(), "a graceful stop with TLS: {status}");
+
+    let clients = pki::write_pki(net.dir.path(), "clients");
+    net.spawn("gw-mtls", &["gateway", "--tls-cert", path(&server.cert), "--tls-key", path(&server.key), "--tls-client-ca", path(&clients.ca)]);
+    let metrics = net.metrics_url("gw-mtls");
+    bounded("a stage with mutual TLS", 60, async {
+        let refused = trusting(&server.ca).get(&metrics).send().await;
+        assert!(refused.is_err(), "/metrics without a client certificate: {refused:?}");
+        let res = trusting_as(&server.ca, &clients).get(&metrics).send().await.expect("GET /metrics with a client certificate");
+        assert_eq!(res.status(), 200);
+    })
+    .await;
+    let status = net.terminate("gw-mtls");
+    assert!(status.success(), "a graceful stop with mutual TLS: {status}");
 }
