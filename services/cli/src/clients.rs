@@ -304,10 +304,10 @@ pub async fn blocks(args: BlocksArgs, out: &mut impl Write) -> Result<(), Client
     }
 }
 
-/// The process tests' certificate maker.
+/// The process tests' certificate maker (also for main.rs' tests).
 #[cfg(test)]
 #[path = "../../../tests/tests/common/pki.rs"]
-mod test_pki;
+pub(crate) mod test_pki;
 
 #[cfg(test)]
 mod tests {

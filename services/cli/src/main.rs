@@ -633,6 +633,17 @@ mod tests {
         assert!(up_args(&[]).tls.load().unwrap().is_none(), "no TLS without the flags");
         let err = up_args(&["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"]).tls.load().unwrap_err().to_string();
         assert!(err.starts_with("/nonexistent/cert.pem: "), "{err}");
+        // A client CA only with a server certificate, and named when it cannot be used.
+        for command in ["up", "gateway"] {
+            let err = Cli::try_parse_from(["streamledger", command, "--tls-client-ca", "ca.pem"]).err().expect("refused").to_string();
+            assert!(err.contains("--tls-cert"), "{command}: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::clients::test_pki::write_pki(dir.path(), "server");
+        let (cert, key, missing) = (pki.cert.to_str().unwrap(), pki.key.to_str().unwrap(), "/nonexistent/client-ca.pem");
+        let err = up_args(&["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", missing]).tls.load().unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{missing}: ")), "{err}");
+        assert!(up_args(&["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", pki.ca.to_str().unwrap()]).tls.load().unwrap().is_some());
     }
 }
 
