@@ -200,22 +200,26 @@ impl KafkaConfig {
 
     /// The schema registry URL ([`REGISTRY_URL`]), when one is configured.
     pub fn schema_registry_url(&self) -> Option<&str> {
-        self.get(REGISTRY_URL).map(str::trim).filter(|s| !s.is_empty())
+        self.non_empty(REGISTRY_URL)
+    }
+
+    /// `key`'s value, trimmed; `None` when unset or blank.
+    fn non_empty(&self, key: &str) -> Option<&str> {
+        self.get(key).map(str::trim).filter(|s| !s.is_empty())
     }
 
     /// How to reach the schema registry, when one is configured. A user info without `:` counts
     /// as a user without a password ([`KafkaConfig::validate`] refuses it).
     pub fn schema_registry(&self) -> Option<RegistryOptions> {
-        let option = |key| self.get(key).map(str::trim).filter(|s| !s.is_empty());
         Some(RegistryOptions {
             url: self.schema_registry_url()?.to_string(),
-            ca_location: option(REGISTRY_CA).map(std::path::PathBuf::from),
-            basic_auth: option(REGISTRY_USER_INFO).map(|info| match info.split_once(':') {
+            ca_location: self.non_empty(REGISTRY_CA).map(std::path::PathBuf::from),
+            basic_auth: self.non_empty(REGISTRY_USER_INFO).map(|info| match info.split_once(':') {
                 Some((user, password)) => (user.to_string(), password.to_string()),
                 None => (info.to_string(), String::new()),
             }),
             // Both or neither: validate_registry refuses one alone.
-            client_cert: option(REGISTRY_CERT).zip(option(REGISTRY_KEY)).map(|(cert, key)| (cert.into(), key.into())),
+            client_cert: self.non_empty(REGISTRY_CERT).zip(self.non_empty(REGISTRY_KEY)).map(|(cert, key)| (cert.into(), key.into())),
         })
     }
 
@@ -238,8 +242,7 @@ impl KafkaConfig {
                 )));
             }
         }
-        let set = |key| self.get(key).is_some_and(|v| !v.trim().is_empty());
-        match (set(REGISTRY_CERT), set(REGISTRY_KEY)) {
+        match (self.non_empty(REGISTRY_CERT).is_some(), self.non_empty(REGISTRY_KEY).is_some()) {
             (true, false) => return Err(ConfigError(format!("{REGISTRY_CERT} is set without {REGISTRY_KEY}: a client certificate needs its private key"))),
             (false, true) => return Err(ConfigError(format!("{REGISTRY_KEY} is set without {REGISTRY_CERT}: a private key needs its client certificate"))),
             _ => {}

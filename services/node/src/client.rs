@@ -137,11 +137,10 @@ impl ClientIdentity {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, crate::tls::TlsFileError> {
         crate::tls::load_certs(cert)?;
         crate::tls::load_key(key)?;
-        let read = |path: &Path| std::fs::read(path).map_err(|e| crate::tls::TlsFileError { path: path.to_path_buf(), message: e.to_string() });
         // reqwest takes the key and the chain as one PEM buffer.
-        let mut pem = read(key)?;
+        let mut pem = crate::tls::read(key)?;
         pem.push(b'\n');
-        pem.extend(read(cert)?);
+        pem.extend(crate::tls::read(cert)?);
         let refused = |e: reqwest::Error| crate::tls::TlsFileError { path: cert.to_path_buf(), message: format!("with the key {}: {}", key.display(), causes(&e)) };
         let identity = reqwest::Identity::from_pem(&pem).map_err(refused)?;
         // rustls checks the certificate and the key's pairing only when a client is built: build

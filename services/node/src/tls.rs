@@ -35,7 +35,7 @@ fn file_error(path: &Path, message: impl Into<String>) -> TlsFileError {
     TlsFileError { path: path.to_path_buf(), message: message.into() }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsFileError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsFileError> {
     std::fs::read(path).map_err(|e| file_error(path, e.to_string()))
 }
 
