@@ -2,8 +2,8 @@
 //! transactions (two writes over 10,000 keys and one random 64-hex tx id each, ~210 KB of block
 //! bytes), checking each block's tx ids first as the validator does, and prints the time per
 //! block and per transaction every 1,000 blocks, and the process's CPU time per transaction
-//! (background threads included). The tx-id index is the part that grows
-//! (see services/embedded/src/tx_index.rs).
+//! (background threads included). The tx-id index is the part that grows: each random tx id
+//! lands on a random leaf of its B-tree (see "What limits it now" in the README's Performance).
 //!
 //!   cargo bench -p streamledger-embedded --bench ledger_growth -- [BLOCKS, default 12000]
 

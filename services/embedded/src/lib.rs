@@ -4,7 +4,6 @@
 
 pub mod log;
 pub mod store;
-mod tx_index;
 
 /// redb's page cache per database. Its default (1 GiB) lets a long-running process grow by a
 /// gigabyte per open database as data is written. Smaller is not free: at 1,710 tx/s for 330 s,

@@ -1,6 +1,5 @@
-//! [`EmbeddedStore`]: a peer's persistent store in one redb file (versioned world state, the
-//! committed blocks and the savepoint) and, beside it, the tx-id index in an LSM tree (see
-//! [`crate::tx_index`] for why, and how the two stay consistent).
+//! [`EmbeddedStore`]: a peer's persistent store in one redb file: versioned world state, the
+//! tx-id index, the committed blocks and the savepoint.
 //!
 //! A block's commit is ONE redb write transaction, and every read runs in one redb read
 //! transaction, a snapshot of the last committed write transaction. A reader therefore sees the
@@ -34,16 +33,13 @@ use streamledger_core::state::{
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 use tracing::{debug, info, warn};
 
-use crate::tx_index::{self, TxIndex};
-
 /// World state: (namespace, key) → (version block, version tx, value). A tuple key keeps
 /// namespaces apart whatever their keys hold (`\0` included, one namespace a prefix of another),
 /// and orders by namespace then by key bytes, so one namespace's keys are contiguous and in the
 /// byte order `range` promises.
 const STATE: TableDefinition<(&str, &str), (i64, i32, &[u8])> = TableDefinition::new("state");
-/// Where the tx-id index (tx id → (block, position, code)) was kept before it moved to
-/// [`TxIndex`]: a store that still has it moves it there when opened.
-const LEGACY_TX_INDEX: TableDefinition<&str, (i64, i32, i32)> = TableDefinition::new("tx_index");
+/// The tx-id index: tx id → (block, position, code).
+const TX_INDEX: TableDefinition<&str, (i64, i32, i32)> = TableDefinition::new("tx_index");
 /// Committed blocks: number → (bytes as read from the blocks topic, the peer's codes).
 const BLOCKS: TableDefinition<i64, (&[u8], Vec<i32>)> = TableDefinition::new("blocks");
 /// The running state hash after each block: block number → hash. For re-producing the verdicts
@@ -73,7 +69,7 @@ pub struct EmbeddedStore {
     /// fails (`PreviousIo`) until the file is reopened. So the store closes it and the next call
     /// reopens it (redb repairs the file to its last commit), which makes an I/O error such as a
     /// full disk retryable in fact, not only in name.
-    db: RwLock<Option<Open>>,
+    db: RwLock<Option<Database>>,
     durability: Mutex<Durable>,
     durable_every: Duration,
     /// Opens the file: [`crate::open_database`], or in tests one whose writes can be made to fail.
@@ -81,14 +77,6 @@ pub struct EmbeddedStore {
 }
 
 type Opener = Box<dyn Fn(&Path) -> Result<Database, DatabaseError> + Send + Sync>;
-
-/// The open store. `index` is declared first so that it is dropped, and persisted, before redb
-/// makes its volatile commits durable on close: the index must hold every block redb has made
-/// durable.
-struct Open {
-    index: TxIndex,
-    db: Database,
-}
 
 /// Where the store stands between durable commits.
 #[derive(Default)]
@@ -103,8 +91,6 @@ struct Durable {
 /// Why an operation failed, before the file and the operation are named.
 enum Failure {
     Redb(redb::Error),
-    /// The tx-id index failed (see [`EmbeddedStore::error`], which names its directory).
-    Index(fjall::Error),
     /// The store refused to do it (a commit out of sequence): never retryable.
     Refused(String),
 }
@@ -120,17 +106,10 @@ macro_rules! failure_from_redb {
 }
 failure_from_redb!(redb::Error, DatabaseError, TransactionError, TableError, StorageError, CommitError, redb::SetDurabilityError);
 
-impl From<fjall::Error> for Failure {
-    fn from(e: fjall::Error) -> Self {
-        Failure::Index(e)
-    }
-}
-
 impl Failure {
     /// An I/O error that reopening the file may cure.
     fn needs_reopen(&self) -> bool {
-        // fjall refuses every write after a failed one (`Poisoned`) until it is reopened.
-        matches!(self, Failure::Redb(redb::Error::Io(_) | redb::Error::PreviousIo) | Failure::Index(fjall::Error::Io(_) | fjall::Error::Poisoned))
+        matches!(self, Failure::Redb(redb::Error::Io(_) | redb::Error::PreviousIo))
     }
 
     fn retryable(&self) -> bool {
@@ -138,8 +117,6 @@ impl Failure {
             // A handle closed under a reader (see `db`) is reopened by the next call.
             Failure::Redb(redb::Error::Io(e)) => transient(e),
             Failure::Redb(redb::Error::PreviousIo | redb::Error::DatabaseClosed) => true,
-            Failure::Index(fjall::Error::Io(e)) => transient(e),
-            Failure::Index(fjall::Error::Poisoned) => true,
             // Corruption, a type mismatch (not a store file), the file held by another process,
             // a refusal: retrying changes nothing.
             _ => false,
@@ -181,12 +158,6 @@ impl EmbeddedStore {
         Ok(store)
     }
 
-    /// The directory of the tx-id index of the store in `path` (`peer.redb` → `peer.txindex`),
-    /// which belongs to that store: copy, move or remove the two together.
-    pub fn index_dir(path: &Path) -> PathBuf {
-        tx_index::dir_for(path)
-    }
-
     /// The longest a commit stays volatile in this store, [`DURABLE_EVERY`] unless set here
     /// (tests make it long, to know which commits a crash takes).
     pub fn with_durable_every(mut self, interval: Duration) -> Self {
@@ -206,67 +177,22 @@ impl EmbeddedStore {
             let db = (self.opener)(&self.path)?;
             let txn = db.begin_write()?;
             txn.open_table(STATE)?;
+            txn.open_table(TX_INDEX)?;
             txn.open_table(BLOCKS)?;
             txn.open_table(STATE_HASHES)?;
             txn.open_table(META)?;
             txn.commit()?;
-            let index = TxIndex::open(&tx_index::dir_for(&self.path))?;
-            let last_block = last_block_in(&db.begin_read()?)?;
-            let moved = move_legacy_index(&db, &index, last_block)?;
-            if moved > 0 {
-                info!(path = %self.path.display(), entries = moved, "moved the tx-id index from the redb file to its own directory");
-            }
-            // The index holds the chain through `through`, and still lists the ids of each
-            // block after `floor` (the lists of blocks redb made durable are forgotten). The
-            // store's savepoint must lie between: below `floor`, the index is another store's;
-            // above `through`, it lost entries the store has.
-            let through = index.indexed_through()?;
-            let floor = index.first_list()?.map_or(through, |first| Some(first - 1));
-            let (at, dir) = (last_block.unwrap_or(-1), tx_index::dir_for(&self.path));
-            let blocks = |b: Option<i64>| b.map_or("no block".to_string(), |b| format!("blocks up to {b}"));
-            if at > through.unwrap_or(-1) || at < floor.unwrap_or(-1) {
-                let advice = if at > through.unwrap_or(-1) {
-                    "the index lost entries the store has; move both aside and rebuild the peer from the blocks topic"
-                } else {
-                    "the index belongs to another store; remove it if the store is new, or restore the store's own"
-                };
-                return Err(Failure::Refused(format!(
-                    "the tx-id index {} holds {} but the store holds {}: {advice}",
-                    dir.display(),
-                    blocks(through),
-                    blocks(last_block)
-                )));
-            }
-            let discarded = index.discard_after(last_block)?;
-            if discarded > 0 {
-                info!(path = %self.path.display(), entries = discarded, "removed the tx-id index entries of commits the store lost");
-            }
-            *guard = Some(Open { index, db });
+            *guard = Some(db);
         }
         Ok(())
-    }
-
-    /// Forgets the index's per-block lists up to `last_block`, just made durable in redb (no
-    /// crash can take those blocks back now). The commit is done: a failure here only leaves
-    /// lists that the next durable commit forgets.
-    fn forget_durable_lists(&self, index: &TxIndex, last_block: Option<i64>) {
-        let Some(through) = last_block else { return };
-        if let Err(e) = index.first_list().and_then(|first| first.map_or(Ok(()), |first| index.forget_lists(first, through))) {
-            warn!(path = %self.path.display(), error = %e, "forgetting the tx-id index's lists of durable blocks");
-        }
     }
 
     /// Drops the handle after an I/O error; the next call reopens the file.
     fn close_after_io_error(&self) {
         let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(Open { index, db }) = guard.take() {
+        if let Some(db) = guard.take() {
             warn!(path = %self.path.display(), "closing the peer store after an I/O error; the next call reopens it");
             let volatile_from = std::mem::take(&mut *self.durability.lock().unwrap_or_else(PoisonError::into_inner)).volatile_from;
-            // The index first: it must hold whatever redb's close makes durable.
-            if let Err(e) = index.persist() {
-                warn!(path = %self.path.display(), error = %e, "persisting the tx-id index");
-            }
-            drop(index);
             // A close that can still write makes the volatile commits durable; after a failed
             // write redb refuses to, and they are gone.
             if let Err(e) = db.close() {
@@ -287,7 +213,6 @@ impl EmbeddedStore {
         let retryable = failure.retryable();
         let cause = match failure {
             Failure::Redb(e) => e.to_string(),
-            Failure::Index(e) => format!("the tx-id index {}: {e}", tx_index::dir_for(&self.path).display()),
             Failure::Refused(reason) => reason,
         };
         StateError { message: format!("{}: {what}: {cause}", self.path.display()), retryable }
@@ -295,7 +220,7 @@ impl EmbeddedStore {
 
     /// Runs `op` on the open database (reopening it first if an I/O error closed it) and names the
     /// file and `what` in any error.
-    fn with_db<T>(&self, what: impl FnOnce() -> String, op: impl FnOnce(&Open) -> Result<T, Failure>) -> StateResult<T> {
+    fn with_db<T>(&self, what: impl FnOnce() -> String, op: impl FnOnce(&Database) -> Result<T, Failure>) -> StateResult<T> {
         let result = self.reopen().and_then(|()| {
             // The lock is only ever held for writing to reopen or close the handle; redb does the
             // real concurrency control, so readers and the committer share it.
@@ -350,13 +275,13 @@ impl Durable {
 
 impl CommittedState for EmbeddedStore {
     fn get(&self, namespace: &str, key: &str) -> StateResult<Option<VersionedValue>> {
-        self.with_db(|| reading_key(namespace, key), |Open { db, .. }| get_in(&db.begin_read()?.open_table(STATE)?, namespace, key))
+        self.with_db(|| reading_key(namespace, key), |db| get_in(&db.begin_read()?.open_table(STATE)?, namespace, key))
     }
 
     fn range(&self, namespace: &str, start: &str, end: &str, limit: Option<usize>) -> StateResult<Vec<(String, VersionedValue)>> {
         self.with_db(
             || reading_range(start, end, namespace),
-            |Open { db, .. }| range_in(&db.begin_read()?.open_table(STATE)?, namespace, start, end, limit),
+            |db| range_in(&db.begin_read()?.open_table(STATE)?, namespace, start, end, limit),
         )
     }
 
@@ -364,7 +289,7 @@ impl CommittedState for EmbeddedStore {
     fn versions(&self, keys: &[(&str, &str)]) -> StateResult<Vec<Option<Version>>> {
         self.with_db(
             || format!("reading the versions of {} keys", keys.len()),
-            |Open { db, .. }| {
+            |db| {
                 let table = db.begin_read()?.open_table(STATE)?;
                 keys.iter()
                     .map(|&(ns, key)| {
@@ -379,7 +304,7 @@ impl CommittedState for EmbeddedStore {
     }
 
     fn tx_location(&self, tx_id: &str) -> StateResult<Option<TxLocation>> {
-        self.with_db(|| reading_tx_id(tx_id), |Open { db, index }| Ok(index.get(tx_id, last_block_in(&db.begin_read()?)?)?))
+        self.with_db(|| reading_tx_id(tx_id), |db| location_in(&db.begin_read()?.open_table(TX_INDEX)?, tx_id))
     }
 
     /// All ids from one read transaction, as for [`CommittedState::versions`]: the validator
@@ -387,9 +312,9 @@ impl CommittedState for EmbeddedStore {
     fn tx_locations(&self, tx_ids: &[&str]) -> StateResult<Vec<Option<TxLocation>>> {
         self.with_db(
             || format!("reading {} tx ids in the tx-id index", tx_ids.len()),
-            |Open { db, index }| {
-                let last_block = last_block_in(&db.begin_read()?)?;
-                tx_ids.iter().map(|id| Ok(index.get(id, last_block)?)).collect()
+            |db| {
+                let table = db.begin_read()?.open_table(TX_INDEX)?;
+                tx_ids.iter().map(|id| location_in(&table, id)).collect()
             },
         )
     }
@@ -399,23 +324,23 @@ impl CommittedState for EmbeddedStore {
     fn snapshot(&self) -> StateResult<Option<Box<dyn CommittedState + Send + Sync + '_>>> {
         let tables = self.with_db(
             || "opening a read snapshot".to_string(),
-            |Open { db, .. }| {
+            |db| {
                 let txn = db.begin_read()?;
-                Ok((txn.open_table(STATE)?, last_block_in(&txn)?))
+                Ok((txn.open_table(STATE)?, txn.open_table(TX_INDEX)?))
             },
         )?;
-        Ok(Some(Box::new(Snapshot { store: self, state: tables.0, last_block: tables.1 })))
+        Ok(Some(Box::new(Snapshot { store: self, state: tables.0, index: tables.1 })))
     }
 }
 
 type StateTable = ReadOnlyTable<(&'static str, &'static str), (i64, i32, &'static [u8])>;
+type IndexTable = ReadOnlyTable<&'static str, (i64, i32, i32)>;
 
-/// What [`EmbeddedStore::snapshot`] returns: the state of one read transaction, and its last
-/// block, up to which the tx-id index answers for it.
+/// What [`EmbeddedStore::snapshot`] returns: the state and tx-id index of one read transaction.
 struct Snapshot<'a> {
     store: &'a EmbeddedStore,
     state: StateTable,
-    last_block: Option<i64>,
+    index: IndexTable,
 }
 
 impl Snapshot<'_> {
@@ -436,7 +361,7 @@ impl CommittedState for Snapshot<'_> {
     }
 
     fn tx_location(&self, tx_id: &str) -> StateResult<Option<TxLocation>> {
-        self.store.with_db(|| reading_tx_id(tx_id), |Open { index, .. }| Ok(index.get(tx_id, self.last_block)?))
+        self.read(|| reading_tx_id(tx_id), || location_in(&self.index, tx_id))
     }
 }
 
@@ -478,53 +403,15 @@ fn range_in(state: &StateTable, namespace: &str, start: &str, end: &str, limit: 
     Ok(found)
 }
 
-/// The last committed block as of `txn`, from its savepoint.
-fn last_block_in(txn: &redb::ReadTransaction) -> Result<Option<i64>, Failure> {
-    Ok(txn.open_table(META)?.get(SAVEPOINT)?.map(|v| v.value().0))
-}
-
-/// Moves the entries of a store's redb tx-id index table, as older versions kept it, into
-/// `index`, then drops the table. Run again after a crash midway, it moves the same entries again.
-fn move_legacy_index(db: &Database, index: &TxIndex, last_block: Option<i64>) -> Result<usize, Failure> {
-    let txn = db.begin_read()?;
-    let table = match txn.open_table(LEGACY_TX_INDEX) {
-        Ok(table) => table,
-        Err(TableError::TableDoesNotExist(_)) => return Ok(0),
-        Err(e) => return Err(e.into()),
-    };
-    const CHUNK: usize = 10_000;
-    let mut moved = 0;
-    let mut chunk: Vec<(String, TxLocation)> = Vec::with_capacity(CHUNK);
-    let mut entries = table.iter()?;
-    loop {
-        let next = entries.next().transpose()?;
-        if let Some((tx_id, loc)) = &next {
-            chunk.push((tx_id.value().to_string(), located(loc.value())));
-        }
-        if next.is_none() || chunk.len() == CHUNK {
-            // Also when the table is empty: the index then records that it holds the chain.
-            index.add_committed(chunk.iter().map(|(id, loc)| (id.as_str(), *loc)), last_block)?;
-            moved += chunk.len();
-            chunk.clear();
-        }
-        if next.is_none() {
-            break;
-        }
-    }
-    drop(entries);
-    index.persist()?;
-    drop((table, txn));
-    let txn = db.begin_write()?;
-    txn.delete_table(LEGACY_TX_INDEX)?;
-    txn.commit()?;
-    Ok(moved)
+fn location_in(index: &IndexTable, tx_id: &str) -> Result<Option<TxLocation>, Failure> {
+    Ok(index.get(tx_id)?.map(|v| located(v.value())))
 }
 
 impl PeerStore for EmbeddedStore {
     fn savepoint(&self) -> StateResult<Option<Savepoint>> {
         self.with_db(
             || "reading the savepoint".to_string(),
-            |Open { db, .. }| {
+            |db| {
                 let txn = db.begin_read()?;
                 let table = txn.open_table(META)?;
                 Ok(table.get(SAVEPOINT)?.map(|v| {
@@ -546,7 +433,7 @@ impl PeerStore for EmbeddedStore {
     fn state_hash_after(&self, number: i64) -> StateResult<Option<Vec<u8>>> {
         self.with_db(
             || format!("reading the state hash after block {number}"),
-            |Open { db, .. }| {
+            |db| {
                 let txn = db.begin_read()?;
                 let table = txn.open_table(STATE_HASHES)?;
                 Ok(table.get(number)?.map(|v| v.value().to_vec()))
@@ -562,19 +449,19 @@ impl PeerStore for EmbeddedStore {
         let blocks = || if first == last { format!("block {first}") } else { format!("blocks {first} to {last}") };
         self.with_db(
             || format!("committing {}", blocks()),
-            |Open { db, index }| {
+            |db| {
                 let mut txn = db.begin_write()?;
                 let durable = self.durability.lock().unwrap_or_else(PoisonError::into_inner).due(self.durable_every);
                 if !durable {
                     txn.set_durability(Durability::None)?;
                 }
-                let committed_before = {
+                {
                     let mut meta = txn.open_table(META)?;
                     // Checked inside the write transaction: redb runs one writer at a time, so no
                     // other commit can slip in between this check and ours.
                     let mut last_committed = meta.get(SAVEPOINT)?.map(|v| v.value().0);
-                    let committed_before = last_committed;
                     let mut state = txn.open_table(STATE)?;
+                    let mut index = txn.open_table(TX_INDEX)?;
                     let mut stored = txn.open_table(BLOCKS)?;
                     let mut state_hashes = txn.open_table(STATE_HASHES)?;
                     for BlockCommit { block, batch, savepoint } in commits {
@@ -611,6 +498,17 @@ impl PeerStore for EmbeddedStore {
                                 }
                             }
                         }
+                        // The first occurrence of a tx id wins, in the ledger and within the
+                        // batch (this transaction sees its own inserts): a later duplicate is
+                        // DUPLICATE_TXID and must not repoint the index.
+                        // Duplicates are rare: insert, and put the first entry back if there
+                        // was one (one B-tree walk for a new id instead of a lookup and an insert).
+                        for (tx_id, loc) in &batch.tx_index {
+                            let earlier = index.insert(tx_id.as_str(), (loc.block, loc.position, loc.code))?.map(|v| v.value());
+                            if let Some(first) = earlier {
+                                index.insert(tx_id.as_str(), first)?;
+                            }
+                        }
                         stored.insert(number, (block.bytes.as_slice(), block.codes.clone()))?;
                         state_hashes.insert(number, savepoint.state_hash.as_slice())?;
                     }
@@ -621,29 +519,9 @@ impl PeerStore for EmbeddedStore {
                         SAVEPOINT,
                         (savepoint.block, savepoint.block_hash.as_slice(), savepoint.state_hash.as_slice(), savepoint.blocks_offset),
                     )?;
-                    // The tx ids go to the index before redb commits (the index holds every
-                    // committed block; see crate::tx_index), and only now that every check of
-                    // the commit has passed. The first occurrence of an id wins, in the ledger
-                    // and within the commit: a later duplicate is DUPLICATE_TXID and must not
-                    // repoint the index.
-                    index.add(committed_before, commits.iter().map(|c| (c.block.number, c.batch.tx_index.as_slice())))?;
-                    if durable {
-                        index.persist()?;
-                    }
-                    committed_before
-                };
-                if let Err(e) = txn.commit() {
-                    // The ids just added are of blocks redb does not have: remove them now
-                    // rather than at the next open.
-                    if let Err(index_error) = index.discard_after(committed_before) {
-                        warn!(blocks = %blocks(), error = %index_error, "removing the tx-id index entries of a failed commit");
-                    }
-                    return Err(e.into());
                 }
+                txn.commit()?;
                 self.durability.lock().unwrap_or_else(PoisonError::into_inner).committed(durable, first);
-                if durable {
-                    self.forget_durable_lists(index, Some(last));
-                }
                 debug!(blocks = %blocks(), durable, "committed");
                 Ok(())
             },
@@ -659,12 +537,9 @@ impl PeerStore for EmbeddedStore {
         }
         self.with_db(
             || "making the commits durable".to_string(),
-            |Open { db, index }| {
-                // The index first: it must hold every block redb makes durable.
-                index.persist()?;
+            |db| {
                 db.begin_write()?.commit()?;
                 self.durability.lock().unwrap_or_else(PoisonError::into_inner).made_durable();
-                self.forget_durable_lists(index, last_block_in(&db.begin_read()?)?);
                 Ok(())
             },
         )
@@ -673,7 +548,7 @@ impl PeerStore for EmbeddedStore {
     fn block(&self, number: i64) -> StateResult<Option<StoredBlock>> {
         self.with_db(
             || format!("reading block {number}"),
-            |Open { db, .. }| {
+            |db| {
                 let txn = db.begin_read()?;
                 let table = txn.open_table(BLOCKS)?;
                 Ok(table.get(number)?.map(|v| {
@@ -836,74 +711,9 @@ mod tests {
         assert_eq!(store.savepoint().unwrap(), Some(savepoint(3)), "the file must open at the last durable commit");
         assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"3");
         assert!(store.tx_location("tx3").unwrap().is_some() && store.tx_location("tx4").unwrap().is_none());
-        // The validator re-applies the lost blocks: they commit again, in order. Here block 4
-        // does not hold tx4, block 5 does: the index must have forgotten the lost block 4's
-        // entry for tx4, or it would keep it as the first occurrence.
-        commit(&store, &batch(4, &[("ns", "k", Some("4"))], &[("other4", 0)])).unwrap();
-        commit(&store, &batch(5, &[("ns", "k", Some("5"))], &[("tx4", 0)])).unwrap();
+        // The validator re-applies the lost blocks: they commit again, in order.
+        commit_numbered(&store, 4..6);
         assert_eq!(store.get("ns", "k").unwrap().unwrap().value, b"5");
-        assert_eq!(store.tx_location("tx4").unwrap().map(|l| l.block), Some(5));
-        assert_eq!(store.tx_location("tx5").unwrap(), None);
-    }
-
-    #[test]
-    fn a_store_with_its_tx_id_index_in_the_redb_file_moves_it_to_the_index_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("peer.redb");
-        {
-            let store = EmbeddedStore::open(&path).unwrap();
-            commit_numbered(&store, 0..3);
-        }
-        // What an older version left: the same blocks, their ids in a redb table, no index.
-        std::fs::remove_dir_all(tx_index::dir_for(&path)).unwrap();
-        {
-            let db = crate::open_database(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            {
-                let mut legacy = txn.open_table(LEGACY_TX_INDEX).unwrap();
-                for block in 0..3i64 {
-                    legacy.insert(format!("tx{block}").as_str(), (block, 0, 0)).unwrap();
-                }
-            }
-            txn.commit().unwrap();
-        }
-        let store = EmbeddedStore::open(&path).unwrap();
-        for block in 0..3i64 {
-            assert_eq!(store.tx_location(&format!("tx{block}")).unwrap().map(|l| l.block), Some(block));
-        }
-        commit_numbered(&store, 3..4);
-        assert_eq!(store.tx_location("tx3").unwrap().map(|l| l.block), Some(3));
-        drop(store);
-        let db = crate::open_database(&path).unwrap();
-        let txn = db.begin_read().unwrap();
-        assert!(matches!(txn.open_table(LEGACY_TX_INDEX), Err(TableError::TableDoesNotExist(_))), "the redb table is dropped once moved");
-    }
-
-    #[test]
-    fn a_store_whose_tx_id_index_is_gone_refuses_to_open_and_says_what_to_do() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("peer.redb");
-        {
-            let store = EmbeddedStore::open(&path).unwrap();
-            commit_numbered(&store, 0..2);
-        }
-        std::fs::remove_dir_all(tx_index::dir_for(&path)).unwrap();
-        let e = EmbeddedStore::open(&path).err().expect("a store whose index lost its entries must not open");
-        assert!(!e.retryable, "{e:?}");
-        for part in ["peer.txindex holds no block but the store holds blocks up to 1", "rebuild the peer"] {
-            assert!(e.message.contains(part), "{part:?} missing from: {}", e.message);
-        }
-        // The other way round: a new store beside an index of another one.
-        std::fs::remove_file(&path).unwrap();
-        std::fs::remove_dir_all(tx_index::dir_for(&path)).unwrap();
-        let other = dir.path().join("other.redb");
-        commit_numbered(&EmbeddedStore::open(&other).unwrap(), 0..2);
-        std::fs::rename(tx_index::dir_for(&other), tx_index::dir_for(&path)).unwrap();
-        let e = EmbeddedStore::open(&path).err().expect("a new store must not take another store's index");
-        assert!(!e.retryable, "{e:?}");
-        for part in ["peer.txindex holds blocks up to 1 but the store holds no block", "belongs to another store"] {
-            assert!(e.message.contains(part), "{part:?} missing from: {}", e.message);
-        }
     }
 
     #[test]
