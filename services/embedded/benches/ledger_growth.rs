@@ -13,6 +13,7 @@ use streamledger_core::model::Version;
 use streamledger_core::state::{CommittedState, TxLocation, WriteBatch};
 use streamledger_embedded::store::EmbeddedStore;
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
+use streamledger_stages::metrics::process_cpu_seconds;
 
 const TXS_PER_BLOCK: usize = 350;
 const REPORT_EVERY: i64 = 1000;
@@ -34,7 +35,7 @@ fn main() {
         seed
     };
     println!("ledger_growth: {blocks} blocks of {TXS_PER_BLOCK} txs into {}", dir.path().display());
-    let (start, mut since, mut cpu_since) = (Instant::now(), Instant::now(), cpu_seconds());
+    let (start, mut since, mut cpu_since, mut reported) = (Instant::now(), Instant::now(), cpu_seconds(), 0);
     for number in 0..blocks {
         let mut batch = WriteBatch { block: number, ..Default::default() };
         for position in 0..TXS_PER_BLOCK {
@@ -51,7 +52,7 @@ fn main() {
         let savepoint = Savepoint { block: number, block_hash: vec![1; 32], state_hash: vec![2; 32], blocks_offset: number };
         store.commit_all(&[BlockCommit { block: &stored, batch: &batch, savepoint: &savepoint }]).expect("commit");
         if (number + 1) % REPORT_EVERY == 0 || number + 1 == blocks {
-            let done = (number + 1 - number / REPORT_EVERY * REPORT_EVERY) as f64;
+            let done = (number + 1 - reported) as f64;
             let per_block = since.elapsed().as_secs_f64() / done;
             let cpu = cpu_seconds();
             println!(
@@ -62,18 +63,13 @@ fn main() {
                 per_block * 1e6 / TXS_PER_BLOCK as f64,
                 (cpu - cpu_since) * 1e6 / (done * TXS_PER_BLOCK as f64)
             );
-            (since, cpu_since) = (Instant::now(), cpu);
+            (since, cpu_since, reported) = (Instant::now(), cpu, number + 1);
         }
     }
     println!("total {:.1} s, CPU {:.1} s", start.elapsed().as_secs_f64(), cpu_seconds());
 }
 
-/// The CPU time of this process so far, every thread included (utime + stime of /proc/self/stat,
-/// in the kernel's 100 ticks a second).
+/// The CPU time of this process so far, every thread included (NaN where `/proc` is not Linux's).
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    process_cpu_seconds().unwrap_or(f64::NAN)
 }
