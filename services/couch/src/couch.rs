@@ -13,6 +13,7 @@ use std::time::Duration;
 use couch_rs::http::{Method, StatusCode};
 use serde::Deserialize;
 use streamledger_core::state::{StateError, StateResult};
+use streamledger_ports::error_chain;
 use tracing::warn;
 
 use crate::config::Endpoint;
@@ -394,17 +395,4 @@ impl<'a> Call<'a> {
 /// decodes `+` in a path as a space, and `$ ( ) /` are safest escaped too (as couch_rs does).
 fn encode_db(database: &str) -> String {
     percent_encoding::utf8_percent_encode(database, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
-/// An error with its causes: reqwest's own message ("error sending request") hides the one that
-/// says what happened ("connection refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -37,6 +37,7 @@ use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 use streamledger_core::codec::{self, all_schemas, RecordSchema, CONFLUENT_HEADER_LEN, CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC};
 use streamledger_core::schema_history;
+use streamledger_ports::error_chain;
 use streamledger_ports::log::{LogError, LogResult, Record};
 
 use crate::config::{RegistryOptions, REGISTRY_CA, REGISTRY_CERT, REGISTRY_KEY, REGISTRY_USER_INFO};
@@ -150,7 +151,7 @@ fn client_identity(cert: &Path, key: &Path) -> Result<reqwest_registry::Identity
         ));
     }
     reqwest_registry::Identity::from_pkcs8_pem(&cert_pem, &key_pem)
-        .map_err(|e| format!("{REGISTRY_CERT}={} with {REGISTRY_KEY}={}: {}", cert.display(), key.display(), causes(&e)))
+        .map_err(|e| format!("{REGISTRY_CERT}={} with {REGISTRY_KEY}={}: {}", cert.display(), key.display(), error_chain(&e)))
 }
 
 /// What to check when the TLS handshake with the registry fails.
@@ -161,23 +162,6 @@ fn tls_hint(client_cert: bool) -> String {
         format!("; if the registry asks for a client certificate, set {REGISTRY_CERT} and {REGISTRY_KEY}")
     };
     format!("check that {REGISTRY_CA} holds the CA that signed the registry's certificate, for the host name in the URL{client}")
-}
-
-/// An error with its causes, which reqwest's own message leaves out (the TLS failure, the refused
-/// connection).
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        // Some layers repeat the message of the one below.
-        let message = c.to_string();
-        if !text.contains(&message) {
-            text.push_str(": ");
-            text.push_str(&message);
-        }
-        cause = c.source();
-    }
-    text
 }
 
 fn registry_error(context: String, e: &SRCError) -> LogError {
@@ -239,7 +223,7 @@ impl Wire {
             client
         };
         let settings = builder.set_timeout(REGISTRY_TIMEOUT).build_with(client()).map_err(|e| registry_error(ctx(), &e))?;
-        let probe = client().build().map_err(|e| LogError::new(ctx(), format!("HTTP client: {}", causes(&e)), false))?;
+        let probe = client().build().map_err(|e| LogError::new(ctx(), format!("HTTP client: {}", error_chain(&e)), false))?;
         Ok(Wire {
             registry: Some(Registry {
                 url: url.to_string(),
@@ -274,7 +258,7 @@ impl Wire {
             )),
             Ok(_) => Ok(()),
             Err(e) => {
-                let why = causes(&e);
+                let why = error_chain(&e);
                 // A refused client certificate arrives as a TLS alert ("certificate required",
                 // "unknown ca", "bad certificate"), in TLS 1.3 only after the handshake.
                 if why.contains("certificate") || why.contains("handshake") || why.contains("alert") || why.contains("unknown ca") {

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use streamledger_core::crypto::Signer;
 use streamledger_core::model::Proposal;
+use streamledger_ports::error_chain;
 
 use crate::api::{
     BlockResponse, ErrorBody, PeerQuery, RangeQuery, RangeResponse, RichQueryRequest, RichQueryResponse, SignedProposalRequest,
@@ -36,7 +37,7 @@ const QUOTE_LIMIT: usize = 500;
 pub enum ClientError {
     #[error("API address {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("{method} {url}: {}{}", causes(source), tls_hint(source))]
+    #[error("{method} {url}: {}{}", error_chain(source), tls_hint(source))]
     Transport { method: Method, url: String, source: reqwest::Error },
     #[error("{method} {url}: HTTP {status}: {message}")]
     Http { method: Method, url: String, status: StatusCode, message: String },
@@ -67,25 +68,9 @@ impl ClientError {
     }
 }
 
-/// reqwest's error and its causes, where a TLS failure says what it was ("invalid peer
-/// certificate: UnknownIssuer"); reqwest's own message is only "error sending request".
-fn causes(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // hyper and hyper-util repeat their cause in their own message at times.
-        if !text.ends_with(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// What to do about a failed TLS handshake, in rustls' words for it.
 fn tls_hint(error: &reqwest::Error) -> &'static str {
-    let text = causes(error);
+    let text = error_chain(error);
     // A certificate no trusted CA signed (BadSignature: one of the same name).
     if text.contains("UnknownIssuer") || text.contains("BadSignature") {
         " (the server's certificate is not signed by a trusted CA: give its CA file, --cacert FILE)"
@@ -141,7 +126,7 @@ impl ClientIdentity {
         let mut pem = crate::tls::read(key)?;
         pem.push(b'\n');
         pem.extend(crate::tls::read(cert)?);
-        let refused = |e: reqwest::Error| crate::tls::TlsFileError { path: cert.to_path_buf(), message: format!("with the key {}: {}", key.display(), causes(&e)) };
+        let refused = |e: reqwest::Error| crate::tls::TlsFileError { path: cert.to_path_buf(), message: format!("with the key {}: {}", key.display(), error_chain(&e)) };
         let identity = reqwest::Identity::from_pem(&pem).map_err(refused)?;
         // rustls checks the certificate and the key's pairing only when a client is built: build
         // one now, so that the error names the files (an X.509 v1 certificate, a key of another
@@ -195,7 +180,7 @@ impl Client {
         if let Some(id) = &tls.identity {
             builder = builder.identity(id.identity.clone());
         }
-        let http = builder.build().map_err(|e| bad(format!("cannot build the HTTP client: {}", causes(&e))))?;
+        let http = builder.build().map_err(|e| bad(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
         Ok(Self { base, http })
     }
 
