@@ -103,6 +103,10 @@ pub struct BenchArgs {
     /// peer to reach the blocks topic's end before simulating).
     #[arg(long, env = "STREAMLEDGER_BENCH_ENDORSE_AT_TIP")]
     pub endorse_at_tip: bool,
+    /// Embedded target: after the round, read the log back and print where the committed
+    /// transactions spent their time, stage by stage (from the log's append times).
+    #[arg(long, env = "STREAMLEDGER_BENCH_BREAKDOWN")]
+    pub breakdown: bool,
 }
 
 fn seconds(flag: &str, value: f64) -> Result<Duration, BenchError> {
@@ -142,6 +146,7 @@ impl BenchArgs {
             progress: !self.no_progress && std::io::stderr().is_terminal(),
             no_signature_checks: self.no_signature_checks,
             endorse_at_tip: self.endorse_at_tip,
+            breakdown: self.breakdown,
             ..BenchConfig::default()
         })
     }
@@ -207,6 +212,8 @@ mod tests {
         c.validate().unwrap();
         let d = parse(&["--workload", "kv", "--backlog", "64", "--duration", "2.5", "--value-size", "1000"]).unwrap().to_config().unwrap();
         assert_eq!((d.mode, d.stop, d.workload.value_size), (Mode::Backlog(64), Stop::Duration(Duration::from_millis(2500)), 1000));
+        assert!(!d.breakdown);
+        assert!(parse(&["--breakdown"]).unwrap().to_config().unwrap().breakdown);
     }
 
     #[test]

@@ -30,7 +30,7 @@
 //! - *committed tx/s*: transactions committed in a block (all codes; VALID separately) divided by
 //!   the time from the round's start to its last verdict (Caliper's throughput).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -55,6 +55,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::api::{SignedProposalRequest, TxState, NONCE_BYTES};
+use crate::breakdown::{self, Breakdown};
 use crate::client::{Client, ClientError, ClientTls};
 use crate::up::{self, NodeError, UpConfig};
 
@@ -264,6 +265,9 @@ pub struct BenchConfig {
     pub endorse_at_tip: bool,
     /// How long each of the three signature rates is timed.
     pub calibration: Duration,
+    /// Embedded: after the round, read the log back and print where the time went, leg by leg
+    /// ([`crate::breakdown`]).
+    pub breakdown: bool,
 }
 
 impl Default for BenchConfig {
@@ -285,6 +289,7 @@ impl Default for BenchConfig {
             no_signature_checks: false,
             endorse_at_tip: false,
             calibration: Duration::from_millis(600),
+            breakdown: false,
         }
     }
 }
@@ -304,6 +309,9 @@ impl BenchConfig {
         }
         if self.endorse_at_tip && self.target != Target::Embedded {
             return Err(BenchError::Config("--endorse-at-tip applies to the embedded target only: a running node or stage has its own setting".into()));
+        }
+        if self.breakdown && self.target != Target::Embedded {
+            return Err(BenchError::Config("--breakdown applies to the embedded target only: it reads the log the bench's own network wrote".into()));
         }
         let bad = |m: String| Err(BenchError::Config(m));
         match self.mode {
@@ -1019,6 +1027,8 @@ pub struct BenchReport {
     /// Over the measured round. `None` for a remote target (the network's CPU is not this
     /// process's), or where `/proc` cannot be read.
     pub cpu: Option<CpuUse>,
+    /// `--breakdown` (embedded): where the round's committed transactions spent their time.
+    pub breakdown: Option<Breakdown>,
     pub crypto: CryptoReport,
 }
 
@@ -1118,6 +1128,10 @@ impl BenchReport {
                 }
             }
             None => writeln!(t, "cpu: n/a (remote target)")?,
+        }
+        if let Some(b) = &self.breakdown {
+            writeln!(t)?;
+            b.write_table(t)?;
         }
         let c = &self.crypto;
         let k = &c.calibration;
@@ -1764,7 +1778,7 @@ async fn run_embedded(config: &BenchConfig, calibration: Calibration) -> Result<
     let peer = node.peers.first().map(|p| p.name.clone()).ok_or_else(|| BenchError::Failed("the network has no peer".into()))?;
     let peers = node.peers.len();
 
-    let (harness, tasks) = log_harness(log, &topics, peer, signer, network.channel().to_string()).await?;
+    let (harness, tasks) = log_harness(log.clone(), &topics, peer.clone(), signer, network.channel().to_string()).await?;
     let node_task = {
         let (events, mut stop) = (harness.events_tx.clone(), tasks.stop.subscribe());
         tokio::spawn(async move {
@@ -1794,6 +1808,11 @@ async fn run_embedded(config: &BenchConfig, calibration: Calibration) -> Result<
     report.peak_rss_bytes = peak_rss_bytes();
     report.memory_by_minute = MemoryTrend::from_samples(&this_process.rss_by_minute);
     report.cpu = this_process.cpu;
+    // After the peak RSS is read: the reading holds every tx id of the run in memory.
+    if config.breakdown {
+        let measured = breakdown::measure(log.as_ref(), &topics, &peer, &this_process.round_blocks).await;
+        report.breakdown = Some(measured.map_err(|e| BenchError::Failed(format!("--breakdown: {e}")))?);
+    }
     drop(dir);
     Ok(report)
 }
@@ -1997,11 +2016,12 @@ async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibrati
         peak_rss_bytes: None,
         memory_by_minute: None,
         cpu: None,
+        breakdown: None,
         // With the timing before the target only; `run` adds the one after the round.
         crypto: CryptoReport::new(calibration, &[], shape, committed_tps, valid_tps),
     };
     let cpu = cpu_before.zip(cpu_after).and_then(|(before, after)| before.used_until(&after, committed));
-    Ok((report, ThisProcess { rss_by_minute: r.rss_by_minute, cpu }))
+    Ok((report, ThisProcess { rss_by_minute: r.rss_by_minute, cpu, round_blocks: r.blocks.keys().copied().collect() }))
 }
 
 /// What the measured round measured of this process. Only the embedded target's report uses it:
@@ -2010,12 +2030,12 @@ struct ThisProcess {
     /// Resident memory at the end of each minute.
     rss_by_minute: Vec<u64>,
     cpu: Option<CpuUse>,
+    /// The blocks holding the round's transactions (for `--breakdown`).
+    round_blocks: HashSet<i64>,
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
     use super::*;
 
     fn ms(v: u64) -> Duration {
@@ -2270,6 +2290,10 @@ mod tests {
         let refused = remote.validate().unwrap_err().to_string();
         assert!(refused.contains("--endorse-at-tip") && refused.contains("embedded target only"), "{refused}");
         assert!(BenchConfig { endorse_at_tip: true, ..BenchConfig::default() }.validate().is_ok());
+        let remote = BenchConfig { breakdown: true, target: Target::Http("http://127.0.0.1:7050".into()), ..BenchConfig::default() };
+        let refused = remote.validate().unwrap_err().to_string();
+        assert!(refused.contains("--breakdown") && refused.contains("embedded target only"), "{refused}");
+        assert!(BenchConfig { breakdown: true, ..BenchConfig::default() }.validate().is_ok());
         let cases: Vec<(BenchConfig, &str)> = vec![
             (BenchConfig { mode: Mode::Rate(0.0), ..BenchConfig::default() }, "--rate"),
             (BenchConfig { mode: Mode::Backlog(0), ..BenchConfig::default() }, "--backlog"),
@@ -2379,8 +2403,15 @@ mod tests {
     /// The embedded target end to end: 200 kv writes, all VALID.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn embedded_kv_round_gets_a_verdict_for_every_transaction() {
-        let report = run(short(WorkloadKind::Kv, 200)).await.unwrap();
+        let report = run(BenchConfig { breakdown: true, ..short(WorkloadKind::Kv, 200) }).await.unwrap();
         check_consistent(&report, 200);
+        // Every committed transaction is followed through the log, and the legs add up.
+        let b = report.breakdown.as_ref().expect("--breakdown");
+        assert_eq!(b.transactions, report.committed, "{}", report.table());
+        let sum: f64 = b.legs.iter().map(|l| l.mean_ms).sum();
+        assert!((sum - b.total.mean_ms).abs() < 1e-6, "{b:?}");
+        assert!(b.total.p50_ms > 0 && b.total.mean_ms <= report.commit_latency.as_ref().unwrap().max_ms, "{}", report.table());
+        assert!(report.table().contains("where the time goes"));
         assert_eq!(report.valid, 200, "blind writes never conflict: {}", report.table());
         assert!(report.peak_rss_bytes.is_some());
         let cpu = report.cpu.as_ref().expect("the process's CPU, on Linux");

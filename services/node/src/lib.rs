@@ -7,6 +7,7 @@ pub mod ops;
 pub mod status;
 pub mod tls;
 pub mod bench;
+pub mod breakdown;
 pub mod replay;
 pub mod stage;
 pub mod up;
