@@ -2412,6 +2412,9 @@ mod tests {
         assert!((sum - b.total.mean_ms).abs() < 1e-6, "{b:?}");
         assert!(b.total.p50_ms > 0 && b.total.mean_ms <= report.commit_latency.as_ref().unwrap().max_ms, "{}", report.table());
         assert!(report.table().contains("where the time goes"));
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(json["breakdown"]["transactions"], report.committed, "the JSON summary carries it too");
+        assert_eq!(json["breakdown"]["legs"].as_array().map(Vec::len), Some(5));
         assert_eq!(report.valid, 200, "blind writes never conflict: {}", report.table());
         assert!(report.peak_rss_bytes.is_some());
         let cpu = report.cpu.as_ref().expect("the process's CPU, on Linux");

@@ -54,6 +54,8 @@ fn id_hash(key: &[u8]) -> u64 {
 /// Reads every record of `topic` up to its end as of now, handing each to `each`.
 async fn read_topic(log: &dyn Log, topic: &str, mut each: impl FnMut(&Record) -> Result<(), String>) -> Result<u64, String> {
     let partitions = log.partition_count(topic).await.map_err(|e| e.to_string())?;
+    // A long run's topics hold millions of records: say what is being read, and how far.
+    tracing::info!(topic, "reading for the breakdown");
     let mut read = 0u64;
     for partition in 0..partitions {
         let end = log.end_offset(topic, partition).await.map_err(|e| e.to_string())?;
@@ -67,6 +69,9 @@ async fn read_topic(log: &dyn Log, topic: &str, mut each: impl FnMut(&Record) ->
             for r in records.iter().take_while(|r| r.offset < end) {
                 each(r).map_err(|e| format!("partition {partition} of topic {topic} at offset {}: {e}", r.offset))?;
                 read += 1;
+                if read.is_multiple_of(500_000) {
+                    tracing::info!(topic, records = read, "still reading for the breakdown");
+                }
             }
             next = records.last().map_or(end, |r| r.offset + 1);
         }
