@@ -10,15 +10,14 @@
 //! Read after the network has stopped, so that the run is not slowed by the reading; the legs
 //! are in whole milliseconds, the log's timestamp resolution.
 
-use std::collections::hash_map::{DefaultHasher, Entry};
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::time::Duration;
 
 use serde::Serialize;
 use streamledger_core::codec;
 use streamledger_core::model::{Block, ValidatedBlock};
-use streamledger_ports::log::{Log, Record, Subscription};
+use streamledger_ports::log::{for_each_record, Log, Record};
 use streamledger_ports::topics::{names, Topics};
 
 /// One leg of a transaction's path, over the transactions followed.
@@ -51,33 +50,22 @@ fn id_hash(key: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Reads every record of `topic` up to its end as of now, handing each to `each`.
-async fn read_topic(log: &dyn Log, topic: &str, mut each: impl FnMut(&Record) -> Result<(), String>) -> Result<u64, String> {
-    let partitions = log.partition_count(topic).await.map_err(|e| e.to_string())?;
-    // A long run's topics hold millions of records: say what is being read, and how far.
+/// [`for_each_record`], saying what is being read and how far: a long run's topics hold millions
+/// of records.
+async fn read_topic(log: &dyn Log, topic: &str, mut each: impl FnMut(&Record) -> Result<(), String>) -> Result<(), String> {
     tracing::info!(topic, "reading for the breakdown");
     let mut read = 0u64;
-    for partition in 0..partitions {
-        let end = log.end_offset(topic, partition).await.map_err(|e| e.to_string())?;
-        let mut consumer = log.consumer(Subscription::assign(topic, partition, 0)).await.map_err(|e| e.to_string())?;
-        let mut next = 0;
-        while next < end {
-            let records = consumer.poll(10_000, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
-            if records.is_empty() {
-                return Err(format!("partition {partition} of topic {topic} ended at offset {next}, before its end offset {end}"));
-            }
-            for r in records.iter().take_while(|r| r.offset < end) {
-                each(r).map_err(|e| format!("partition {partition} of topic {topic} at offset {}: {e}", r.offset))?;
-                read += 1;
-                if read.is_multiple_of(500_000) {
-                    tracing::info!(topic, records = read, "still reading for the breakdown");
-                }
-            }
-            next = records.last().map_or(end, |r| r.offset + 1);
+    let records = for_each_record(log, topic, |r| {
+        read += 1;
+        if read.is_multiple_of(500_000) {
+            tracing::info!(topic, records = read, "still reading for the breakdown");
         }
-    }
-    tracing::info!(topic, records = read, "read for the breakdown");
-    Ok(read)
+        each(&r)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::info!(topic, records, "read for the breakdown");
+    Ok(())
 }
 
 /// The breakdown of the transactions in `blocks` (the round's), as `peer` validated them.
@@ -104,30 +92,26 @@ pub async fn measure(log: &dyn Log, topics: &Topics, peer: &str, blocks: &HashSe
     })
     .await?;
     // Keyed by tx id: only the round's committed transactions are kept.
-    let first_by_key = |map: &mut HashMap<u64, i64>, r: &Record| -> Result<(), String> {
-        let key = r.key.as_deref().ok_or("a record without its tx id as the key")?;
-        let id = id_hash(key);
-        if tx_block.contains_key(&id) {
+    let round_tx = |r: &Record| -> Result<Option<u64>, String> {
+        let id = id_hash(r.key.as_deref().ok_or("a record without its tx id as the key")?);
+        Ok(tx_block.contains_key(&id).then_some(id))
+    };
+    let mut proposed = HashMap::new();
+    let mut ordered = HashMap::new();
+    // The first and the last org's endorsement results.
+    let mut endorsed: HashMap<u64, (i64, i64)> = HashMap::new();
+    let first_seen = |map: &mut HashMap<u64, i64>, r: &Record| -> Result<(), String> {
+        if let Some(id) = round_tx(r)? {
             map.entry(id).or_insert(r.timestamp_ms);
         }
         Ok(())
     };
-    let mut proposed = HashMap::new();
-    read_topic(log, topics.name(names::PROPOSALS), |r| first_by_key(&mut proposed, r)).await?;
-    let mut ordered = HashMap::new();
-    read_topic(log, topics.name(names::ORDERED_TX), |r| first_by_key(&mut ordered, r)).await?;
-    // The first and the last org's endorsement results.
-    let mut endorsed: HashMap<u64, (i64, i64)> = HashMap::new();
+    read_topic(log, topics.name(names::PROPOSALS), |r| first_seen(&mut proposed, r)).await?;
+    read_topic(log, topics.name(names::ORDERED_TX), |r| first_seen(&mut ordered, r)).await?;
     read_topic(log, topics.name(names::ENDORSEMENT_RESULTS), |r| {
-        let key = r.key.as_deref().ok_or("a record without its tx id as the key")?;
-        let id = id_hash(key);
-        if tx_block.contains_key(&id) {
-            match endorsed.entry(id) {
-                Entry::Occupied(mut e) => e.get_mut().1 = r.timestamp_ms,
-                Entry::Vacant(e) => {
-                    e.insert((r.timestamp_ms, r.timestamp_ms));
-                }
-            }
+        if let Some(id) = round_tx(r)? {
+            let t = r.timestamp_ms;
+            endorsed.entry(id).and_modify(|e| e.1 = t).or_insert((t, t));
         }
         Ok(())
     })
@@ -183,6 +167,7 @@ impl Breakdown {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use streamledger_core::fixtures::Fixture;
     use streamledger_core::model::TxResult;

@@ -127,6 +127,47 @@ pub trait Consumer: Send {
     fn lag(&self) -> Vec<(String, i32, i64)>;
 }
 
+/// Hands every record of `topic` to `each`, partition by partition in offset order, from offset 0
+/// to the end offset each partition had when its read began, without holding them: a ledger topic
+/// can be larger than memory. Returns how many were read. A log that returns nothing below an end
+/// offset for 30 s is an error naming the partition and offset (waiting forever would hide a lost
+/// record); so is an error from `each`, with the record's place.
+pub async fn for_each_record(log: &dyn Log, topic: &str, mut each: impl FnMut(Record) -> Result<(), String>) -> LogResult<u64> {
+    const POLL_WAIT: Duration = Duration::from_millis(500);
+    const EMPTY_POLLS: u32 = 60;
+    let mut read = 0;
+    for partition in 0..log.partition_count(topic).await? {
+        let end = log.end_offset(topic, partition).await?;
+        if end == 0 {
+            continue;
+        }
+        let at = |offset: i64| format!("partition {partition} of topic {topic} at offset {offset}");
+        let mut consumer = log.consumer(Subscription::assign(topic, partition, 0)).await?;
+        let (mut next, mut empty_polls) = (0, 0);
+        while next < end {
+            let batch = consumer.poll(10_000, POLL_WAIT).await?;
+            if batch.is_empty() {
+                empty_polls += 1;
+                if empty_polls >= EMPTY_POLLS {
+                    return Err(LogError::new(at(next), format!("nothing returned below the end offset {end}"), false));
+                }
+                continue;
+            }
+            empty_polls = 0;
+            for record in batch {
+                if record.offset >= end {
+                    break;
+                }
+                let offset = record.offset;
+                next = offset + 1;
+                each(record).map_err(|e| LogError::new(at(offset), e, false))?;
+                read += 1;
+            }
+        }
+    }
+    Ok(read)
+}
+
 /// Creates every topic of the channel that is missing; existing ones are left as they are
 /// (`topics check` reports drift).
 pub async fn ensure_topics(log: &dyn Log, topics: &Topics) -> LogResult<()> {
