@@ -972,6 +972,39 @@ pub struct NetworkSummary {
     pub endorse_at_tip: bool,
 }
 
+/// Why committed / ceiling came out as it did, from the run's own figures (embedded only: the CPU
+/// must be the network's). The ceiling's signatures cost `threads / ceiling` of CPU per
+/// transaction; the pipeline spent `us_per_committed_tx`. So committed / ceiling is the
+/// signatures' share of a transaction's CPU times the share of the ceiling's threads the process
+/// kept busy, exactly but for the few milliseconds between the round's CPU and rate windows:
+/// raising the ratio means spending less outside the signatures, or idling less.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CeilingShares {
+    /// CPU per transaction that the signatures take at the calibrated rates, in µs.
+    pub signatures_us_per_tx: f64,
+    /// `signatures_us_per_tx` over the CPU this process spent per committed transaction.
+    pub signatures_share: f64,
+    /// Cores this process kept busy over the ceiling's threads.
+    pub busy_share: f64,
+}
+
+impl CeilingShares {
+    pub fn new(crypto: &CryptoReport, cpu: &CpuUse) -> Option<Self> {
+        let us_per_tx = cpu.us_per_committed_tx.filter(|us| *us > 0.0)?;
+        let threads = crypto.calibration.threads.max(1) as f64;
+        if crypto.ceiling_tps <= 0.0 {
+            return None;
+        }
+        let signatures_us_per_tx = threads * 1e6 / crypto.ceiling_tps;
+        Some(Self { signatures_us_per_tx, signatures_share: signatures_us_per_tx / us_per_tx, busy_share: cpu.process_cores / threads })
+    }
+
+    /// What committed / ceiling comes to by these shares.
+    pub fn ratio(&self) -> f64 {
+        self.signatures_share * self.busy_share
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SetupSummary {
     pub txs: u64,
@@ -1030,6 +1063,8 @@ pub struct BenchReport {
     /// `--breakdown` (embedded): where the round's committed transactions spent their time.
     pub breakdown: Option<Breakdown>,
     pub crypto: CryptoReport,
+    /// The committed / ceiling ratio taken apart (`None` where `cpu` is).
+    pub ceiling_shares: Option<CeilingShares>,
 }
 
 impl BenchReport {
@@ -1150,6 +1185,20 @@ impl BenchReport {
             if c.shape.via_api { ", API check" } else { "" }
         )?;
         writeln!(t, "  ceiling {:.0} tx/s; committed / ceiling {:.3}, VALID / ceiling {:.3}", c.ceiling_tps, c.committed_ratio, c.valid_ratio)?;
+        if let (Some(sh), Some(cpu)) = (&self.ceiling_shares, &self.cpu) {
+            writeln!(t, "  why: committed / ceiling = (the signatures' CPU per tx / CPU per committed tx) x (cores busy / threads)")?;
+            writeln!(
+                t,
+                "       = ({:.0} µs / {:.0} µs) x ({:.2} / {}) = {:.3} x {:.3} = {:.3}",
+                sh.signatures_us_per_tx,
+                sh.signatures_us_per_tx / sh.signatures_share,
+                cpu.process_cores,
+                k.threads,
+                sh.signatures_share,
+                sh.busy_share,
+                sh.ratio()
+            )?;
+        }
         Ok(())
     }
 }
@@ -1732,6 +1781,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     let after = time_crypto().await?;
     let c = &report.crypto;
     report.crypto = CryptoReport::new(before, &[after], c.shape, report.committed_tps, report.valid_tps);
+    report.ceiling_shares = report.cpu.as_ref().and_then(|cpu| CeilingShares::new(&report.crypto, cpu));
     Ok(report)
 }
 
@@ -2019,6 +2069,7 @@ async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibrati
         breakdown: None,
         // With the timing before the target only; `run` adds the one after the round.
         crypto: CryptoReport::new(calibration, &[], shape, committed_tps, valid_tps),
+        ceiling_shares: None,
     };
     let cpu = cpu_before.zip(cpu_after).and_then(|(before, after)| before.used_until(&after, committed));
     Ok((report, ThisProcess { rss_by_minute: r.rss_by_minute, cpu, round_blocks: r.blocks.keys().copied().collect() }))
@@ -2361,6 +2412,28 @@ mod tests {
     }
 
     #[test]
+    fn the_ratio_is_the_signatures_share_of_the_cpu_times_the_busy_share() {
+        // 2 threads, 20,000 tx/s of ceiling: the signatures take 100 µs of CPU per transaction.
+        let rates = Calibration { threads: 2, signs_per_s: 150_000.0, verifies_per_s: 75_000.0, batch_verifies_per_s: 260_000.0 };
+        let shape = CryptoShape { endorsers: 2, validators: 2, endorsements_per_tx: 2, mean_block_txs: 400.0, via_api: false, signature_checks: true };
+        // A run that kept 1.6 cores busy at 200 µs per committed tx committed 8,000 tx/s.
+        let cpu = CpuUse { cores: 2, process_cores: 1.6, machine_cores: 1.6, us_per_committed_tx: Some(200.0) };
+        let crypto = CryptoReport::new(rates, &[], shape, 1.6 * 1e6 / 200.0, 7_000.0);
+        let shares = CeilingShares::new(&crypto, &cpu).expect("a ceiling and a CPU figure");
+        assert!((shares.signatures_us_per_tx - 2e6 / crypto.ceiling_tps).abs() < 1e-9);
+        assert!((shares.signatures_share - shares.signatures_us_per_tx / 200.0).abs() < 1e-12);
+        assert!((shares.busy_share - 0.8).abs() < 1e-12);
+        assert!((shares.ratio() - crypto.committed_ratio).abs() < 1e-9, "{} against {}", shares.ratio(), crypto.committed_ratio);
+        // Half the CPU per transaction outside the signatures raises both the share and the ratio.
+        let leaner = CpuUse { us_per_committed_tx: Some(150.0), ..cpu.clone() };
+        assert!(CeilingShares::new(&crypto, &leaner).unwrap().ratio() > shares.ratio());
+        // Nothing committed (no per-tx CPU) or no ceiling: nothing to take apart.
+        assert_eq!(CeilingShares::new(&crypto, &CpuUse { us_per_committed_tx: None, ..cpu.clone() }), None);
+        let no_checks = CryptoReport { ceiling_tps: 0.0, ..crypto.clone() };
+        assert_eq!(CeilingShares::new(&no_checks, &cpu), None);
+    }
+
+    #[test]
     fn calibration_measures_positive_rates() {
         let c = calibrate(1, Duration::from_millis(30));
         assert_eq!(c.threads, 1);
@@ -2421,6 +2494,14 @@ mod tests {
         assert!(cpu.process_cores > 0.0 && cpu.us_per_committed_tx.is_some_and(|us| us > 0.0), "{cpu:?}");
         assert!(report.table().contains("cores busy in this process"));
         assert_eq!(report.crypto.shape.endorsements_per_tx, 1);
+        // The ratio taken apart agrees with the ratio, up to the CPU window being the round's
+        // drive and the rate's running from the first submission to the last verdict.
+        let shares = report.ceiling_shares.expect("embedded: this process's CPU is the network's");
+        let ratio = report.crypto.committed_ratio;
+        assert!((shares.ratio() / ratio - 1.0).abs() < 0.25, "{} against {ratio}: {}", shares.ratio(), report.table());
+        assert!(shares.signatures_share > 0.0 && shares.busy_share > 0.0, "{shares:?}");
+        assert!(report.table().contains("why: committed / ceiling ="), "{}", report.table());
+        assert!(json["ceiling_shares"]["signatures_share"].as_f64().is_some());
     }
 
     /// `--endorse-at-tip`: with every endorser batch waiting on its peer, every transaction
@@ -2450,6 +2531,7 @@ mod tests {
         assert_eq!(report.setup.as_ref().map(|s| s.txs), Some(20));
         assert_eq!(report.peak_rss_bytes, None, "remote memory is not ours");
         assert_eq!(report.cpu, None, "nor its CPU");
+        assert_eq!(report.ceiling_shares, None, "so the ratio is not taken apart");
         assert!(report.crypto.shape.via_api);
         stop.send(()).unwrap();
         running.await.unwrap().unwrap();
