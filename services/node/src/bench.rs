@@ -1185,14 +1185,14 @@ impl BenchReport {
             if c.shape.via_api { ", API check" } else { "" }
         )?;
         writeln!(t, "  ceiling {:.0} tx/s; committed / ceiling {:.3}, VALID / ceiling {:.3}", c.ceiling_tps, c.committed_ratio, c.valid_ratio)?;
-        if let (Some(sh), Some(cpu)) = (&self.ceiling_shares, &self.cpu) {
+        if let (Some(sh), Some(CpuUse { process_cores, us_per_committed_tx: Some(us), .. })) = (&self.ceiling_shares, &self.cpu) {
             writeln!(t, "  why: committed / ceiling = (the signatures' CPU per tx / CPU per committed tx) x (cores busy / threads)")?;
             writeln!(
                 t,
                 "       = ({:.0} µs / {:.0} µs) x ({:.2} / {}) = {:.3} x {:.3} = {:.3}",
                 sh.signatures_us_per_tx,
-                sh.signatures_us_per_tx / sh.signatures_share,
-                cpu.process_cores,
+                us,
+                process_cores,
                 k.threads,
                 sh.signatures_share,
                 sh.busy_share,
