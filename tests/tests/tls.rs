@@ -98,6 +98,59 @@ async fn up_with_a_client_ca_serves_only_clients_with_a_certificate_it_signed() 
     assert!(up.terminate().success(), "a graceful stop with mutual TLS");
 }
 
+/// `up --tls-client-permissions`: each client certificate does what its CN is granted. A reader
+/// queries but its submit is refused with a 403 naming the permission, and nothing of it reaches
+/// the ledger; a submitter submits; `/metrics` is served only to a client granted it; a bad
+/// permissions file stops `up` before it starts, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_client_permissions_lets_each_certificate_do_what_its_name_is_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = pki::write_pki(dir.path(), "server");
+    let (_, clients) = pki::write_pki_with_clients(dir.path(), "clients", &["reader", "submitter", "scraper"]);
+    let (reader, submitter, scraper) = (&clients[0], &clients[1], &clients[2]);
+    let perms = dir.path().join("perms.toml");
+    std::fs::write(&perms, "default = []\n[clients]\nreader = [\"read\"]\nsubmitter = [\"read\", \"submit\"]\nscraper = [\"metrics\"]\n").unwrap();
+    let tls = ["--tls-cert", path(&server.cert), "--tls-key", path(&server.key), "--tls-client-ca", path(&reader.ca)];
+
+    // A bad file: refused before anything starts, naming it and what is wrong.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "default = [\"write\"]\n").unwrap();
+    let run = cli(None, &[&["up", "--data-dir", path(&dir.path().join("never")), "--tls-client-permissions", path(&bad)][..], &tls].concat()).await;
+    run.assert_failure();
+    assert!(run.stderr.contains(path(&bad)) && run.stderr.contains("unknown variant `write`"), "{run:?}");
+
+    let mut up = Up::start_with_ca(dir.path(), &[&tls[..], &["--tls-client-permissions", path(&perms)]].concat(), Some(&server.ca));
+    let api = up.api.clone();
+    let ca = path(&server.ca);
+    let as_client = |client: &pki::Pki| ["--cacert", ca, "--client-cert", path(&client.cert), "--client-key", path(&client.key)].map(str::to_string);
+    bounded("up with per-client permissions", 120, async {
+        let run = cli(Some(&api), &[&["submit", "transfer", "create", "alice", "100"][..], &as_client(submitter).each_ref().map(String::as_str)].concat()).await;
+        run.assert_success();
+        assert_eq!(parse_submit(&run).1.expect("submit waits for the verdict").0, "VALID", "{run:?}");
+
+        let reader_args = as_client(reader);
+        let reader_args = reader_args.each_ref().map(String::as_str);
+        let run = cli(Some(&api), &[&["query", "transfer", "alice"][..], &reader_args].concat()).await;
+        run.assert_success();
+        assert_eq!(parse_query(&run)["balance"], 100, "{run:?}");
+        let run = cli(Some(&api), &[&["submit", "transfer", "create", "mallory", "1"][..], &reader_args].concat()).await;
+        run.assert_failure();
+        eprintln!("permissions: a reader's submit -> {}", run.stderr.trim());
+        assert!(run.stderr.contains("403") && run.stderr.contains("CN=\"reader\" lacks the permission \"submit\""), "{run:?}");
+        let run = cli(Some(&api), &[&["query", "transfer", "mallory"][..], &reader_args].concat()).await;
+        assert!(run.stderr.contains("404"), "the refused submit reached nothing: {run:?}");
+
+        let metrics = |client: &pki::Pki| trusting_as(&server.ca, client).get(format!("{api}/metrics")).send();
+        assert_eq!(metrics(scraper).await.unwrap().status(), 200);
+        assert_eq!(metrics(reader).await.unwrap().status(), 403);
+        let health = trusting_as(&server.ca, scraper).get(format!("{api}/healthz")).send().await.unwrap();
+        assert_eq!(health.status(), 200, "health needs no permission");
+        up.assert_running("refused requests");
+    })
+    .await;
+    assert!(up.terminate().success(), "a graceful stop with per-client permissions");
+}
+
 /// `up` over HTTPS: the CLI submits and queries with `--cacert`; plain HTTP to the TLS port, a
 /// CLI without `--cacert` and one trusting another CA all fail, and the node keeps serving; a
 /// benchmark runs over https; SIGTERM stops the node cleanly.

@@ -116,16 +116,28 @@ struct TlsArgs {
     /// --tls-cert.
     #[arg(long, env = "STREAMLEDGER_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Per-client permissions, by the CN of each client's certificate (TOML: `default = [...]`
+    /// and a `[clients]` table of CN = [...]; permissions read, propose, submit, metrics, all).
+    /// A request without its permission is answered 403, naming what is missing. Needs
+    /// --tls-client-ca.
+    #[arg(long, env = "STREAMLEDGER_TLS_CLIENT_PERMISSIONS", requires = "tls_client_ca")]
+    tls_client_permissions: Option<PathBuf>,
 }
 
 impl TlsArgs {
     /// Read and checked before anything starts, so that a bad file stops the command at once.
     fn load(&self) -> Result<Option<streamledger_node::tls::ServerTls>, CliError> {
         match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Ok(Some(match &self.tls_client_ca {
-                None => streamledger_node::tls::ServerTls::load(cert, key)?,
-                Some(ca) => streamledger_node::tls::ServerTls::requiring_client_certs(cert, key, ca)?,
-            })),
+            (Some(cert), Some(key)) => {
+                let tls = match &self.tls_client_ca {
+                    None => streamledger_node::tls::ServerTls::load(cert, key)?,
+                    Some(ca) => streamledger_node::tls::ServerTls::requiring_client_certs(cert, key, ca)?,
+                };
+                Ok(Some(match &self.tls_client_permissions {
+                    None => tls,
+                    Some(file) => tls.with_permissions(streamledger_node::permissions::ClientPermissions::load(file)?)?,
+                }))
+            }
             // clap's `requires` refuses one without the other.
             _ => Ok(None),
         }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -44,7 +44,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::status::{Status, TxStatusTracker};
-use crate::tls::ServerTls;
+use crate::permissions::{ClientPermissions, Permission};
+use crate::tls::{ClientName, ServerTls};
 
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
@@ -473,8 +474,20 @@ pub async fn serve_router(
     let bound = listener.local_addr().map_err(|source| ApiError::Bind { addr, source })?;
     tracing::info!(url = %format!("{}://{bound}", crate::tls::scheme(tls)), "HTTP API listening");
     let task = match tls {
-        None => tokio::spawn(serve_until(listener, app, shutdown)),
-        Some(tls) => tokio::spawn(serve_until(tls.listener(listener), app, shutdown)),
+        None => {
+            let serving = axum::serve(listener, app).with_graceful_shutdown(signalled(shutdown.clone()));
+            tokio::spawn(drain_then_stop(serving.into_future(), shutdown))
+        }
+        Some(tls) => {
+            let app = match tls.permissions() {
+                Some(permissions) => app.layer(axum::middleware::from_fn_with_state(permissions, enforce_permissions)),
+                None => app,
+            };
+            // The client's certificate is read once per connection, for the permissions.
+            let app = app.into_make_service_with_connect_info::<ClientName>();
+            let serving = axum::serve(tls.listener(listener), app).with_graceful_shutdown(signalled(shutdown.clone()));
+            tokio::spawn(drain_then_stop(serving.into_future(), shutdown))
+        }
     };
     Ok((bound, task))
 }
@@ -485,24 +498,41 @@ pub async fn serve_router(
 /// would otherwise keep the process from ever exiting.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
-async fn serve_until<L>(listener: L, app: Router, shutdown: watch::Receiver<bool>) -> std::io::Result<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    // `wait_for` fails only when the sender is gone, which also means shut down.
-    let signalled = |mut shutdown: watch::Receiver<bool>| async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    };
-    let serving = axum::serve(listener, app).with_graceful_shutdown(signalled(shutdown.clone()));
+/// Resolves once `shutdown` turns true; `wait_for` fails only when the sender is gone, which also
+/// means shut down.
+async fn signalled(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Runs a server that stops gracefully on `shutdown`, giving up on its open connections
+/// [`SHUTDOWN_DRAIN`] after the signal.
+async fn drain_then_stop(serving: impl std::future::Future<Output = std::io::Result<()>>, shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
     tokio::select! {
-        ended = serving.into_future() => ended,
+        ended = serving => ended,
         _ = async { signalled(shutdown).await; tokio::time::sleep(SHUTDOWN_DRAIN).await } => {
             // The connections' tasks end with the runtime; nothing is written to them any more.
             tracing::warn!(drain = ?SHUTDOWN_DRAIN, "HTTP connections still open after the shutdown drain; stopping without them");
             Ok(())
         }
     }
+}
+
+/// Refuses, with 403 and the reason, a request its client's certificate has no permission for
+/// (`--tls-client-permissions`; see [`crate::permissions`]).
+async fn enforce_permissions(
+    State(permissions): State<Arc<ClientPermissions>>,
+    ConnectInfo(ClientName(client)): ConnectInfo<ClientName>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (method, path) = (request.method(), request.uri().path());
+    if let Some(needed) = Permission::needed_for(method, path) {
+        if !permissions.allows(client.as_deref(), needed) {
+            tracing::info!(client = ?client, permission = %needed, %method, path, "request refused: permission missing");
+            return HttpError::new(StatusCode::FORBIDDEN, permissions.refusal(client.as_deref(), needed, method, path)).into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// A refusal or failure, answered as `{"error": message}`.

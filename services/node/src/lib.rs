@@ -4,6 +4,7 @@
 pub mod api;
 pub mod client;
 pub mod ops;
+pub mod permissions;
 pub mod status;
 pub mod tls;
 pub mod bench;

@@ -4,8 +4,9 @@
 //! rustls on the ring provider: rustls' default provider, aws-lc-rs, needs cmake to build. The
 //! endpoints `up` and the stages serve authenticate the server, and with `--tls-client-ca`
 //! ([`ServerTls::requiring_client_certs`]) every client too: mutual TLS, as Fabric's
-//! `clientAuthRequired`. The tests' schema registry uses it as well, to check the Kafka adapter's
-//! mutual TLS.
+//! `clientAuthRequired`, and with `--tls-client-permissions` ([`ServerTls::with_permissions`])
+//! each client may do only what its certificate's name is granted (see [`crate::permissions`]).
+//! The tests' schema registry uses it as well, to check the Kafka adapter's mutual TLS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+
+use crate::permissions::{common_name, ClientPermissions};
 
 /// How long a client may take over its handshake before its connection is dropped: a client that
 /// connects and sends nothing must not keep a task and a socket forever.
@@ -82,6 +85,9 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
 pub struct ServerTls {
     config: Arc<rustls::ServerConfig>,
     cert: PathBuf,
+    /// Whether clients must present a certificate (mutual TLS): permissions need one.
+    client_certs: bool,
+    permissions: Option<Arc<ClientPermissions>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -127,7 +133,26 @@ impl ServerTls {
         let config = builder
             .with_single_cert(certs, key_der)
             .map_err(|e| file_error(key, format!("cannot serve {} with this key: {e}", cert.display())))?;
-        Ok(Self { config: Arc::new(config), cert: cert.to_path_buf() })
+        Ok(Self { config: Arc::new(config), cert: cert.to_path_buf(), client_certs: client_ca.is_some(), permissions: None })
+    }
+
+    /// Per-client permissions (see [`crate::permissions`]): only with client certificates
+    /// ([`ServerTls::requiring_client_certs`]), which name the clients; refused otherwise, naming
+    /// the permissions file.
+    pub fn with_permissions(mut self, permissions: ClientPermissions) -> Result<Self, TlsFileError> {
+        if !self.client_certs {
+            return Err(file_error(
+                permissions.file(),
+                "per-client permissions need client certificates to tell the clients apart: give a clients' CA (--tls-client-ca) too",
+            ));
+        }
+        self.permissions = Some(Arc::new(permissions));
+        Ok(self)
+    }
+
+    /// The per-client permissions the endpoint enforces, if any.
+    pub fn permissions(&self) -> Option<Arc<ClientPermissions>> {
+        self.permissions.clone()
     }
 
     /// Wraps a bound listener: what it accepts is TLS only.
@@ -185,6 +210,18 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.tcp.local_addr()
+    }
+}
+
+/// The common name of a connection's client certificate (`None` without one, or without a CN),
+/// for the per-client permissions: read once per connection, when axum accepts it.
+#[derive(Debug, Clone)]
+pub struct ClientName(pub Option<String>);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for ClientName {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        let (_, connection) = stream.io().get_ref();
+        ClientName(connection.peer_certificates().and_then(|chain| chain.first()).and_then(|der| common_name(der)))
     }
 }
 
@@ -264,6 +301,62 @@ mod tests {
         // A client that connects and says nothing holds up no one.
         let _silent = TcpStream::connect(addr).await.unwrap();
         assert_eq!(ping().await, "pong", "still serving");
+
+        stop.send(true).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    }
+
+    /// Per-client permissions over real mutual TLS: each client gets what its certificate's CN is
+    /// granted, a client not listed the default, and a refusal is a 403 naming what is missing;
+    /// the health probe is open to every client the CA admitted. Without client certificates the
+    /// permissions are refused, naming the file.
+    #[tokio::test]
+    async fn each_client_certificate_gets_the_permissions_of_its_common_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = write_pki(dir.path(), "server");
+        let (clients, named) = pki::write_pki_with_clients(dir.path(), "clients", &["reader", "submitter", "stranger"]);
+        let file = dir.path().join("perms.toml");
+        std::fs::write(&file, "default = []\n[clients]\n\"reader\" = [\"read\"]\n\"submitter\" = [\"read\", \"submit\"]\n").unwrap();
+        let permissions = crate::permissions::ClientPermissions::load(&file).unwrap();
+        let refused = ServerTls::load(&server.cert, &server.key).unwrap().with_permissions(permissions.clone()).unwrap_err().to_string();
+        assert!(refused.starts_with(&format!("{}: ", file.display())) && refused.contains("--tls-client-ca"), "{refused}");
+        let tls = ServerTls::requiring_client_certs(&server.cert, &server.key, &clients.ca).unwrap().with_permissions(permissions).unwrap();
+        let ok = || async { "ok" };
+        let app = axum::Router::new()
+            .route("/v1/status", axum::routing::get(ok))
+            .route("/v1/transactions", axum::routing::post(ok))
+            .route("/healthz", axum::routing::get(ok));
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), shutdown).await.unwrap();
+
+        let as_client = |client: &pki::Pki| {
+            let identity = [std::fs::read(&client.key).unwrap(), std::fs::read(&client.cert).unwrap()].join(&b'\n');
+            let mut builder = reqwest::Client::builder().identity(reqwest::Identity::from_pem(&identity).unwrap());
+            for der in load_certs(&server.ca).unwrap() {
+                builder = builder.add_root_certificate(reqwest::Certificate::from_der(&der).unwrap());
+            }
+            builder.build().unwrap()
+        };
+        let url = |path: &str| format!("https://localhost:{}{path}", addr.port());
+        let (reader, submitter, stranger) = (as_client(&named[0]), as_client(&named[1]), as_client(&named[2]));
+        let status = |r: reqwest::Response| r.status().as_u16();
+
+        assert_eq!(status(reader.get(url("/v1/status")).send().await.unwrap()), 200);
+        let denied = reader.post(url("/v1/transactions")).send().await.unwrap();
+        assert_eq!(denied.status().as_u16(), 403);
+        let body: serde_json::Value = denied.json().await.unwrap();
+        assert_eq!(
+            body["error"],
+            format!("the client certificate CN=\"reader\" lacks the permission \"submit\" for POST /v1/transactions (see {})", file.display())
+        );
+        assert_eq!(status(submitter.post(url("/v1/transactions")).send().await.unwrap()), 200);
+        assert_eq!(status(submitter.get(url("/v1/status")).send().await.unwrap()), 200);
+        let denied = stranger.get(url("/v1/status")).send().await.unwrap();
+        assert_eq!(denied.status().as_u16(), 403, "a client not listed gets the default, here nothing");
+        let body: serde_json::Value = denied.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains("CN=\"stranger\" (not listed"), "{body}");
+        assert_eq!(status(stranger.get(url("/healthz")).send().await.unwrap()), 200, "the health probe needs no permission");
 
         stop.send(true).unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");
