@@ -151,6 +151,42 @@ async fn up_with_client_permissions_lets_each_certificate_do_what_its_name_is_gr
     assert!(up.terminate().success(), "a graceful stop with per-client permissions");
 }
 
+/// `up --tls-client-crl`: a client certificate the CRL lists fails its handshake, and the CLI
+/// says it is revoked; nothing it sent is committed; the CA's other clients are served; a file
+/// that holds no CRL stops `up` before it starts, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_a_client_crl_refuses_the_certificates_it_revokes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = pki::write_pki(dir.path(), "server");
+    let (_, clients, crl) = pki::write_pki_revoking(dir.path(), "clients", &["kept", "lost-laptop"], &["lost-laptop"]);
+    let (kept, revoked) = (&clients[0], &clients[1]);
+    let tls = ["--tls-cert", path(&server.cert), "--tls-key", path(&server.key), "--tls-client-ca", path(&kept.ca)];
+
+    let run = cli(None, &[&["up", "--data-dir", path(&dir.path().join("never")), "--tls-client-crl", path(&server.cert)][..], &tls].concat()).await;
+    run.assert_failure();
+    assert!(run.stderr.contains(path(&server.cert)) && run.stderr.contains("no CRL in it"), "{run:?}");
+
+    let mut up = Up::start_with_ca(dir.path(), &[&tls[..], &["--tls-client-crl", path(&crl)]].concat(), Some(&server.ca));
+    let api = up.api.clone();
+    let ca = path(&server.ca);
+    bounded("up with a client CRL", 120, async {
+        let theirs = ["--cacert", ca, "--client-cert", path(&revoked.cert), "--client-key", path(&revoked.key)];
+        let run = cli(Some(&api), &[&["submit", "transfer", "create", "mallory", "1"][..], &theirs].concat()).await;
+        run.assert_failure();
+        eprintln!("crl: a revoked certificate -> {}", run.stderr.trim());
+        assert!(run.stderr.contains("CertificateRevoked") && run.stderr.contains("--tls-client-crl"), "{run:?}");
+        let mine = ["--cacert", ca, "--client-cert", path(&kept.cert), "--client-key", path(&kept.key)];
+        let run = cli(Some(&api), &[&["submit", "transfer", "create", "alice", "100"][..], &mine].concat()).await;
+        run.assert_success();
+        assert_eq!(parse_submit(&run).1.expect("submit waits for the verdict").0, "VALID", "{run:?}");
+        let run = cli(Some(&api), &[&["query", "transfer", "mallory"][..], &mine].concat()).await;
+        assert!(run.stderr.contains("404"), "the revoked client's submit reached nothing: {run:?}");
+        up.assert_running("a revoked client");
+    })
+    .await;
+    assert!(up.terminate().success(), "a graceful stop with a client CRL");
+}
+
 /// `up` over HTTPS: the CLI submits and queries with `--cacert`; plain HTTP to the TLS port, a
 /// CLI without `--cacert` and one trusting another CA all fail, and the node keeps serving; a
 /// benchmark runs over https; SIGTERM stops the node cleanly.

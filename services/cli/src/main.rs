@@ -122,6 +122,11 @@ struct TlsArgs {
     /// --tls-client-ca.
     #[arg(long, env = "STREAMLEDGER_TLS_CLIENT_PERMISSIONS", requires = "tls_client_ca")]
     tls_client_permissions: Option<PathBuf>,
+    /// Refuse client certificates that a certificate revocation list in this PEM file lists (one
+    /// or more CRLs; a certificate whose issuer has none in it is not checked). Read at start.
+    /// Needs --tls-client-ca.
+    #[arg(long, env = "STREAMLEDGER_TLS_CLIENT_CRL", requires = "tls_client_ca")]
+    tls_client_crl: Option<PathBuf>,
 }
 
 impl TlsArgs {
@@ -129,9 +134,11 @@ impl TlsArgs {
     fn load(&self) -> Result<Option<streamledger_node::tls::ServerTls>, CliError> {
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
-                let tls = match &self.tls_client_ca {
-                    None => streamledger_node::tls::ServerTls::load(cert, key)?,
-                    Some(ca) => streamledger_node::tls::ServerTls::requiring_client_certs(cert, key, ca)?,
+                use streamledger_node::tls::ServerTls;
+                let tls = match (&self.tls_client_ca, &self.tls_client_crl) {
+                    (None, _) => ServerTls::load(cert, key)?,
+                    (Some(ca), None) => ServerTls::requiring_client_certs(cert, key, ca)?,
+                    (Some(ca), Some(crl)) => ServerTls::requiring_unrevoked_client_certs(cert, key, ca, crl)?,
                 };
                 Ok(Some(match &self.tls_client_permissions {
                     None => tls,

@@ -77,6 +77,8 @@ fn tls_hint(error: &reqwest::Error) -> &'static str {
     // The server's alerts: it asked for a client certificate and got none, or does not trust it.
     } else if text.contains("CertificateRequired") {
         " (the server asks for a client certificate: give --client-cert FILE and --client-key FILE)"
+    } else if text.contains("CertificateRevoked") {
+        " (the server refused the client certificate: it is revoked, listed in a CRL of the server's --tls-client-crl)"
     // UnknownCA, BadCertificate, CertificateExpired, CertificateUnknown and the like.
     } else if ["alert: UnknownCA", "alert: BadCertificate", "alert: Certificate", "alert: DecryptError"].iter().any(|a| text.contains(a)) {
         " (the server refused the client certificate: it must be valid now and signed by a CA of the server's --tls-client-ca)"

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
@@ -51,16 +51,21 @@ pub fn scheme(tls: Option<&ServerTls>) -> &'static str {
     }
 }
 
+/// Every item of one kind in a PEM file, at least one: `what` and `begin` name the kind in the
+/// errors ("certificate", "-----BEGIN CERTIFICATE-----").
+fn load_pem_items<T: PemObject>(path: &Path, what: &str, begin: &str) -> Result<Vec<T>, TlsFileError> {
+    let bytes = read(path)?;
+    let items: Vec<T> = T::pem_slice_iter(&bytes).collect::<Result<_, _>>().map_err(|e| file_error(path, format!("not a PEM {what} file: {e}")))?;
+    if items.is_empty() {
+        return Err(file_error(path, format!("no {what} in it (expected PEM: {begin})")));
+    }
+    Ok(items)
+}
+
 /// Every certificate of a PEM file (a chain, or a bundle of CAs), each checked to be a
 /// well-formed X.509 certificate now: rustls would only find a broken one at the first handshake.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
-    let bytes = read(path)?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<_, _>>()
-        .map_err(|e| file_error(path, format!("not a PEM certificate file: {e}")))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "no certificate in it (expected PEM: -----BEGIN CERTIFICATE-----)"));
-    }
+    let certs: Vec<CertificateDer<'static>> = load_pem_items(path, "certificate", "-----BEGIN CERTIFICATE-----")?;
     for (i, cert) in certs.iter().enumerate() {
         // Parsing it as a trust anchor is the cheapest full parse rustls offers.
         rustls::RootCertStore::empty()
@@ -78,6 +83,12 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
         }
         e => file_error(path, format!("not a PEM private key: {e}")),
     })
+}
+
+/// Certificate revocation lists from a PEM file of one or more; webpki parses them when the
+/// verifier is built.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsFileError> {
+    load_pem_items(path, "CRL", "-----BEGIN X509 CRL-----")
 }
 
 /// The server side of TLS: a certificate chain and its private key.
@@ -101,16 +112,24 @@ impl ServerTls {
     /// key in PEM (PKCS#8, PKCS#1 or SEC1). Errors name the file at fault, including a key that
     /// does not belong to the certificate.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsFileError> {
-        Self::build(cert, key, None)
+        Self::build(cert, key, None, None)
     }
 
     /// As [`ServerTls::load`], and every client must present a certificate that a CA of
     /// `client_ca` (PEM) signed, or its handshake fails.
     pub fn requiring_client_certs(cert: &Path, key: &Path, client_ca: &Path) -> Result<Self, TlsFileError> {
-        Self::build(cert, key, Some(client_ca))
+        Self::build(cert, key, Some(client_ca), None)
     }
 
-    fn build(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsFileError> {
+    /// As [`ServerTls::requiring_client_certs`], and a client whose certificate a CRL in `crl`
+    /// (PEM, one or more) lists is refused in its handshake (`CertificateRevoked`). A certificate
+    /// whose issuer has no CRL in the file is not checked (`allow_unknown_revocation_status`), and
+    /// a CRL past its next update still counts: a stale list still names what it revoked.
+    pub fn requiring_unrevoked_client_certs(cert: &Path, key: &Path, client_ca: &Path, crl: &Path) -> Result<Self, TlsFileError> {
+        Self::build(cert, key, Some(client_ca), Some(crl))
+    }
+
+    fn build(cert: &Path, key: &Path, client_ca: Option<&Path>, crl: Option<&Path>) -> Result<Self, TlsFileError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs = load_certs(cert)?;
         let key_der = load_key(key)?;
@@ -124,9 +143,18 @@ impl ServerTls {
                 for c in load_certs(ca)? {
                     roots.add(c).map_err(|e| file_error(ca, e.to_string()))?;
                 }
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| file_error(ca, format!("cannot check client certificates with it: {e}")))?;
+                let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                if let Some(crl) = crl {
+                    verifier = verifier.with_crls(load_crls(crl)?).allow_unknown_revocation_status();
+                }
+                let verifier = verifier.build().map_err(|e| {
+                    // webpki parses the CRLs here: a bad one is the CRL file's fault.
+                    let file = match (&e, crl) {
+                        (rustls::server::VerifierBuilderError::InvalidCrl(_), Some(crl)) => crl,
+                        _ => ca,
+                    };
+                    file_error(file, format!("cannot check client certificates with it: {e}"))
+                })?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
@@ -235,6 +263,16 @@ mod tests {
     use super::test_pki::{self as pki, write_pki};
     use super::*;
 
+    /// An HTTPS client trusting `server_ca` and presenting `client`'s certificate.
+    fn client_of(server_ca: &Path, client: &pki::Pki) -> reqwest::Client {
+        let identity = [std::fs::read(&client.key).unwrap(), std::fs::read(&client.cert).unwrap()].join(&b'\n');
+        let mut builder = reqwest::Client::builder().identity(reqwest::Identity::from_pem(&identity).unwrap());
+        for der in load_certs(server_ca).unwrap() {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_der(&der).unwrap());
+        }
+        builder.build().unwrap()
+    }
+
     fn error_of<T: std::fmt::Debug>(result: Result<T, TlsFileError>) -> String {
         result.unwrap_err().to_string()
     }
@@ -252,6 +290,8 @@ mod tests {
         std::fs::write(&not_pem, "just some text\n").unwrap();
         let broken = dir.path().join("broken.pem");
         std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n").unwrap();
+        let broken_crl = dir.path().join("broken-crl.pem");
+        std::fs::write(&broken_crl, "-----BEGIN X509 CRL-----\naGVsbG8=\n-----END X509 CRL-----\n").unwrap();
         let other_key = dir.path().join("other.key");
         std::fs::write(&other_key, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
 
@@ -268,6 +308,10 @@ mod tests {
             ("CA not PEM", error_of(load_certs(&not_pem)), &not_pem, "no certificate in it"),
             ("missing client CA", error_of(ServerTls::requiring_client_certs(&cert, &key, &missing)), &missing, "No such file"),
             ("client CA not PEM", error_of(ServerTls::requiring_client_certs(&cert, &key, &not_pem)), &not_pem, "no certificate in it"),
+            ("missing CRL", error_of(ServerTls::requiring_unrevoked_client_certs(&cert, &key, &ca, &missing)), &missing, "No such file"),
+            ("CRL not PEM", error_of(ServerTls::requiring_unrevoked_client_certs(&cert, &key, &ca, &not_pem)), &not_pem, "no CRL in it"),
+            ("certificate as CRL", error_of(ServerTls::requiring_unrevoked_client_certs(&cert, &key, &ca, &cert)), &cert, "no CRL in it"),
+            ("broken CRL", error_of(ServerTls::requiring_unrevoked_client_certs(&cert, &key, &ca, &broken_crl)), &broken_crl, "cannot check client certificates"),
         ] {
             assert!(err.starts_with(&format!("{}: ", file.display())) && err.contains(expected), "{what}: {err}");
         }
@@ -330,14 +374,7 @@ mod tests {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), shutdown).await.unwrap();
 
-        let as_client = |client: &pki::Pki| {
-            let identity = [std::fs::read(&client.key).unwrap(), std::fs::read(&client.cert).unwrap()].join(&b'\n');
-            let mut builder = reqwest::Client::builder().identity(reqwest::Identity::from_pem(&identity).unwrap());
-            for der in load_certs(&server.ca).unwrap() {
-                builder = builder.add_root_certificate(reqwest::Certificate::from_der(&der).unwrap());
-            }
-            builder.build().unwrap()
-        };
+        let as_client = |client: &pki::Pki| client_of(&server.ca, client);
         let url = |path: &str| format!("https://localhost:{}{path}", addr.port());
         let (reader, submitter, stranger) = (as_client(&named[0]), as_client(&named[1]), as_client(&named[2]));
         let status = |r: reqwest::Response| r.status().as_u16();
@@ -357,6 +394,29 @@ mod tests {
         let body: serde_json::Value = denied.json().await.unwrap();
         assert!(body["error"].as_str().unwrap().contains("CN=\"stranger\" (not listed"), "{body}");
         assert_eq!(status(stranger.get(url("/healthz")).send().await.unwrap()), 200, "the health probe needs no permission");
+
+        stop.send(true).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    }
+
+    /// A CRL over real mutual TLS: the client it lists fails its handshake with rustls'
+    /// `CertificateRevoked`; the CA's other client is served.
+    #[tokio::test]
+    async fn a_client_certificate_a_crl_lists_is_refused_in_its_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = write_pki(dir.path(), "server");
+        let (clients, named, crl) = pki::write_pki_revoking(dir.path(), "clients", &["kept", "revoked"], &["revoked"]);
+        let tls = ServerTls::requiring_unrevoked_client_certs(&server.cert, &server.key, &clients.ca, &crl).unwrap();
+        let app = axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), shutdown).await.unwrap();
+        let as_client = |client: &pki::Pki| client_of(&server.ca, client);
+        let url = format!("https://localhost:{}/ping", addr.port());
+        assert_eq!(as_client(&named[0]).get(&url).send().await.unwrap().text().await.unwrap(), "pong");
+        let refused = as_client(&named[1]).get(&url).send().await.unwrap_err();
+        assert!(streamledger_ports::error_chain(&refused).contains("CertificateRevoked"), "{refused:?}");
+        assert_eq!(as_client(&named[0]).get(&url).send().await.unwrap().status(), 200, "still serving");
 
         stop.send(true).unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");

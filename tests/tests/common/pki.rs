@@ -4,7 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rcgen::{
+    date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa, Issuer, KeyIdMethod, KeyPair, RevocationReason,
+    RevokedCertParams, SerialNumber,
+};
 
 /// The PEM files of one test PKI.
 pub struct Pki {
@@ -24,6 +27,13 @@ pub fn write_pki(dir: &Path, name: &str) -> Pki {
 /// subject's common name (CN) is that name, in `NAME-CLIENT.pem` and `NAME-CLIENT.key` (the
 /// `ca` of each is the CA's file).
 pub fn write_pki_with_clients(dir: &Path, name: &str, clients: &[&str]) -> (Pki, Vec<Pki>) {
+    let (server, clients, _) = write_pki_revoking(dir, name, clients, &[]);
+    (server, clients)
+}
+
+/// As [`write_pki_with_clients`], and a CRL of the CA revoking the clients named in `revoked`,
+/// in `NAME-crl.pem` (returned last).
+pub fn write_pki_revoking(dir: &Path, name: &str, clients: &[&str], revoked: &[&str]) -> (Pki, Vec<Pki>, PathBuf) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -33,10 +43,14 @@ pub fn write_pki_with_clients(dir: &Path, name: &str, clients: &[&str]) -> (Pki,
     let issuer = Issuer::new(ca_params, ca_key);
     let ca = dir.join(format!("{name}-ca.pem"));
     std::fs::write(&ca, ca_cert.pem()).unwrap();
+    // Serial numbers 1, 2, ... in the order made: what the CRL names.
+    let serial = std::cell::Cell::new(0u64);
     let leaf = |file: &str, common_name: Option<&str>| {
         let key = KeyPair::generate().unwrap();
         // rcgen makes "127.0.0.1" an IP address SAN, "localhost" a DNS name.
         let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        serial.set(serial.get() + 1);
+        params.serial_number = Some(SerialNumber::from(serial.get()));
         if let Some(cn) = common_name {
             params.distinguished_name.push(DnType::CommonName, cn);
         }
@@ -47,6 +61,28 @@ pub fn write_pki_with_clients(dir: &Path, name: &str, clients: &[&str]) -> (Pki,
         pki
     };
     let server = leaf(name, None);
-    let clients = clients.iter().map(|cn| leaf(&format!("{name}-{cn}"), Some(cn))).collect();
-    (server, clients)
+    let clients: Vec<Pki> = clients.iter().map(|cn| leaf(&format!("{name}-{cn}"), Some(cn))).collect();
+    let crl = CertificateRevocationListParams {
+        this_update: date_time_ymd(2026, 1, 1),
+        next_update: date_time_ymd(2099, 1, 1),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|cn| {
+                // The server is serial 1, the clients 2, 3, ... in the order given.
+                let index = clients.iter().position(|c| c.cert.ends_with(format!("{name}-{cn}.pem"))).expect("a revoked client is one of the clients");
+                RevokedCertParams {
+                    serial_number: SerialNumber::from(index as u64 + 2),
+                    revocation_time: date_time_ymd(2026, 1, 1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                }
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl_file = dir.join(format!("{name}-crl.pem"));
+    std::fs::write(&crl_file, crl.signed_by(&issuer).unwrap().pem().unwrap()).unwrap();
+    (server, clients, crl_file)
 }
