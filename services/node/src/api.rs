@@ -528,7 +528,7 @@ async fn enforce_permissions(
     let (method, path) = (request.method(), request.uri().path());
     if let Some(needed) = Permission::needed_for(method, path) {
         if !permissions.allows(client.as_deref(), needed) {
-            tracing::info!(client = ?client, permission = %needed, %method, path, "request refused: permission missing");
+            tracing::info!(client = ?client, permission = %needed, %method, path, file = %permissions.file().display(), "request refused: permission missing");
             return HttpError::new(StatusCode::FORBIDDEN, permissions.refusal(client.as_deref(), needed, method, path)).into_response();
         }
     }

@@ -117,14 +117,15 @@ impl ClientPermissions {
         granted.contains(&what) || granted.contains(&Permission::All)
     }
 
-    /// Why a request was refused, in the words the client gets back.
+    /// Why a request was refused, in the words the client gets back: not the file's path, which
+    /// is the server's business (the server's log names it).
     pub fn refusal(&self, common_name: Option<&str>, what: Permission, method: &Method, path: &str) -> String {
         let who = match common_name {
             Some(cn) if self.clients.contains_key(cn) => format!("the client certificate CN={cn:?}"),
             Some(cn) => format!("the client certificate CN={cn:?} (not listed: the default permissions apply)"),
             None => "a client certificate without a CN (the default permissions apply)".to_string(),
         };
-        format!("{who} lacks the permission \"{what}\" for {method} {path} (see {})", self.file.display())
+        format!("{who} lacks the permission \"{what}\" for {method} {path} (granted by the node's --tls-client-permissions)")
     }
 }
 
@@ -175,10 +176,10 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_names_the_client_the_permission_the_request_and_the_file() {
+    fn a_refusal_names_the_client_the_permission_and_the_request() {
         let p = parsed("default = []\n[clients]\n\"app\" = [\"read\"]\n").unwrap();
         let m = p.refusal(Some("app"), Permission::Submit, &Method::POST, "/v1/transactions");
-        assert_eq!(m, "the client certificate CN=\"app\" lacks the permission \"submit\" for POST /v1/transactions (see perms.toml)");
+        assert_eq!(m, "the client certificate CN=\"app\" lacks the permission \"submit\" for POST /v1/transactions (granted by the node's --tls-client-permissions)");
         let m = p.refusal(Some("x"), Permission::Read, &Method::GET, "/v1/status");
         assert!(m.contains("CN=\"x\" (not listed: the default permissions apply)"), "{m}");
         let m = p.refusal(None, Permission::Metrics, &Method::GET, "/metrics");
