@@ -108,7 +108,7 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
         }
     }
 
-    let ops = crate::ops::router(prometheus, metrics);
+    let ops = crate::ops::observed(crate::ops::router(prometheus, metrics.clone()), metrics);
     let (addr, serving) = api::serve_router(config.listen, ops, config.tls.as_ref(), shutdown.clone()).await.map_err(|e| NodeError::Api(e.to_string()))?;
     tasks.spawn(async move {
         let result = match serving.await {

@@ -291,7 +291,7 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
 
     let client = signer(&config.client)?;
     let ops = crate::ops::router(prometheus, metrics.clone());
-    let api_addr = start_api(&config, &network, &topics, client, &dyn_log, &peers, ops, &mut tasks, shutdown.clone()).await?;
+    let api_addr = start_api(&config, &network, &topics, client, &dyn_log, &peers, ops, metrics.clone(), &mut tasks, shutdown.clone()).await?;
     if config.progress {
         let peers = peers.clone();
         let sd = shutdown.clone();
@@ -313,6 +313,7 @@ async fn start_api(
     log: &Arc<dyn Log>,
     peers: &[Peer],
     ops: axum::Router,
+    metrics: Arc<Metrics>,
     tasks: &mut JoinSet<(String, Result<(), StageError>)>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<SocketAddr, NodeError> {
@@ -338,7 +339,7 @@ async fn start_api(
     } else if !config.http.ip().is_loopback() {
         tracing::warn!(http = %config.http, "--allow-node-signing: any client that reaches the API can submit as {}", ctx.client.identity().org);
     }
-    let app = api::router(Arc::new(ctx.with_node_signing(node_signing))).merge(ops);
+    let app = crate::ops::observed(api::router(Arc::new(ctx.with_node_signing(node_signing))).merge(ops), metrics);
     let (addr, serving) = api::serve_router(config.http, app, config.tls.as_ref(), shutdown).await.map_err(|e| NodeError::Api(e.to_string()))?;
     tasks.spawn(async move {
         let result = match serving.await {

@@ -123,6 +123,9 @@ pub struct Metrics {
     pub pending_endorsements: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
     pub state_hash_info: IntGaugeVec,
+    /// Requests to the HTTP endpoints (the API and the operations endpoints), by route template.
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
     /// Per stage instance, the last lag seen per (topic, partition), and whether all of it has
     /// been zero at once since start: what `/readyz` answers from.
     readiness: Mutex<BTreeMap<String, Readiness>>,
@@ -151,6 +154,8 @@ impl Metrics {
             Box::new(m.pending_endorsements.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.state_hash_info.clone()),
+            Box::new(m.http_requests.clone()),
+            Box::new(m.http_request_duration.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
@@ -222,6 +227,16 @@ impl Metrics {
                 "streamledger_state_hash_info",
                 "1, labelled with a peer's running state hash after its last committed block.",
                 &["channel", "peer", "block", "state_hash"],
+            )?,
+            http_requests: counter(
+                "streamledger_http_requests_total",
+                "Requests answered by the HTTP endpoints, by route template (`unmatched` for no route), method and status code.",
+                &["channel", "route", "method", "code"],
+            )?,
+            http_request_duration: histogram(
+                "streamledger_http_request_duration_seconds",
+                "Seconds from a request's arrival to its response's head (a submit's wait for its verdict included).",
+                &["channel", "route", "method"],
             )?,
             readiness: Mutex::new(BTreeMap::new()),
             state_hash_labels: Mutex::new(BTreeMap::new()),
