@@ -459,17 +459,30 @@ pub async fn serve(
     ctx: Arc<ApiContext>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), ApiError> {
-    serve_router(addr, router(ctx), None, shutdown).await
+    serve_router(addr, router(ctx), None, None, shutdown).await
 }
 
 /// Serves any router the way [`serve`] does: the API, or the API merged with the operations
-/// endpoints, or those alone for a process without the API. With `tls`, HTTPS only.
+/// endpoints, or those alone for a process without the API. With `tls`, HTTPS only, and the
+/// per-client permissions it carries enforced. With `metrics`, every request is counted and
+/// timed (see [`crate::ops::observed`]), a permission refusal included.
 pub async fn serve_router(
     addr: SocketAddr,
     app: Router,
     tls: Option<&ServerTls>,
+    metrics: Option<&Arc<streamledger_stages::Metrics>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), ApiError> {
+    // Layers wrap what is already there: the permission check first, so that the observation,
+    // outside it, counts the requests it refuses.
+    let app = match tls.and_then(ServerTls::permissions) {
+        Some(permissions) => app.layer(axum::middleware::from_fn_with_state(permissions, enforce_permissions)),
+        None => app,
+    };
+    let app = match metrics {
+        Some(metrics) => crate::ops::observed(app, metrics.clone()),
+        None => app,
+    };
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ApiError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| ApiError::Bind { addr, source })?;
     tracing::info!(url = %format!("{}://{bound}", crate::tls::scheme(tls)), "HTTP API listening");
@@ -479,10 +492,6 @@ pub async fn serve_router(
             tokio::spawn(drain_then_stop(serving.into_future(), shutdown))
         }
         Some(tls) => {
-            let app = match tls.permissions() {
-                Some(permissions) => app.layer(axum::middleware::from_fn_with_state(permissions, enforce_permissions)),
-                None => app,
-            };
             // The client's certificate is read once per connection, for the permissions.
             let app = app.into_make_service_with_connect_info::<ClientName>();
             let serving = axum::serve(tls.listener(listener), app).with_graceful_shutdown(signalled(shutdown.clone()));
@@ -1260,7 +1269,7 @@ mod shutdown_tests {
     async fn a_stalled_request_cannot_hold_the_shutdown_open() {
         let app = Router::new().route("/ping", get(|| async { "pong" }));
         let (stop, shutdown) = watch::channel(false);
-        let (addr, serving) = serve_router("127.0.0.1:0".parse().unwrap(), app, None, shutdown).await.unwrap();
+        let (addr, serving) = serve_router("127.0.0.1:0".parse().unwrap(), app, None, None, shutdown).await.unwrap();
         let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
         tokio::io::AsyncWriteExt::write_all(&mut partial, b"GET /ping HTTP/1.1\r\nHost: x\r\n").await.unwrap();

@@ -78,9 +78,8 @@ mod tests {
             .route("/v1/state/{contract}/{key}", get(|| async { "value" }))
             .route("/v1/refused", get(|| async { StatusCode::FORBIDDEN }))
             .merge(router(registry.clone(), metrics.clone()));
-        let app = observed(app, metrics.clone());
         let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let (addr, _serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, None, shutdown).await.unwrap();
+        let (addr, _serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, None, Some(&metrics), shutdown).await.unwrap();
         for path in ["/v1/state/transfer/alice", "/v1/state/transfer/bob", "/v1/refused", "/no/such/1", "/no/such/2", "/metrics"] {
             reqwest::get(format!("http://{addr}{path}")).await.unwrap();
         }

@@ -108,8 +108,8 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
         }
     }
 
-    let ops = crate::ops::observed(crate::ops::router(prometheus, metrics.clone()), metrics);
-    let (addr, serving) = api::serve_router(config.listen, ops, config.tls.as_ref(), shutdown.clone()).await.map_err(|e| NodeError::Api(e.to_string()))?;
+    let ops = crate::ops::router(prometheus, metrics.clone());
+    let (addr, serving) = api::serve_router(config.listen, ops, config.tls.as_ref(), Some(&metrics), shutdown.clone()).await.map_err(|e| NodeError::Api(e.to_string()))?;
     tasks.spawn(async move {
         let result = match serving.await {
             Ok(Ok(())) => Ok(()),

@@ -327,7 +327,7 @@ mod tests {
         let tls = ServerTls::load(&pki.cert, &pki.key).unwrap();
         let app = axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
         let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), shutdown).await.unwrap();
+        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), None, shutdown).await.unwrap();
 
         let mut trusting = reqwest::Client::builder();
         for der in load_certs(&pki.ca).unwrap() {
@@ -371,8 +371,9 @@ mod tests {
             .route("/v1/status", axum::routing::get(ok))
             .route("/v1/transactions", axum::routing::post(ok))
             .route("/healthz", axum::routing::get(ok));
+        let metrics = streamledger_stages::Metrics::detached("ch");
         let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), shutdown).await.unwrap();
+        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), Some(&metrics), shutdown).await.unwrap();
 
         let as_client = |client: &pki::Pki| client_of(&server.ca, client);
         let url = |path: &str| format!("https://localhost:{}{path}", addr.port());
@@ -394,6 +395,10 @@ mod tests {
         let body: serde_json::Value = denied.json().await.unwrap();
         assert!(body["error"].as_str().unwrap().contains("CN=\"stranger\" (not listed"), "{body}");
         assert_eq!(status(stranger.get(url("/healthz")).send().await.unwrap()), 200, "the health probe needs no permission");
+        // The refusals are counted with the requests served.
+        let count = |route: &str, method: &str, code: &str| metrics.http_requests.with_label_values(&["ch", route, method, code]).get();
+        assert_eq!((count("/v1/transactions", "POST", "403"), count("/v1/transactions", "POST", "200")), (1, 1));
+        assert_eq!((count("/v1/status", "GET", "403"), count("/v1/status", "GET", "200")), (1, 2));
 
         stop.send(true).unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");
@@ -410,7 +415,7 @@ mod tests {
         let tls = ServerTls::requiring_unrevoked_client_certs(&server.cert, &server.key, &clients.ca, &crl).unwrap();
         let app = axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
         let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), shutdown).await.unwrap();
+        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), None, shutdown).await.unwrap();
         let as_client = |client: &pki::Pki| client_of(&server.ca, client);
         let url = format!("https://localhost:{}/ping", addr.port());
         assert_eq!(as_client(&named[0]).get(&url).send().await.unwrap().text().await.unwrap(), "pong");

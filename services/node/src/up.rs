@@ -339,8 +339,8 @@ async fn start_api(
     } else if !config.http.ip().is_loopback() {
         tracing::warn!(http = %config.http, "--allow-node-signing: any client that reaches the API can submit as {}", ctx.client.identity().org);
     }
-    let app = crate::ops::observed(api::router(Arc::new(ctx.with_node_signing(node_signing))).merge(ops), metrics);
-    let (addr, serving) = api::serve_router(config.http, app, config.tls.as_ref(), shutdown).await.map_err(|e| NodeError::Api(e.to_string()))?;
+    let app = api::router(Arc::new(ctx.with_node_signing(node_signing))).merge(ops);
+    let (addr, serving) = api::serve_router(config.http, app, config.tls.as_ref(), Some(&metrics), shutdown).await.map_err(|e| NodeError::Api(e.to_string()))?;
     tasks.spawn(async move {
         let result = match serving.await {
             Ok(Ok(())) => Ok(()),
