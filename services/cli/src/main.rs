@@ -116,10 +116,10 @@ struct TlsArgs {
     /// --tls-cert.
     #[arg(long, env = "STREAMLEDGER_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// Per-client permissions, by the CN of each client's certificate (TOML: `default = [...]`
-    /// and a `[clients]` table of CN = [...]; permissions read, propose, submit, metrics, all).
-    /// A request without its permission is answered 403, naming what is missing. Needs
-    /// --tls-client-ca.
+    /// Per-client permissions, by the CN and the OUs of each client's certificate (TOML:
+    /// `default = [...]`, a `[clients]` table of CN = [...] and an `[organizational_units]` table
+    /// of OU = [...]; permissions read, propose, submit, metrics, all). A request without its
+    /// permission is answered 403, naming what is missing. Needs --tls-client-ca.
     #[arg(long, env = "STREAMLEDGER_TLS_CLIENT_PERMISSIONS", requires = "tls_client_ca")]
     tls_client_permissions: Option<PathBuf>,
     /// Refuse client certificates that a certificate revocation list in this PEM file lists (one

@@ -44,8 +44,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::status::{Status, TxStatusTracker};
-use crate::permissions::{ClientPermissions, Permission};
-use crate::tls::{ClientName, ServerTls};
+use crate::permissions::{ClientIdentity, ClientPermissions, Permission};
+use crate::tls::ServerTls;
 
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
@@ -493,7 +493,7 @@ pub async fn serve_router(
         }
         Some(tls) => {
             // The client's certificate is read once per connection, for the permissions.
-            let app = app.into_make_service_with_connect_info::<ClientName>();
+            let app = app.into_make_service_with_connect_info::<ClientIdentity>();
             let serving = axum::serve(tls.listener(listener), app).with_graceful_shutdown(signalled(shutdown.clone()));
             tokio::spawn(drain_then_stop(serving.into_future(), shutdown))
         }
@@ -530,15 +530,15 @@ async fn drain_then_stop(serving: impl std::future::Future<Output = std::io::Res
 /// (`--tls-client-permissions`; see [`crate::permissions`]).
 async fn enforce_permissions(
     State(permissions): State<Arc<ClientPermissions>>,
-    ConnectInfo(ClientName(client)): ConnectInfo<ClientName>,
+    ConnectInfo(client): ConnectInfo<ClientIdentity>,
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
     let (method, path) = (request.method(), request.uri().path());
     if let Some(needed) = Permission::needed_for(method, path) {
-        if !permissions.allows(client.as_deref(), needed) {
-            tracing::info!(client = ?client, permission = %needed, %method, path, file = %permissions.file().display(), "request refused: permission missing");
-            return HttpError::new(StatusCode::FORBIDDEN, permissions.refusal(client.as_deref(), needed, method, path)).into_response();
+        if !permissions.allows(&client, needed) {
+            tracing::info!(client = ?client.common_name, units = ?client.units, permission = %needed, %method, path, file = %permissions.file().display(), "request refused: permission missing");
+            return HttpError::new(StatusCode::FORBIDDEN, permissions.refusal(&client, needed, method, path)).into_response();
         }
     }
     next.run(request).await

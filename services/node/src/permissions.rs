@@ -7,14 +7,21 @@
 //! endorsers, so what is left to guard is the HTTP surface itself, and above all
 //! `POST /v1/transactions`, where the node signs with its own client identity.
 //!
-//! A client is named by the common name (CN) of its certificate's subject. The file (TOML):
+//! A client is named by the common name (CN) of its certificate's subject, and may hold roles in
+//! its organizational units (OU), as Fabric's NodeOUs put `client` or `admin` there. The file
+//! (TOML):
 //!
 //! ```toml
-//! default = ["read"]                      # a client named below gets its own list instead
+//! default = ["read"]                      # a client matched below gets its own lists instead
 //! [clients]
 //! "dashboard" = ["read", "metrics"]
 //! "payments-app" = ["read", "propose", "submit"]
+//! [organizational_units]
+//! "admin" = ["all"]
 //! ```
+//!
+//! A client gets every permission of its CN's entry and of each of its OUs' entries; the default
+//! only when none of them is listed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -77,6 +84,8 @@ struct PermissionsFile {
     default: BTreeSet<Permission>,
     #[serde(default)]
     clients: BTreeMap<String, BTreeSet<Permission>>,
+    #[serde(default)]
+    organizational_units: BTreeMap<String, BTreeSet<Permission>>,
 }
 
 /// Who may do what, as read from a `--tls-client-permissions` file.
@@ -85,6 +94,35 @@ pub struct ClientPermissions {
     file: PathBuf,
     default: BTreeSet<Permission>,
     clients: BTreeMap<String, BTreeSet<Permission>>,
+    units: BTreeMap<String, BTreeSet<Permission>>,
+}
+
+/// What a connection's client certificate says of its holder (its subject's CN and OUs, those
+/// that are text); empty without a certificate or for one that does not parse.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub common_name: Option<String>,
+    pub units: Vec<String>,
+}
+
+impl ClientIdentity {
+    pub fn from_der(der: &[u8]) -> Self {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Self::default() };
+        fn text(attribute: &x509_parser::x509::AttributeTypeAndValue) -> Option<String> {
+            attribute.as_str().ok().map(str::to_string)
+        }
+        let subject = cert.subject();
+        let common_name = subject.iter_common_name().find_map(text);
+        let units = subject.iter_organizational_unit().filter_map(text).collect();
+        Self { common_name, units }
+    }
+
+    /// `CN="app", OU="client"`, as a refusal names the client.
+    fn describe(&self) -> String {
+        let cn = self.common_name.iter().map(|cn| format!("CN={cn:?}"));
+        let units = self.units.iter().map(|ou| format!("OU={ou:?}"));
+        cn.chain(units).collect::<Vec<_>>().join(", ")
+    }
 }
 
 impl ClientPermissions {
@@ -98,12 +136,26 @@ impl ClientPermissions {
     fn parse(path: &Path, text: &str) -> Result<Self, TlsFileError> {
         let bad = |message: String| TlsFileError { path: path.to_path_buf(), message };
         let file: PermissionsFile = toml::from_str(text).map_err(|e| {
-            bad(format!("not a permissions file (expected `default = [...]` and a [clients] table of CN = [...]; permissions: read, propose, submit, metrics, all): {e}"))
+            bad(format!(
+                "not a permissions file (expected `default = [...]`, a [clients] table of CN = [...] and an [organizational_units] table of \
+                 OU = [...]; permissions: read, propose, submit, metrics, all): {e}"
+            ))
         })?;
-        if let Some(name) = file.clients.keys().find(|name| name.is_empty()) {
-            return Err(bad(format!("a client with an empty name {name:?}: clients are named by their certificate's CN")));
+        if file.clients.contains_key("") {
+            return Err(bad("a client with an empty name \"\": clients are named by their certificate's CN".into()));
         }
-        Ok(Self { file: path.to_path_buf(), default: file.default, clients: file.clients })
+        if file.organizational_units.contains_key("") {
+            return Err(bad("an organizational unit with an empty name \"\" in [organizational_units]".into()));
+        }
+        Ok(Self { file: path.to_path_buf(), default: file.default, clients: file.clients, units: file.organizational_units })
+    }
+
+    /// What the entries of the client's CN and OUs grant together; `None` when none is listed.
+    fn granted(&self, client: &ClientIdentity) -> Option<BTreeSet<Permission>> {
+        let by_name = client.common_name.as_deref().and_then(|cn| self.clients.get(cn));
+        let by_unit = client.units.iter().filter_map(|ou| self.units.get(ou));
+        let entries: Vec<&BTreeSet<Permission>> = by_name.into_iter().chain(by_unit).collect();
+        (!entries.is_empty()).then(|| entries.into_iter().flatten().copied().collect())
     }
 
     /// The file the permissions were read from.
@@ -111,34 +163,34 @@ impl ClientPermissions {
         &self.file
     }
 
-    /// Whether the client named `common_name` (`None`: a certificate without a CN) may do `what`.
-    pub fn allows(&self, common_name: Option<&str>, what: Permission) -> bool {
-        let granted = common_name.and_then(|cn| self.clients.get(cn)).unwrap_or(&self.default);
+    /// Whether `client` may do `what`.
+    pub fn allows(&self, client: &ClientIdentity, what: Permission) -> bool {
+        let granted = self.granted(client);
+        let granted = granted.as_ref().unwrap_or(&self.default);
         granted.contains(&what) || granted.contains(&Permission::All)
     }
 
     /// Why a request was refused, in the words the client gets back: not the file's path, which
     /// is the server's business (the server's log names it).
-    pub fn refusal(&self, common_name: Option<&str>, what: Permission, method: &Method, path: &str) -> String {
-        let who = match common_name {
-            Some(cn) if self.clients.contains_key(cn) => format!("the client certificate CN={cn:?}"),
-            Some(cn) => format!("the client certificate CN={cn:?} (not listed: the default permissions apply)"),
-            None => "a client certificate without a CN (the default permissions apply)".to_string(),
+    pub fn refusal(&self, client: &ClientIdentity, what: Permission, method: &Method, path: &str) -> String {
+        let who = match (client.describe(), self.granted(client).is_some()) {
+            (named, true) => format!("the client certificate {named}"),
+            (named, false) if client.common_name.is_some() => {
+                format!("the client certificate {named} (not listed: the default permissions apply)")
+            }
+            (_, false) => "a client certificate without a CN (the default permissions apply)".to_string(),
         };
         format!("{who} lacks the permission \"{what}\" for {method} {path} (granted by the node's --tls-client-permissions)")
     }
 }
 
-/// The common name of a DER certificate's subject, if it has one that is text.
-pub fn common_name(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
-    Some(cn)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn named(cn: &str, units: &[&str]) -> ClientIdentity {
+        ClientIdentity { common_name: Some(cn.to_string()), units: units.iter().map(|u| u.to_string()).collect() }
+    }
 
     fn parsed(text: &str) -> Result<ClientPermissions, String> {
         ClientPermissions::parse(Path::new("perms.toml"), text).map_err(|e| format!("{}: {}", e.path.display(), e.message))
@@ -162,27 +214,49 @@ mod tests {
     #[test]
     fn a_listed_client_gets_its_own_list_and_others_the_default() {
         let p = parsed("default = [\"read\"]\n[clients]\n\"app\" = [\"propose\", \"submit\"]\n\"ops\" = [\"all\"]\n").unwrap();
-        assert!(p.allows(Some("app"), Permission::Submit));
-        assert!(!p.allows(Some("app"), Permission::Read), "a listed client's list replaces the default");
-        assert!(p.allows(Some("stranger"), Permission::Read));
-        assert!(!p.allows(Some("stranger"), Permission::Submit));
-        assert!(p.allows(None, Permission::Read));
-        assert!(!p.allows(None, Permission::Metrics));
+        let anonymous = ClientIdentity::default();
+        assert!(p.allows(&named("app", &[]), Permission::Submit));
+        assert!(!p.allows(&named("app", &[]), Permission::Read), "a listed client's list replaces the default");
+        assert!(p.allows(&named("stranger", &[]), Permission::Read));
+        assert!(!p.allows(&named("stranger", &[]), Permission::Submit));
+        assert!(p.allows(&anonymous, Permission::Read));
+        assert!(!p.allows(&anonymous, Permission::Metrics));
         for what in [Permission::Read, Permission::Propose, Permission::Submit, Permission::Metrics] {
-            assert!(p.allows(Some("ops"), what), "all grants {what}");
+            assert!(p.allows(&named("ops", &[]), what), "all grants {what}");
         }
         let none = parsed("").unwrap();
-        assert!(!none.allows(Some("anyone"), Permission::Read), "an empty file grants nothing");
+        assert!(!none.allows(&named("anyone", &[]), Permission::Read), "an empty file grants nothing");
+    }
+
+    #[test]
+    fn organizational_units_grant_to_every_client_in_them_together_with_its_name() {
+        let p = parsed(
+            "default = [\"read\"]\n[clients]\n\"app\" = [\"propose\"]\n[organizational_units]\n\"admin\" = [\"metrics\"]\n\"client\" = [\"submit\"]\n",
+        )
+        .unwrap();
+        let both = named("app", &["client", "admin"]);
+        for what in [Permission::Propose, Permission::Submit, Permission::Metrics] {
+            assert!(p.allows(&both, what), "the CN's and both OUs' grants add up: {what}");
+        }
+        assert!(!p.allows(&both, Permission::Read), "a matched client does not get the default");
+        let unit_only = named("someone", &["admin"]);
+        assert!(p.allows(&unit_only, Permission::Metrics) && !p.allows(&unit_only, Permission::Read), "an OU alone is a match");
+        let unlisted = named("someone", &["peer"]);
+        assert!(p.allows(&unlisted, Permission::Read) && !p.allows(&unlisted, Permission::Metrics), "an OU not listed: the default");
+        let anonymous_admin = ClientIdentity { common_name: None, units: vec!["admin".into()] };
+        assert!(p.allows(&anonymous_admin, Permission::Metrics), "a certificate without a CN is matched by its OU");
+        let m = p.refusal(&named("someone", &["admin"]), Permission::Submit, &Method::POST, "/v1/transactions");
+        assert!(m.starts_with("the client certificate CN=\"someone\", OU=\"admin\" lacks the permission \"submit\""), "{m}");
     }
 
     #[test]
     fn a_refusal_names_the_client_the_permission_and_the_request() {
         let p = parsed("default = []\n[clients]\n\"app\" = [\"read\"]\n").unwrap();
-        let m = p.refusal(Some("app"), Permission::Submit, &Method::POST, "/v1/transactions");
+        let m = p.refusal(&named("app", &[]), Permission::Submit, &Method::POST, "/v1/transactions");
         assert_eq!(m, "the client certificate CN=\"app\" lacks the permission \"submit\" for POST /v1/transactions (granted by the node's --tls-client-permissions)");
-        let m = p.refusal(Some("x"), Permission::Read, &Method::GET, "/v1/status");
-        assert!(m.contains("CN=\"x\" (not listed: the default permissions apply)"), "{m}");
-        let m = p.refusal(None, Permission::Metrics, &Method::GET, "/metrics");
+        let m = p.refusal(&named("x", &["client"]), Permission::Read, &Method::GET, "/v1/status");
+        assert!(m.contains("CN=\"x\", OU=\"client\" (not listed: the default permissions apply)"), "{m}");
+        let m = p.refusal(&ClientIdentity::default(), Permission::Metrics, &Method::GET, "/metrics");
         assert!(m.starts_with("a client certificate without a CN"), "{m}");
     }
 
@@ -194,6 +268,8 @@ mod tests {
             ("defaults = [\"read\"]", "unknown field `defaults`"),
             ("default = [\"read\"", "not a permissions file"),
             ("[clients]\n\"\" = [\"read\"]", "empty name"),
+            ("[organizational_units]\n\"\" = [\"read\"]", "organizational unit with an empty name"),
+            ("[organizational_units]\n\"admin\" = [\"root\"]", "unknown variant `root`"),
         ] {
             let err = parsed(text).unwrap_err();
             assert!(err.starts_with("perms.toml: "), "{text:?}: {err}");

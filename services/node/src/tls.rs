@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::permissions::{common_name, ClientPermissions};
+use crate::permissions::{ClientIdentity, ClientPermissions};
 
 /// How long a client may take over its handshake before its connection is dropped: a client that
 /// connects and sends nothing must not keep a task and a socket forever.
@@ -241,15 +241,12 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// The common name of a connection's client certificate (`None` without one, or without a CN),
-/// for the per-client permissions: read once per connection, when axum accepts it.
-#[derive(Debug, Clone)]
-pub struct ClientName(pub Option<String>);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for ClientName {
+/// Read once per connection, when axum accepts it, for the per-client permissions: what the
+/// client's certificate says of it (nothing without one).
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for ClientIdentity {
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
         let (_, connection) = stream.io().get_ref();
-        ClientName(connection.peer_certificates().and_then(|chain| chain.first()).and_then(|der| common_name(der)))
+        connection.peer_certificates().and_then(|chain| chain.first()).map(|der| ClientIdentity::from_der(der)).unwrap_or_default()
     }
 }
 
@@ -351,17 +348,18 @@ mod tests {
         assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
     }
 
-    /// Per-client permissions over real mutual TLS: each client gets what its certificate's CN is
-    /// granted, a client not listed the default, and a refusal is a 403 naming what is missing;
+    /// Per-client permissions over real mutual TLS: each client gets what its certificate's CN and
+    /// OU are granted, a client not listed the default, and a refusal is a 403 naming what is missing;
     /// the health probe is open to every client the CA admitted. Without client certificates the
     /// permissions are refused, naming the file.
     #[tokio::test]
-    async fn each_client_certificate_gets_the_permissions_of_its_common_name() {
+    async fn each_client_certificate_gets_the_permissions_of_its_common_name_and_units() {
         let dir = tempfile::tempdir().unwrap();
         let server = write_pki(dir.path(), "server");
-        let (clients, named) = pki::write_pki_with_clients(dir.path(), "clients", &["reader", "submitter", "stranger"]);
+        let (clients, named) = pki::write_pki_with_clients(dir.path(), "clients", &["reader", "submitter", "stranger", "auditor:admin"]);
         let file = dir.path().join("perms.toml");
-        std::fs::write(&file, "default = []\n[clients]\n\"reader\" = [\"read\"]\n\"submitter\" = [\"read\", \"submit\"]\n").unwrap();
+        let perms = "default = []\n[clients]\n\"reader\" = [\"read\"]\n\"submitter\" = [\"read\", \"submit\"]\n[organizational_units]\nadmin = [\"metrics\"]\n";
+        std::fs::write(&file, perms).unwrap();
         let permissions = crate::permissions::ClientPermissions::load(&file).unwrap();
         let refused = ServerTls::load(&server.cert, &server.key).unwrap().with_permissions(permissions.clone()).unwrap_err().to_string();
         assert!(refused.starts_with(&format!("{}: ", file.display())) && refused.contains("--tls-client-ca"), "{refused}");
@@ -370,6 +368,7 @@ mod tests {
         let app = axum::Router::new()
             .route("/v1/status", axum::routing::get(ok))
             .route("/v1/transactions", axum::routing::post(ok))
+            .route("/metrics", axum::routing::get(ok))
             .route("/healthz", axum::routing::get(ok));
         let metrics = streamledger_stages::Metrics::detached("ch");
         let (stop, shutdown) = tokio::sync::watch::channel(false);
@@ -377,7 +376,7 @@ mod tests {
 
         let as_client = |client: &pki::Pki| client_of(&server.ca, client);
         let url = |path: &str| format!("https://localhost:{}{path}", addr.port());
-        let (reader, submitter, stranger) = (as_client(&named[0]), as_client(&named[1]), as_client(&named[2]));
+        let (reader, submitter, stranger, auditor) = (as_client(&named[0]), as_client(&named[1]), as_client(&named[2]), as_client(&named[3]));
         let status = |r: reqwest::Response| r.status().as_u16();
 
         assert_eq!(status(reader.get(url("/v1/status")).send().await.unwrap()), 200);
@@ -395,10 +394,15 @@ mod tests {
         let body: serde_json::Value = denied.json().await.unwrap();
         assert!(body["error"].as_str().unwrap().contains("CN=\"stranger\" (not listed"), "{body}");
         assert_eq!(status(stranger.get(url("/healthz")).send().await.unwrap()), 200, "the health probe needs no permission");
+        // Granted by the OU in its certificate, as Fabric's NodeOUs put roles there.
+        assert_eq!(status(auditor.get(url("/metrics")).send().await.unwrap()), 200);
+        let denied: serde_json::Value = auditor.get(url("/v1/status")).send().await.unwrap().json().await.unwrap();
+        assert!(denied["error"].as_str().unwrap().starts_with("the client certificate CN=\"auditor\", OU=\"admin\" lacks"), "{denied}");
+        assert_eq!(status(reader.get(url("/metrics")).send().await.unwrap()), 403);
         // The refusals are counted with the requests served.
         let count = |route: &str, method: &str, code: &str| metrics.http_requests.with_label_values(&["ch", route, method, code]).get();
         assert_eq!((count("/v1/transactions", "POST", "403"), count("/v1/transactions", "POST", "200")), (1, 1));
-        assert_eq!((count("/v1/status", "GET", "403"), count("/v1/status", "GET", "200")), (1, 2));
+        assert_eq!((count("/v1/status", "GET", "403"), count("/v1/status", "GET", "200")), (2, 2), "the stranger and the auditor refused");
 
         stop.send(true).unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");

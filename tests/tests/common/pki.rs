@@ -25,7 +25,8 @@ pub fn write_pki(dir: &Path, name: &str) -> Pki {
 
 /// As [`write_pki`], and for each name in `clients` a client certificate of the same CA whose
 /// subject's common name (CN) is that name, in `NAME-CLIENT.pem` and `NAME-CLIENT.key` (the
-/// `ca` of each is the CA's file).
+/// `ca` of each is the CA's file). `CLIENT:UNIT` also puts UNIT in the subject's organizational
+/// unit (OU), as Fabric's NodeOUs do (`NAME-CLIENT-UNIT.pem`).
 pub fn write_pki_with_clients(dir: &Path, name: &str, clients: &[&str]) -> (Pki, Vec<Pki>) {
     let (server, clients, _) = write_pki_revoking(dir, name, clients, &[]);
     (server, clients)
@@ -51,8 +52,12 @@ pub fn write_pki_revoking(dir: &Path, name: &str, clients: &[&str], revoked: &[&
         let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
         serial.set(serial.get() + 1);
         params.serial_number = Some(SerialNumber::from(serial.get()));
-        if let Some(cn) = common_name {
+        if let Some(spec) = common_name {
+            let (cn, unit) = spec.split_once(':').map_or((spec, None), |(cn, unit)| (cn, Some(unit)));
             params.distinguished_name.push(DnType::CommonName, cn);
+            if let Some(unit) = unit {
+                params.distinguished_name.push(DnType::OrganizationalUnitName, unit);
+            }
         }
         let cert = params.signed_by(&key, &issuer).unwrap();
         let pki = Pki { ca: ca.clone(), cert: dir.join(format!("{file}.pem")), key: dir.join(format!("{file}.key")) };
@@ -61,7 +66,8 @@ pub fn write_pki_revoking(dir: &Path, name: &str, clients: &[&str], revoked: &[&
         pki
     };
     let server = leaf(name, None);
-    let clients: Vec<Pki> = clients.iter().map(|cn| leaf(&format!("{name}-{cn}"), Some(cn))).collect();
+    let file_of = |spec: &str| format!("{name}-{}", spec.replace(':', "-"));
+    let clients: Vec<Pki> = clients.iter().map(|spec| leaf(&file_of(spec), Some(spec))).collect();
     let crl = CertificateRevocationListParams {
         this_update: date_time_ymd(2026, 1, 1),
         next_update: date_time_ymd(2099, 1, 1),
@@ -71,7 +77,7 @@ pub fn write_pki_revoking(dir: &Path, name: &str, clients: &[&str], revoked: &[&
             .iter()
             .map(|cn| {
                 // The server is serial 1, the clients 2, 3, ... in the order given.
-                let index = clients.iter().position(|c| c.cert.ends_with(format!("{name}-{cn}.pem"))).expect("a revoked client is one of the clients");
+                let index = clients.iter().position(|c| c.cert.ends_with(format!("{}.pem", file_of(cn)))).expect("a revoked client is one of the clients");
                 RevokedCertParams {
                     serial_number: SerialNumber::from(index as u64 + 2),
                     revocation_time: date_time_ymd(2026, 1, 1),
