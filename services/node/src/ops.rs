@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -30,15 +30,19 @@ pub fn router(registry: Registry, metrics: Arc<Metrics>) -> Router {
 
 /// Counts and times every request `app` answers (`streamledger_http_requests_total`,
 /// `streamledger_http_request_duration_seconds`), labelled with the route's template
-/// (`/v1/state/{contract}/{key}`), never the path itself, so that a client cannot grow the
-/// number of series.
+/// (`/v1/state/{contract}/{key}`), never the path itself, and with a standard method or
+/// `other`, so that a client cannot grow the number of series.
 pub fn observed(app: Router, metrics: Arc<Metrics>) -> Router {
     app.layer(axum::middleware::from_fn_with_state(metrics, observe_request))
 }
 
+const STANDARD_METHODS: [Method; 9] =
+    [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::HEAD, Method::OPTIONS, Method::CONNECT, Method::PATCH, Method::TRACE];
+
 async fn observe_request(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_string();
-    let method = request.method().as_str().to_string();
+    // HTTP lets a client invent methods; each would be a series of its own.
+    let method = if STANDARD_METHODS.contains(request.method()) { request.method().as_str() } else { "other" }.to_string();
     let started = Instant::now();
     let response = next.run(request).await;
     let channel = metrics.channel.as_str();
@@ -83,11 +87,17 @@ mod tests {
         for path in ["/v1/state/transfer/alice", "/v1/state/transfer/bob", "/v1/refused", "/no/such/1", "/no/such/2", "/metrics"] {
             reqwest::get(format!("http://{addr}{path}")).await.unwrap();
         }
+        let client = reqwest::Client::new();
+        for invented in ["FOO", "BAR"] {
+            client.request(reqwest::Method::from_bytes(invented.as_bytes()).unwrap(), format!("http://{addr}/metrics")).send().await.unwrap();
+        }
         let count = |route: &str, code: &str| metrics.http_requests.with_label_values(&["ch", route, "GET", code]).get();
         assert_eq!(count("/v1/state/{contract}/{key}", "200"), 2);
         assert_eq!(count("/v1/refused", "403"), 1);
         assert_eq!(count("unmatched", "404"), 2);
         assert_eq!(count("/metrics", "200"), 1);
+        let invented = metrics.http_requests.with_label_values(&["ch", "/metrics", "other", "405"]).get();
+        assert_eq!(invented, 2, "invented methods share one series");
         let timed = metrics.http_request_duration.with_label_values(&["ch", "/v1/state/{contract}/{key}", "GET"]).get_sample_count();
         assert_eq!(timed, 2);
         let exported = String::from_utf8(reqwest::get(format!("http://{addr}/metrics")).await.unwrap().bytes().await.unwrap().to_vec()).unwrap();

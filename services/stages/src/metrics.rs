@@ -230,7 +230,7 @@ impl Metrics {
             )?,
             http_requests: counter(
                 "streamledger_http_requests_total",
-                "Requests answered by the HTTP endpoints, by route template (`unmatched` for no route), method and status code.",
+                "Requests answered by the HTTP endpoints, by route template (`unmatched` for no route), method (`other` for a non-standard one) and status code.",
                 &["channel", "route", "method", "code"],
             )?,
             http_request_duration: histogram(
