@@ -38,6 +38,18 @@ fn trusting(ca: &Path) -> reqwest::Client {
     builder_trusting(ca).build().unwrap()
 }
 
+/// The CLI's arguments to trust `ca` and present `client`'s certificate.
+fn client_args<'a>(ca: &'a Path, client: &'a pki::Pki) -> [&'a str; 6] {
+    ["--cacert", path(ca), "--client-cert", path(&client.cert), "--client-key", path(&client.key)]
+}
+
+/// Runs `up` with `tls` and `extra`, which must stop it before it starts, and returns the run.
+async fn up_refused(dir: &Path, tls: &[&str], extra: &[&str]) -> CliRun {
+    let run = cli(None, &[&["up", "--data-dir", path(&dir.join("never"))][..], tls, extra].concat()).await;
+    run.assert_failure();
+    run
+}
+
 /// As [`trusting`], presenting `client`'s certificate.
 fn trusting_as(ca: &Path, client: &pki::Pki) -> reqwest::Client {
     let identity = [std::fs::read(&client.key).unwrap(), std::fs::read(&client.cert).unwrap()].join(&b'\n');
@@ -57,7 +69,7 @@ async fn up_with_a_client_ca_serves_only_clients_with_a_certificate_it_signed() 
     let mut up = Up::start_with_ca(dir.path(), &args, Some(&server.ca));
     let api = up.api.clone();
     let ca = path(&server.ca);
-    let me = ["--cacert", ca, "--client-cert", path(&clients.cert), "--client-key", path(&clients.key)];
+    let me = client_args(&server.ca, &clients);
     bounded("up with mutual TLS", 120, async {
         // With the clients' certificate: served.
         let run = cli(Some(&api), &[&["submit", "transfer", "create", "alice", "100"][..], &me].concat()).await;
@@ -74,7 +86,7 @@ async fn up_with_a_client_ca_serves_only_clients_with_a_certificate_it_signed() 
         run.assert_failure();
         eprintln!("mtls: no client certificate -> {}", run.stderr.trim());
         assert!(run.stderr.contains("CertificateRequired") && run.stderr.contains("--client-cert FILE"), "{run:?}");
-        let theirs = ["--cacert", ca, "--client-cert", path(&stranger.cert), "--client-key", path(&stranger.key)];
+        let theirs = client_args(&server.ca, &stranger);
         let run = cli(Some(&api), &[&["submit", "transfer", "create", "mallory", "1"][..], &theirs].concat()).await;
         run.assert_failure();
         eprintln!("mtls: a stranger's certificate -> {}", run.stderr.trim());
@@ -115,21 +127,17 @@ async fn up_with_client_permissions_lets_each_certificate_do_what_its_name_is_gr
     // A bad file: refused before anything starts, naming it and what is wrong.
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "default = [\"write\"]\n").unwrap();
-    let run = cli(None, &[&["up", "--data-dir", path(&dir.path().join("never")), "--tls-client-permissions", path(&bad)][..], &tls].concat()).await;
-    run.assert_failure();
+    let run = up_refused(dir.path(), &tls, &["--tls-client-permissions", path(&bad)]).await;
     assert!(run.stderr.contains(path(&bad)) && run.stderr.contains("unknown variant `write`"), "{run:?}");
 
     let mut up = Up::start_with_ca(dir.path(), &[&tls[..], &["--tls-client-permissions", path(&perms)]].concat(), Some(&server.ca));
     let api = up.api.clone();
-    let ca = path(&server.ca);
-    let as_client = |client: &pki::Pki| ["--cacert", ca, "--client-cert", path(&client.cert), "--client-key", path(&client.key)].map(str::to_string);
     bounded("up with per-client permissions", 120, async {
-        let run = cli(Some(&api), &[&["submit", "transfer", "create", "alice", "100"][..], &as_client(submitter).each_ref().map(String::as_str)].concat()).await;
+        let run = cli(Some(&api), &[&["submit", "transfer", "create", "alice", "100"][..], &client_args(&server.ca, submitter)].concat()).await;
         run.assert_success();
         assert_eq!(parse_submit(&run).1.expect("submit waits for the verdict").0, "VALID", "{run:?}");
 
-        let reader_args = as_client(reader);
-        let reader_args = reader_args.each_ref().map(String::as_str);
+        let reader_args = client_args(&server.ca, reader);
         let run = cli(Some(&api), &[&["query", "transfer", "alice"][..], &reader_args].concat()).await;
         run.assert_success();
         assert_eq!(parse_query(&run)["balance"], 100, "{run:?}");
@@ -162,20 +170,18 @@ async fn up_with_a_client_crl_refuses_the_certificates_it_revokes() {
     let (kept, revoked) = (&clients[0], &clients[1]);
     let tls = ["--tls-cert", path(&server.cert), "--tls-key", path(&server.key), "--tls-client-ca", path(&kept.ca)];
 
-    let run = cli(None, &[&["up", "--data-dir", path(&dir.path().join("never")), "--tls-client-crl", path(&server.cert)][..], &tls].concat()).await;
-    run.assert_failure();
+    let run = up_refused(dir.path(), &tls, &["--tls-client-crl", path(&server.cert)]).await;
     assert!(run.stderr.contains(path(&server.cert)) && run.stderr.contains("no CRL in it"), "{run:?}");
 
     let mut up = Up::start_with_ca(dir.path(), &[&tls[..], &["--tls-client-crl", path(&crl)]].concat(), Some(&server.ca));
     let api = up.api.clone();
-    let ca = path(&server.ca);
     bounded("up with a client CRL", 120, async {
-        let theirs = ["--cacert", ca, "--client-cert", path(&revoked.cert), "--client-key", path(&revoked.key)];
+        let theirs = client_args(&server.ca, revoked);
         let run = cli(Some(&api), &[&["submit", "transfer", "create", "mallory", "1"][..], &theirs].concat()).await;
         run.assert_failure();
         eprintln!("crl: a revoked certificate -> {}", run.stderr.trim());
         assert!(run.stderr.contains("CertificateRevoked") && run.stderr.contains("--tls-client-crl"), "{run:?}");
-        let mine = ["--cacert", ca, "--client-cert", path(&kept.cert), "--client-key", path(&kept.key)];
+        let mine = client_args(&server.ca, kept);
         let run = cli(Some(&api), &[&["submit", "transfer", "create", "alice", "100"][..], &mine].concat()).await;
         run.assert_success();
         assert_eq!(parse_submit(&run).1.expect("submit waits for the verdict").0, "VALID", "{run:?}");

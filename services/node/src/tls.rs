@@ -270,6 +270,23 @@ mod tests {
         builder.build().unwrap()
     }
 
+    type Serving = tokio::task::JoinHandle<std::io::Result<()>>;
+
+    /// Serves `app` over `tls` through [`crate::api::serve_router`] on a free loopback port, with
+    /// the sender that stops it.
+    async fn serve(app: axum::Router, tls: &ServerTls, metrics: Option<&Arc<streamledger_stages::Metrics>>) -> (SocketAddr, tokio::sync::watch::Sender<bool>, Serving) {
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(tls), metrics, shutdown).await.unwrap();
+        (addr, stop, serving)
+    }
+
+    /// Stops a server started by [`serve`] and checks that it ends, cleanly, in time.
+    async fn stops_cleanly(stop: tokio::sync::watch::Sender<bool>, serving: Serving) {
+        stop.send(true).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    }
+
     fn error_of<T: std::fmt::Debug>(result: Result<T, TlsFileError>) -> String {
         result.unwrap_err().to_string()
     }
@@ -323,8 +340,7 @@ mod tests {
         let pki = write_pki(dir.path(), "server");
         let tls = ServerTls::load(&pki.cert, &pki.key).unwrap();
         let app = axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), None, shutdown).await.unwrap();
+        let (addr, stop, serving) = serve(app, &tls, None).await;
 
         let mut trusting = reqwest::Client::builder();
         for der in load_certs(&pki.ca).unwrap() {
@@ -343,9 +359,7 @@ mod tests {
         let _silent = TcpStream::connect(addr).await.unwrap();
         assert_eq!(ping().await, "pong", "still serving");
 
-        stop.send(true).unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");
-        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+        stops_cleanly(stop, serving).await;
     }
 
     /// Per-client permissions over real mutual TLS: each client gets what its certificate's CN and
@@ -371,8 +385,7 @@ mod tests {
             .route("/metrics", axum::routing::get(ok))
             .route("/healthz", axum::routing::get(ok));
         let metrics = streamledger_stages::Metrics::detached("ch");
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), Some(&metrics), shutdown).await.unwrap();
+        let (addr, stop, serving) = serve(app, &tls, Some(&metrics)).await;
 
         let as_client = |client: &pki::Pki| client_of(&server.ca, client);
         let url = |path: &str| format!("https://localhost:{}{path}", addr.port());
@@ -404,9 +417,7 @@ mod tests {
         assert_eq!((count("/v1/transactions", "POST", "403"), count("/v1/transactions", "POST", "200")), (1, 1));
         assert_eq!((count("/v1/status", "GET", "403"), count("/v1/status", "GET", "200")), (2, 2), "the stranger and the auditor refused");
 
-        stop.send(true).unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");
-        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+        stops_cleanly(stop, serving).await;
     }
 
     /// A CRL over real mutual TLS: the client it lists fails its handshake with rustls'
@@ -418,8 +429,7 @@ mod tests {
         let (clients, named, crl) = pki::write_pki_revoking(dir.path(), "clients", &["kept", "revoked"], &["revoked"]);
         let tls = ServerTls::requiring_unrevoked_client_certs(&server.cert, &server.key, &clients.ca, &crl).unwrap();
         let app = axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let (addr, serving) = crate::api::serve_router("127.0.0.1:0".parse().unwrap(), app, Some(&tls), None, shutdown).await.unwrap();
+        let (addr, stop, serving) = serve(app, &tls, None).await;
         let as_client = |client: &pki::Pki| client_of(&server.ca, client);
         let url = format!("https://localhost:{}/ping", addr.port());
         assert_eq!(as_client(&named[0]).get(&url).send().await.unwrap().text().await.unwrap(), "pong");
@@ -427,8 +437,6 @@ mod tests {
         assert!(streamledger_ports::error_chain(&refused).contains("CertificateRevoked"), "{refused:?}");
         assert_eq!(as_client(&named[0]).get(&url).send().await.unwrap().status(), 200, "still serving");
 
-        stop.send(true).unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(10), serving).await.expect("stopped in time");
-        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+        stops_cleanly(stop, serving).await;
     }
 }

@@ -44,14 +44,13 @@ pub fn write_pki_revoking(dir: &Path, name: &str, clients: &[&str], revoked: &[&
     let issuer = Issuer::new(ca_params, ca_key);
     let ca = dir.join(format!("{name}-ca.pem"));
     std::fs::write(&ca, ca_cert.pem()).unwrap();
-    // Serial numbers 1, 2, ... in the order made: what the CRL names.
-    let serial = std::cell::Cell::new(0u64);
-    let leaf = |file: &str, common_name: Option<&str>| {
+    // The CRL names certificates by serial number: the server's is 1, client i's is i + 2.
+    let client_serial = |i: usize| SerialNumber::from(i as u64 + 2);
+    let leaf = |file: &str, common_name: Option<&str>, serial: SerialNumber| {
         let key = KeyPair::generate().unwrap();
         // rcgen makes "127.0.0.1" an IP address SAN, "localhost" a DNS name.
         let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-        serial.set(serial.get() + 1);
-        params.serial_number = Some(SerialNumber::from(serial.get()));
+        params.serial_number = Some(serial);
         if let Some(spec) = common_name {
             let (cn, unit) = spec.split_once(':').map_or((spec, None), |(cn, unit)| (cn, Some(unit)));
             params.distinguished_name.push(DnType::CommonName, cn);
@@ -65,9 +64,9 @@ pub fn write_pki_revoking(dir: &Path, name: &str, clients: &[&str], revoked: &[&
         std::fs::write(&pki.key, key.serialize_pem()).unwrap();
         pki
     };
-    let server = leaf(name, None);
-    let file_of = |spec: &str| format!("{name}-{}", spec.replace(':', "-"));
-    let clients: Vec<Pki> = clients.iter().map(|spec| leaf(&file_of(spec), Some(spec))).collect();
+    let server = leaf(name, None, SerialNumber::from(1u64));
+    let made: Vec<Pki> =
+        clients.iter().enumerate().map(|(i, spec)| leaf(&format!("{name}-{}", spec.replace(':', "-")), Some(spec), client_serial(i))).collect();
     let crl = CertificateRevocationListParams {
         this_update: date_time_ymd(2026, 1, 1),
         next_update: date_time_ymd(2099, 1, 1),
@@ -75,11 +74,10 @@ pub fn write_pki_revoking(dir: &Path, name: &str, clients: &[&str], revoked: &[&
         issuing_distribution_point: None,
         revoked_certs: revoked
             .iter()
-            .map(|cn| {
-                // The server is serial 1, the clients 2, 3, ... in the order given.
-                let index = clients.iter().position(|c| c.cert.ends_with(format!("{}.pem", file_of(cn)))).expect("a revoked client is one of the clients");
+            .map(|spec| {
+                let index = clients.iter().position(|c| c == spec).expect("a revoked client is one of the clients");
                 RevokedCertParams {
-                    serial_number: SerialNumber::from(index as u64 + 2),
+                    serial_number: client_serial(index),
                     revocation_time: date_time_ymd(2026, 1, 1),
                     reason_code: Some(RevocationReason::KeyCompromise),
                     invalidity_date: None,
@@ -90,5 +88,5 @@ pub fn write_pki_revoking(dir: &Path, name: &str, clients: &[&str], revoked: &[&
     };
     let crl_file = dir.join(format!("{name}-crl.pem"));
     std::fs::write(&crl_file, crl.signed_by(&issuer).unwrap().pem().unwrap()).unwrap();
-    (server, clients, crl_file)
+    (server, made, crl_file)
 }
