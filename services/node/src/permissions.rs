@@ -59,21 +59,18 @@ impl Permission {
             _ => None,
         }
     }
+}
 
-    fn name(self) -> &'static str {
-        match self {
+/// The name the permissions file uses.
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
             Permission::Read => "read",
             Permission::Propose => "propose",
             Permission::Submit => "submit",
             Permission::Metrics => "metrics",
             Permission::All => "all",
-        }
-    }
-}
-
-impl std::fmt::Display for Permission {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        })
     }
 }
 
