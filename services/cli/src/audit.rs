@@ -64,7 +64,7 @@ pub async fn run(args: AuditArgs) -> Result<(), CliError> {
         Some(config) => streamledger_kafka::KafkaLog::connect(config).await.map_err(|e| CliError::Config { path: "--kafka".into(), message: e.to_string() })?,
         None => {
             let dir = args.data_dir.join("log");
-            if !dir.join("log.redb").exists() {
+            if !EmbeddedLog::is_in(&dir) {
                 return Err(CliError::Config { path: dir, message: "no log here: pass the data directory of a stopped `streamledger up`, or --kafka".into() });
             }
             EmbeddedLog::open(&dir).map_err(|e| CliError::Config { path: dir.clone(), message: e.to_string() })?

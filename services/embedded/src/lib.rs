@@ -1,8 +1,10 @@
-//! The embedded adapters, on the redb storage engine: a persistent, partitioned log with offsets
-//! ([`log::EmbeddedLog`]) and a peer store ([`store::EmbeddedStore`]). Together they run the whole
-//! network in one process, with the same bytes and offsets Kafka would carry.
+//! The embedded adapters: a persistent, partitioned log with offsets in one append-only file
+//! ([`log::EmbeddedLog`]) and a peer store on the redb storage engine ([`store::EmbeddedStore`]).
+//! Together they run the whole network in one process, with the same bytes and offsets Kafka
+//! would carry.
 
 pub mod log;
+mod logfile;
 pub mod store;
 
 /// redb's page cache per database. Its default (1 GiB) lets a long-running process grow by a

@@ -1,77 +1,101 @@
-//! The embedded log: Kafka's topics, partitions, offsets and consumer groups in one redb file,
-//! `<dir>/log.redb`, so that every stage can run in one process with the same records and offsets
-//! a Kafka cluster would carry.
+//! The embedded log: Kafka's topics, partitions, offsets and consumer groups in one append-only
+//! file, `<dir>/log.data` (format in [`crate::logfile`]), so that every stage can run in one
+//! process with the same records and offsets a Kafka cluster would carry.
 //!
-//! Layout, all in one file so that records and their offsets commit in one transaction:
-//! - `topics`: topic name → partition count;
-//! - `records:<topic>`: (partition, offset) → one framed record (see [`encode`]);
-//! - `group-offsets`: (group, topic, partition) → the next offset the group will read.
+//! The file is opened by this process alone (an exclusive lock), so everything it holds is also
+//! known in memory from the scan at open: every partition's end offset, the groups' committed
+//! offsets, and a sparse index from offsets to file positions. `end_offset`, `committed_offset`
+//! and the consumers' "is there anything new" check never touch the disk.
 //!
-//! redb locks the file for one process, so this process is the only writer and can keep every
-//! partition's end offset in memory (loaded at open): `end_offset` and the consumers' "is there
-//! anything new" check never touch the disk.
-//!
-//! Writes (appends and group offsets) from concurrent stages are committed together: whoever gets
-//! the writer commits everything queued meanwhile in one transaction and one fsync, and each
+//! Writes (appends, group offsets, topics) from concurrent stages are committed together: whoever
+//! gets the writer writes everything queued meanwhile as one group with one `fdatasync`, and each
 //! caller returns once its own write is durable.
+//!
+//! Reads: each partition keeps its most recent records in memory (about [`TAIL_CACHE_BYTES`]), so
+//! the consumers that follow the tail, which is every stage in normal running, never read the
+//! file. A consumer further behind (a replay, a restart) reads the file forward from the index.
 //!
 //! Consumer groups: embedded mode runs **one member per group**. A group consumer is assigned every
 //! partition of its topics, and a second live member of the same group is refused rather than
 //! silently delivering every record twice (there is no rebalancing to split partitions).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use streamledger_ports::log::{partition_for, Consumer, Log, LogError, LogResult, OutRecord, Record, Subscription};
 use streamledger_ports::topics::TopicSpec;
 use tokio::sync::Notify;
 
+use crate::logfile::{self, Bad, Entry, Groups, MAGIC};
+
 /// The largest record (key + value) accepted: Kafka's `message.max.bytes` is set per cluster, and
 /// nothing in the ledger comes close; a bigger record is a bug upstream, not something to store.
 pub const MAX_RECORD_BYTES: usize = 64 << 20;
-/// The largest append batch (keys + values), so one call cannot build an unbounded transaction.
+/// The largest append batch (keys + values), so one call cannot build an unbounded group.
 pub const MAX_BATCH_BYTES: usize = 256 << 20;
 /// A poll stops adding records past this many bytes (it always returns at least one), so that
 /// `max` records of the largest size cannot exhaust memory.
 pub const MAX_POLL_BYTES: usize = 64 << 20;
 /// Partitions per topic. Kafka allows more, but each one costs memory here and the ledger uses a few.
 pub const MAX_PARTITIONS: i32 = 10_000;
+/// The recent records each partition keeps in memory for the consumers at its tail (at least the
+/// last record, whatever its size). The ledger's topics have about 20 partitions, so this bounds
+/// the cache near 40 MiB; a block of 500 transactions is about 300 KB.
+pub const TAIL_CACHE_BYTES: usize = 2 << 20;
+/// One index entry per partition per this many bytes of file at most, as Kafka's
+/// `index.interval.bytes`: a read that starts from the index scans at most about this much of the
+/// file before it finds its offset, and the index grows by a few bytes per this much written.
+const INDEX_INTERVAL_BYTES: u64 = 256 << 10;
+/// A group commit writes at most about this much in one group; more queued is written in several.
+const MAX_GROUP_BYTES: usize = 1 << 30;
 
-const FILE_NAME: &str = "log.redb";
-const TOPICS: TableDefinition<&str, i32> = TableDefinition::new("topics");
-const GROUP_OFFSETS: TableDefinition<(&str, &str, i32), i64> = TableDefinition::new("group-offsets");
+/// The file holding the log, in its directory.
+pub const FILE_NAME: &str = "log.data";
+/// Where the log was kept before the thirteenth session (a redb file), refused at open with a note.
+const OLD_FILE_NAME: &str = "log.redb";
 
-fn records_table(table_name: &str) -> TableDefinition<'_, (i32, i64), &'static [u8]> {
-    TableDefinition::new(table_name)
-}
-
-fn records_table_name(topic: &str) -> String {
-    // Topic names are checked against Kafka's rules (no ':'), so this cannot collide with another table.
-    format!("records:{topic}")
-}
-
-/// A persistent, partitioned log on redb. See the module documentation.
+/// A persistent, partitioned log in one append-only file. See the module documentation.
 pub struct EmbeddedLog {
     // Shared with consumers and with blocking storage tasks, which outlive a `&self` borrow.
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    db: Database,
+    file: File,
     path: PathBuf,
     topics: RwLock<HashMap<String, Arc<TopicState>>>,
-    /// Serialises appends and topic creation. Offsets are assigned from the in-memory end offsets,
-    /// which must not move between reading them and committing the records that use them.
-    writer: Mutex<()>,
-    /// Writes waiting for the writer: whoever holds it next commits them all (see [`Inner::write`]).
+    /// Serialises writes: offsets are assigned from the in-memory end offsets, which must not
+    /// move between reading them and storing the records that use them.
+    writer: Mutex<Writer>,
+    /// Writes waiting for the writer: whoever holds it next commits them (see [`Inner::write`]).
     queue: Mutex<Vec<Queued>>,
     /// Each group's live member (its wake-up handle), to refuse a second one.
     members: Mutex<HashMap<String, Weak<Notify>>>,
+    /// The file's length up to its last synced group. Readers never look past it, so a group being
+    /// written is never read half-done.
+    durable_len: AtomicU64,
+    /// (group, topic, partition) → the next offset the group will read.
+    group_offsets: Mutex<HashMap<(String, String, i32), i64>>,
+}
+
+/// What only the writer touches.
+struct Writer {
+    /// Where the next group goes.
+    len: u64,
+    /// The group being built, kept to reuse its allocation.
+    buf: Vec<u8>,
+    /// Set when an `fdatasync` failed: what the file holds is then unknown until it is reopened
+    /// (the kernel may have dropped the unsynced pages), so every later write is refused.
+    broken: Option<String>,
+    /// The number of the next topic created.
+    next_topic: u32,
 }
 
 /// One caller's write, queued for the next group commit.
@@ -79,7 +103,7 @@ enum Write {
     /// Records already routed to partitions of `topic`.
     Append { topic: Arc<TopicState>, records: Vec<(i32, OutRecord)> },
     /// A group's next offsets, as (topic, partition, next offset).
-    Offsets { group: String, commits: Vec<(Arc<str>, i32, i64)> },
+    Offsets { group: String, commits: Vec<(Arc<TopicState>, i32, i64)> },
 }
 
 impl Write {
@@ -88,6 +112,14 @@ impl Write {
         match self {
             Write::Append { topic, records } => format!("append {} records to topic {}", records.len(), topic.name),
             Write::Offsets { group, .. } => format!("commit offsets of group {group}"),
+        }
+    }
+
+    /// About how many bytes it adds to a group.
+    fn size(&self) -> usize {
+        match self {
+            Write::Append { records, .. } => records.iter().map(|(_, r)| 40 + r.key.as_ref().map_or(0, Vec::len) + r.value.len()).sum(),
+            Write::Offsets { group, commits } => commits.len() * (24 + group.len()),
         }
     }
 }
@@ -109,22 +141,68 @@ fn group_failure(e: &LogError, write: &Write) -> LogError {
 }
 
 struct TopicState {
+    /// Its number in the file.
+    id: u32,
     name: Arc<str>,
-    table_name: String,
     partitions: Vec<PartitionState>,
 }
 
 struct PartitionState {
-    /// The next offset to assign. Stored only after the records below it are committed, so a
-    /// reader that sees it will find them.
+    /// The next offset to assign. Stored only after the records below it are synced and cached, so
+    /// a reader that sees it will find them.
     end: AtomicI64,
     /// Consumers reading this partition, woken after each append to it.
     waiters: Mutex<Vec<Weak<Notify>>>,
+    recent: Mutex<Recent>,
+}
+
+/// A partition's most recent records and its index into the file.
+struct Recent {
+    /// The offset of `records[0]` (the end offset when there is none).
+    first: i64,
+    records: VecDeque<Record>,
+    bytes: usize,
+    /// (offset, position of the group holding it), ascending, sparse: see [`INDEX_INTERVAL_BYTES`].
+    index: Vec<(i64, u64)>,
+}
+
+impl Recent {
+    /// Notes a record stored in the group at `group_pos`.
+    fn index(&mut self, offset: i64, group_pos: u64) {
+        if self.index.last().is_none_or(|&(_, last)| group_pos >= last + INDEX_INTERVAL_BYTES) {
+            self.index.push((offset, group_pos));
+        }
+    }
+
+    fn push(&mut self, record: Record) {
+        debug_assert_eq!(record.offset, self.first + self.records.len() as i64, "records are cached in offset order");
+        self.bytes += record_bytes(&record);
+        self.records.push_back(record);
+        while self.bytes > TAIL_CACHE_BYTES && self.records.len() > 1 {
+            let old = self.records.pop_front().expect("more than one record");
+            self.bytes -= record_bytes(&old);
+            self.first += 1;
+        }
+    }
+
+    /// A group position at or before `offset`'s record.
+    fn position_of(&self, offset: i64) -> u64 {
+        match self.index.partition_point(|&(o, _)| o <= offset) {
+            0 => MAGIC.len() as u64,
+            i => self.index[i - 1].1,
+        }
+    }
+}
+
+/// What a record costs the cache: its bytes and a little for its bookkeeping.
+fn record_bytes(record: &Record) -> usize {
+    64 + record.key.as_ref().map_or(0, Vec::len) + record.value.len()
 }
 
 impl PartitionState {
     fn new(end: i64) -> Self {
-        Self { end: AtomicI64::new(end), waiters: Mutex::new(Vec::new()) }
+        let recent = Recent { first: end, records: VecDeque::new(), bytes: 0, index: Vec::new() };
+        Self { end: AtomicI64::new(end), waiters: Mutex::new(Vec::new()), recent: Mutex::new(recent) }
     }
 
     fn end(&self) -> i64 {
@@ -140,6 +218,10 @@ impl PartitionState {
 }
 
 impl TopicState {
+    fn new(id: u32, name: &str, partitions: i32) -> Self {
+        TopicState { id, name: name.into(), partitions: (0..partitions).map(|_| PartitionState::new(0)).collect() }
+    }
+
     fn partition(&self, partition: i32) -> LogResult<&PartitionState> {
         usize::try_from(partition).ok().and_then(|p| self.partitions.get(p)).ok_or_else(|| {
             LogError::new(
@@ -161,23 +243,21 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A redb error as a [`LogError`] naming the file. Disk errors are retryable: a full disk or a
+/// An I/O error as a [`LogError`] naming the file. Disk errors are retryable: a full disk or a
 /// flaky volume may come back.
-fn storage_error(path: &Path, context: String, e: impl Into<redb::Error>) -> LogError {
+fn io_error(path: &Path, context: String, e: &std::io::Error) -> LogError {
     let file = path.display();
-    let (message, retryable) = match e.into() {
-        redb::Error::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => {
-            (format!("disk full writing {file}: {e}; free space and retry"), true)
-        }
-        redb::Error::Io(e) => (format!("disk error on {file}: {e}"), true),
-        // redb refuses all further I/O after a failed write until the file is reopened.
-        redb::Error::PreviousIo => {
-            (format!("an earlier disk error left {file} unusable; restart the process to reopen it"), false)
-        }
-        redb::Error::DatabaseAlreadyOpen => (format!("{file} is already open in this or another process"), false),
-        e => (format!("{file}: {e}"), false),
+    let (message, retryable) = match e.kind() {
+        ErrorKind::StorageFull => (format!("disk full writing {file}: {e}; free space and retry"), true),
+        ErrorKind::WouldBlock => (format!("{file} is already open in this or another process"), false),
+        _ => (format!("disk error on {file}: {e}"), true),
     };
     LogError::new(context, message, retryable)
+}
+
+/// The file holds something this code did not write, at `pos`.
+fn corrupt(path: &Path, pos: u64, what: impl std::fmt::Display) -> LogError {
+    LogError::new(format!("read {}", path.display()), format!("corrupt log file at byte {pos}: {what}"), false)
 }
 
 fn unknown_topic(topic: &str) -> LogError {
@@ -204,118 +284,142 @@ fn check_topic_name(name: &str) -> LogResult<()> {
     Ok(())
 }
 
-// Record framing inside redb, version 1:
-//   [1: format version][8: timestamp_ms, LE][1: 0 = no key, 1 = key][4: key length, LE, if key][key][value]
-// The value is the rest of the frame, so it needs no length. The version byte leaves room to change
-// the framing without rewriting old files.
-const FRAME_V1: u8 = 1;
-
-fn encode(buf: &mut Vec<u8>, timestamp_ms: i64, key: Option<&[u8]>, value: &[u8]) {
-    buf.clear();
-    buf.push(FRAME_V1);
-    buf.extend_from_slice(&timestamp_ms.to_le_bytes());
-    match key {
-        None => buf.push(0),
-        Some(key) => {
-            buf.push(1);
-            // Fits: a record over MAX_RECORD_BYTES is refused before it is framed.
-            buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
-            buf.extend_from_slice(key);
-        }
-    }
-    buf.extend_from_slice(value);
-}
-
-/// A record's stored fields, as framed by [`encode`].
-#[derive(Debug, PartialEq, Eq)]
-struct Frame {
-    timestamp_ms: i64,
-    key: Option<Vec<u8>>,
-    value: Vec<u8>,
-}
-
-/// The stored fields, or what is wrong with the frame.
-fn decode(frame: &[u8]) -> Result<Frame, String> {
-    let (&version, rest) = frame.split_first().ok_or("empty frame")?;
-    if version != FRAME_V1 {
-        return Err(format!("unknown frame version {version}"));
-    }
-    let (ts, rest) = rest.split_first_chunk::<8>().ok_or("frame too short for a timestamp")?;
-    let (&has_key, rest) = rest.split_first().ok_or("frame too short for the key flag")?;
-    let (key, value) = match has_key {
-        0 => (None, rest),
-        1 => {
-            let (len, rest) = rest.split_first_chunk::<4>().ok_or("frame too short for the key length")?;
-            let len = u32::from_le_bytes(*len) as usize;
-            if len > rest.len() {
-                return Err(format!("key length {len} runs past the frame"));
-            }
-            let (key, value) = rest.split_at(len);
-            (Some(key.to_vec()), value)
-        }
-        other => return Err(format!("bad key flag {other}")),
-    };
-    Ok(Frame { timestamp_ms: i64::from_le_bytes(*ts), key, value: value.to_vec() })
+/// What the scan at open learns from the file.
+struct Loaded {
+    topics: Vec<TopicState>,
+    group_offsets: HashMap<(String, String, i32), i64>,
+    /// Where the last whole group ends.
+    len: u64,
 }
 
 impl EmbeddedLog {
-    /// Opens (or creates) the log in `dir/log.redb`, creating `dir` if needed. Blocking: call it at
-    /// start-up, or from `spawn_blocking`.
+    /// Opens (or creates) the log in `dir/log.data`, creating `dir` if needed, and reads it through
+    /// once (a torn last group, left by a crash before it was synced, is cut off). Blocking: call
+    /// it at start-up, or from `spawn_blocking`.
     pub fn open(dir: &Path) -> LogResult<Arc<EmbeddedLog>> {
         let path = dir.join(FILE_NAME);
         let context = || format!("open {}", path.display());
         std::fs::create_dir_all(dir)
             .map_err(|e| LogError::new(context(), format!("cannot create directory {}: {e}", dir.display()), true))?;
-        let db = crate::open_database(&path).map_err(|e| storage_error(&path, context(), e))?;
-        // Create the fixed tables once, so that readers never meet a missing one.
-        let txn = db.begin_write().map_err(|e| storage_error(&path, context(), e))?;
-        txn.open_table(TOPICS).map_err(|e| storage_error(&path, context(), e))?;
-        txn.open_table(GROUP_OFFSETS).map_err(|e| storage_error(&path, context(), e))?;
-        txn.commit().map_err(|e| storage_error(&path, context(), e))?;
-        let topics = load_topics(&db, &path)?;
-        tracing::info!(file = %path.display(), topics = topics.len(), "embedded log open");
-        Ok(Arc::new(EmbeddedLog {
-            inner: Arc::new(Inner {
-                db,
-                path,
-                topics: RwLock::new(topics),
-                writer: Mutex::new(()),
-                queue: Mutex::new(Vec::new()),
-                members: Mutex::new(HashMap::new()),
-            }),
-        }))
+        let old = dir.join(OLD_FILE_NAME);
+        if old.exists() && !path.exists() {
+            return Err(LogError::new(
+                context(),
+                format!(
+                    "{} holds a log in the format of an earlier streamledger (redb), which this version does not read; \
+                     run that version to finish with it, or start a new data dir (`streamledger network init`)",
+                    old.display()
+                ),
+                false,
+            ));
+        }
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| io_error(&path, context(), &e))?;
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => io_error(&path, context(), &ErrorKind::WouldBlock.into()),
+            std::fs::TryLockError::Error(e) => io_error(&path, context(), &e),
+        })?;
+        let started = Instant::now();
+        let loaded = load(&file, &path)?;
+        let inner = Inner {
+            file,
+            path,
+            topics: RwLock::new(HashMap::new()),
+            writer: Mutex::new(Writer { len: loaded.len, buf: Vec::new(), broken: None, next_topic: loaded.topics.len() as u32 }),
+            queue: Mutex::new(Vec::new()),
+            members: Mutex::new(HashMap::new()),
+            durable_len: AtomicU64::new(loaded.len),
+            group_offsets: Mutex::new(loaded.group_offsets),
+        };
+        let topics = loaded.topics.into_iter().map(|t| (t.name.to_string(), Arc::new(t))).collect::<HashMap<_, _>>();
+        tracing::info!(file = %inner.path.display(), topics = topics.len(), bytes = loaded.len, seconds = started.elapsed().as_secs_f64(), "embedded log open");
+        *inner.topics.write().unwrap_or_else(PoisonError::into_inner) = topics;
+        Ok(Arc::new(EmbeddedLog { inner: Arc::new(inner) }))
     }
 
-    /// The redb file holding the log.
+    /// Whether `dir` holds a log (of this format or the earlier one, which [`EmbeddedLog::open`]
+    /// refuses with an explanation), so that tools reading a data dir can tell a wrong path from it.
+    pub fn is_in(dir: &Path) -> bool {
+        dir.join(FILE_NAME).exists() || dir.join(OLD_FILE_NAME).exists()
+    }
+
+    /// The file holding the log.
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
 }
 
-/// Every topic with each partition's end offset (last offset + 1, or 0 when empty).
-fn load_topics(db: &Database, path: &Path) -> LogResult<HashMap<String, Arc<TopicState>>> {
-    let err = |ctx: &str, e: redb::Error| storage_error(path, ctx.to_string(), e);
-    let txn = db.begin_read().map_err(|e| err("load topics", e.into()))?;
-    let topics = txn.open_table(TOPICS).map_err(|e| err("load topics", e.into()))?;
-    let mut out = HashMap::new();
-    for entry in topics.iter().map_err(|e| err("load topics", e.into()))? {
-        let (name, count) = entry.map_err(|e| err("load topics", e.into()))?;
-        let (name, count) = (name.value().to_string(), count.value());
-        let ctx = format!("load end offsets of topic {name}");
-        let table_name = records_table_name(&name);
-        let records = txn.open_table(records_table(&table_name)).map_err(|e| err(&ctx, e.into()))?;
-        let mut partitions = Vec::new();
-        for p in 0..count {
-            let last = records.range((p, 0)..=(p, i64::MAX)).map_err(|e| err(&ctx, e.into()))?.next_back();
-            let end = match last {
-                Some(entry) => entry.map_err(|e| err(&ctx, e.into()))?.0.value().1 + 1,
-                None => 0,
-            };
-            partitions.push(PartitionState::new(end));
+/// Reads the whole file once: its topics, each partition's end offset and index, and the groups'
+/// offsets. Writes the header into a new file; cuts off a torn last group.
+fn load(file: &File, path: &Path) -> LogResult<Loaded> {
+    let io = |what: &str, e: &std::io::Error| io_error(path, format!("{what} {}", path.display()), e);
+    let file_len = file.metadata().map_err(|e| io("open", &e))?.len();
+    let mut header = [0u8; MAGIC.len()];
+    if file_len == 0 {
+        file.write_all_at(MAGIC, 0).map_err(|e| io("create", &e))?;
+        file.sync_all().map_err(|e| io("create", &e))?;
+        // The new file's name must survive a crash too.
+        if let Some(dir) = path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("create", &e))?;
         }
-        out.insert(name.clone(), Arc::new(TopicState { name: name.into(), table_name, partitions }));
+        return Ok(Loaded { topics: Vec::new(), group_offsets: HashMap::new(), len: MAGIC.len() as u64 });
     }
-    Ok(out)
+    if file_len < MAGIC.len() as u64 || file.read_exact_at(&mut header, 0).is_err() || &header != MAGIC {
+        return Err(corrupt(path, 0, format!("not a streamledger log (its first bytes are not {MAGIC:?})")));
+    }
+    let mut loaded = Loaded { topics: Vec::new(), group_offsets: HashMap::new(), len: MAGIC.len() as u64 };
+    let mut groups = Groups::new(file, MAGIC.len() as u64, file_len);
+    let bad = loop {
+        match groups.next_group() {
+            Ok(None) => break None,
+            Ok(Some((pos, body))) => {
+                for entry in logfile::entries(body) {
+                    let entry = entry.map_err(|m| corrupt(path, pos, m))?;
+                    apply(&mut loaded, entry, pos).map_err(|m| corrupt(path, pos, m))?;
+                }
+            }
+            Err(Bad::Io(e)) => return Err(io("read", &e)),
+            Err(bad) => break Some(bad),
+        }
+    };
+    loaded.len = groups.position();
+    if let Some(bad) = bad {
+        let valid_len = logfile::torn_tail(file, loaded.len, file_len).map_err(|m| corrupt(path, loaded.len, m))?;
+        tracing::warn!(file = %path.display(), kept = valid_len, dropped = file_len - valid_len, reason = ?bad, "cutting off a torn last group (a crash before it was synced; no caller was told it was stored)");
+        file.set_len(valid_len).map_err(|e| io("cut the torn end of", &e))?;
+        file.sync_all().map_err(|e| io("cut the torn end of", &e))?;
+    }
+    Ok(loaded)
+}
+
+/// Applies one entry read at open, checking that it fits what came before.
+fn apply(loaded: &mut Loaded, entry: Entry<'_>, pos: u64) -> Result<(), String> {
+    let topic_of = |topics: &[TopicState], id: u32| topics.get(id as usize).map(|t| t.name.clone()).ok_or(format!("topic number {id} was never created"));
+    match entry {
+        Entry::Topic { name, partitions } => {
+            if !(1..=MAX_PARTITIONS).contains(&partitions) || loaded.topics.iter().any(|t| *t.name == *name) {
+                return Err(format!("topic {name} created again or with {partitions} partitions"));
+            }
+            let id = loaded.topics.len() as u32;
+            loaded.topics.push(TopicState::new(id, name, partitions));
+        }
+        Entry::Record { topic, partition, offset, .. } => {
+            let name = topic_of(&loaded.topics, topic)?;
+            let state = loaded.topics[topic as usize].partition(partition).map_err(|e| e.to_string())?;
+            let end = state.end();
+            if offset != end {
+                return Err(format!("record at offset {offset} of partition {partition} of topic {name}, expected {end}"));
+            }
+            state.end.store(end + 1, Ordering::Relaxed);
+            let mut recent = lock(&state.recent);
+            recent.first = end + 1;
+            recent.index(offset, pos);
+        }
+        Entry::Offset { group, topic, partition, next } => {
+            let name = topic_of(&loaded.topics, topic)?;
+            loaded.group_offsets.insert((group.to_string(), name.to_string(), partition), next);
+        }
+    }
+    Ok(())
 }
 
 impl Inner {
@@ -323,156 +427,219 @@ impl Inner {
         self.topics.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned().ok_or_else(|| unknown_topic(name))
     }
 
-    fn err(&self, context: String, e: impl Into<redb::Error>) -> LogError {
-        storage_error(&self.path, context, e)
-    }
-
     fn create_topic(&self, name: &str, partitions: i32) -> LogResult<()> {
-        let _writer = lock(&self.writer);
+        let mut writer = lock(&self.writer);
         if self.topic(name).is_ok() {
             return Ok(()); // created by a concurrent ensure_topic
         }
-        let ctx = || format!("create topic {name}");
-        let table_name = records_table_name(name);
-        let txn = self.db.begin_write().map_err(|e| self.err(ctx(), e))?;
-        txn.open_table(TOPICS).map_err(|e| self.err(ctx(), e))?.insert(name, partitions).map_err(|e| self.err(ctx(), e))?;
-        txn.open_table(records_table(&table_name)).map_err(|e| self.err(ctx(), e))?;
-        txn.commit().map_err(|e| self.err(ctx(), e))?;
-        let state = TopicState {
-            name: name.into(),
-            table_name,
-            partitions: (0..partitions).map(|_| PartitionState::new(0)).collect(),
-        };
-        self.topics.write().unwrap_or_else(PoisonError::into_inner).insert(name.to_string(), Arc::new(state));
+        let id = writer.next_topic;
+        let mut buf = std::mem::take(&mut writer.buf);
+        logfile::start_group(&mut buf);
+        logfile::put(&mut buf, &Entry::Topic { name, partitions });
+        let stored = self.store_group(&mut writer, &mut buf, || format!("create topic {name}"));
+        writer.buf = buf;
+        stored?;
+        writer.next_topic += 1;
+        self.topics.write().unwrap_or_else(PoisonError::into_inner).insert(name.to_string(), Arc::new(TopicState::new(id, name, partitions)));
         tracing::info!(topic = name, partitions, "topic created");
         Ok(())
     }
 
+    /// Writes one group (built in `buf` by the caller) at the end of the file and syncs it. On a
+    /// failed write the file is cut back, so nothing of the group is stored; a failed sync leaves
+    /// the file unusable until reopened (see [`Writer::broken`]). Returns the group's position.
+    fn store_group(&self, writer: &mut Writer, buf: &mut [u8], context: impl Fn() -> String) -> LogResult<u64> {
+        if let Some(broken) = &writer.broken {
+            return Err(LogError::new(context(), broken.clone(), false));
+        }
+        let pos = writer.len;
+        if logfile::finish_group(buf).is_none() {
+            return Err(LogError::new(context(), format!("a group of {} bytes is too large to store", buf.len()), false));
+        }
+        if let Err(e) = self.file.write_all_at(buf, pos) {
+            if let Err(cut) = self.file.set_len(pos) {
+                writer.broken = Some(format!("a failed write could not be cut back from {} ({cut}); restart the process to reopen it", self.path.display()));
+            }
+            return Err(io_error(&self.path, context(), &e));
+        }
+        if let Err(e) = self.file.sync_data() {
+            writer.broken = Some(format!("an earlier disk error left {} unusable; restart the process to reopen it", self.path.display()));
+            return Err(io_error(&self.path, context(), &e));
+        }
+        writer.len = pos + buf.len() as u64;
+        self.durable_len.store(writer.len, Ordering::Release);
+        Ok(pos)
+    }
+
     /// Commits `write` together with whatever other writes are queued when this thread gets the
-    /// writer: one redb transaction and one fsync for all of them (a group commit). The stages
-    /// append and commit offsets concurrently, and an fsync is far costlier than the records, so
-    /// while one group is being synced the next one gathers. Blocking: call it off the runtime.
+    /// writer: one group and one fsync for all of them (a group commit). The stages append and
+    /// commit offsets concurrently, and an fsync is far costlier than the records, so while one
+    /// group is being synced the next one gathers. Blocking: call it off the runtime.
     fn write(&self, write: Write) -> LogResult<Written> {
         let (done, result) = std::sync::mpsc::sync_channel(1);
         lock(&self.queue).push(Queued { write, done });
+        let mut answer = None;
         {
-            let _writer = lock(&self.writer);
-            // Empty when an earlier holder took ours along: its result is already sent.
-            let group = std::mem::take(&mut *lock(&self.queue));
-            if !group.is_empty() {
-                self.commit_group(group);
+            let mut writer = lock(&self.writer);
+            // Empty when an earlier holder took ours along: its result is already sent. Several
+            // groups when very much is queued, so that one group stays within its size. Once ours
+            // is answered, what is left is for its own writers, each waiting for the writer.
+            while answer.is_none() {
+                let group = {
+                    let mut queue = lock(&self.queue);
+                    let mut size = 0;
+                    let take = queue.iter().take_while(|q| {
+                        size += q.write.size();
+                        size <= MAX_GROUP_BYTES
+                    });
+                    let n = take.count().max(1).min(queue.len());
+                    queue.drain(..n).collect::<Vec<_>>()
+                };
+                if group.is_empty() {
+                    break;
+                }
+                self.commit_group(&mut writer, group);
+                answer = result.try_recv().ok();
             }
         }
         // Our write was queued before we took the writer, so a holder (we or an earlier one) has
         // answered it by now.
-        result.recv().unwrap_or_else(|_| Err(LogError::new(self.path.display().to_string(), "the log's writer was dropped", false)))
+        answer.map_or_else(|| result.recv(), Ok).unwrap_or_else(|_| Err(LogError::new(self.path.display().to_string(), "the log's writer was dropped", false)))
     }
 
-    /// Writes every queued write in one transaction and answers each. If the transaction fails,
-    /// none of them is stored, and each gets the error in its own words.
-    fn commit_group(&self, group: Vec<Queued>) {
+    /// Writes the queued writes as one group and answers each. If it fails, none of them is
+    /// stored, and each gets the error in its own words.
+    fn commit_group(&self, writer: &mut Writer, group: Vec<Queued>) {
         let timestamp_ms = now_ms();
-        // Each appended topic's end offsets, assigned but not yet committed: two writes to one
-        // topic in a group follow each other.
-        let mut next: HashMap<Arc<str>, (Arc<TopicState>, Vec<i64>)> = HashMap::new();
+        // Each appended topic's end offsets, assigned but not yet stored: two writes to one topic
+        // in a group follow each other.
+        let mut next: HashMap<u32, (Arc<TopicState>, Vec<i64>)> = HashMap::new();
         let mut written = Vec::with_capacity(group.len());
-        let outcome = (|| -> Result<(), LogError> {
-            let txn = self.db.begin_write().map_err(|e| self.err("begin a write".into(), e))?;
-            let mut frame = Vec::new();
-            for Queued { write, .. } in &group {
-                match write {
-                    Write::Append { topic, records } => {
-                        let (_, next) = next
-                            .entry(topic.name.clone())
-                            .or_insert_with(|| (topic.clone(), topic.partitions.iter().map(PartitionState::end).collect()));
-                        let mut table = txn.open_table(records_table(&topic.table_name)).map_err(|e| self.err(write.describe(), e))?;
-                        let mut assigned = Vec::with_capacity(records.len());
-                        for (partition, record) in records {
-                            let slot = &mut next[*partition as usize]; // in range: checked when routed
-                            let offset = *slot;
-                            *slot += 1;
-                            encode(&mut frame, timestamp_ms, record.key.as_deref(), &record.value);
-                            table.insert((*partition, offset), frame.as_slice()).map_err(|e| {
-                                self.err(format!("append to partition {partition} of topic {} at offset {offset}", topic.name), e)
-                            })?;
-                            assigned.push((*partition, offset));
-                        }
-                        written.push(assigned);
+        let mut buf = std::mem::take(&mut writer.buf);
+        logfile::start_group(&mut buf);
+        for Queued { write, .. } in &group {
+            match write {
+                Write::Append { topic, records } => {
+                    let (_, next) = next.entry(topic.id).or_insert_with(|| (topic.clone(), topic.partitions.iter().map(PartitionState::end).collect()));
+                    let mut assigned = Vec::with_capacity(records.len());
+                    for (partition, record) in records {
+                        let slot = &mut next[*partition as usize]; // in range: checked when routed
+                        let offset = *slot;
+                        *slot += 1;
+                        let (key, value) = (record.key.as_deref(), record.value.as_slice());
+                        logfile::put(&mut buf, &Entry::Record { topic: topic.id, partition: *partition, offset, timestamp_ms, key, value });
+                        assigned.push((*partition, offset));
                     }
-                    Write::Offsets { group, commits } => {
-                        let mut table = txn.open_table(GROUP_OFFSETS).map_err(|e| self.err(write.describe(), e))?;
-                        for (topic, partition, next) in commits {
-                            table.insert((group.as_str(), &**topic, *partition), *next).map_err(|e| self.err(write.describe(), e))?;
-                        }
-                        written.push(Vec::new());
+                    written.push(assigned);
+                }
+                Write::Offsets { group, commits } => {
+                    for (topic, partition, next) in commits {
+                        logfile::put(&mut buf, &Entry::Offset { group, topic: topic.id, partition: *partition, next: *next });
                     }
+                    written.push(Vec::new());
                 }
             }
-            txn.commit().map_err(|e| self.err(format!("commit a write of {} batches", group.len()), e))
-        })();
-        match outcome {
-            Ok(()) => {
-                for (topic, ends) in next.values() {
-                    for (state, &end) in topic.partitions.iter().zip(ends) {
-                        if state.end() != end {
-                            state.end.store(end, Ordering::Release);
-                            state.wake();
-                        }
-                    }
-                }
-                for (queued, written) in group.into_iter().zip(written) {
-                    let _ = queued.done.send(Ok(written)); // a dropped waiter no longer cares
-                }
-            }
+        }
+        let stored = self.store_group(writer, &mut buf, || format!("commit a write of {} batches", group.len()));
+        writer.buf = buf;
+        let pos = match stored {
+            Ok(pos) => pos,
             Err(e) => {
                 for queued in group {
                     let _ = queued.done.send(Err(group_failure(&e, &queued.write)));
                 }
+                return;
+            }
+        };
+        for (Queued { write, done }, written) in group.into_iter().zip(written) {
+            match write {
+                Write::Append { topic, records } => {
+                    for ((partition, record), &(_, offset)) in records.into_iter().zip(&written) {
+                        let mut recent = lock(&topic.partitions[partition as usize].recent);
+                        recent.index(offset, pos);
+                        let OutRecord { key, value, .. } = record;
+                        recent.push(Record { topic: topic.name.clone(), partition, offset, key, value, timestamp_ms });
+                    }
+                }
+                Write::Offsets { group, commits } => {
+                    let mut offsets = lock(&self.group_offsets);
+                    for (topic, partition, next) in commits {
+                        offsets.insert((group.clone(), topic.name.to_string(), partition), next);
+                    }
+                }
+            }
+            let _ = done.send(Ok(written)); // a dropped waiter no longer cares
+        }
+        for (topic, ends) in next.values() {
+            for (state, &end) in topic.partitions.iter().zip(ends) {
+                if state.end() != end {
+                    state.end.store(end, Ordering::Release);
+                    state.wake();
+                }
             }
         }
     }
 
-    fn committed(&self, group: &str, topic: &str, partition: i32) -> LogResult<Option<i64>> {
-        let ctx = || format!("read committed offset of group {group} for partition {partition} of topic {topic}");
-        let txn = self.db.begin_read().map_err(|e| self.err(ctx(), e))?;
-        let table = txn.open_table(GROUP_OFFSETS).map_err(|e| self.err(ctx(), e))?;
-        let value = table.get((group, topic, partition)).map_err(|e| self.err(ctx(), e))?;
-        Ok(value.map(|v| v.value()))
+    fn committed(&self, group: &str, topic: &str, partition: i32) -> Option<i64> {
+        lock(&self.group_offsets).get(&(group.to_string(), topic.to_string(), partition)).copied()
     }
 
-    /// Reads each planned range in order, stopping early (after at least one record) once
-    /// [`MAX_POLL_BYTES`] is reached. One result list per read.
-    fn read(&self, reads: &[Read]) -> LogResult<Vec<Vec<Record>>> {
-        let txn = self.db.begin_read().map_err(|e| self.err("read records".into(), e))?;
-        let mut bytes = 0usize;
-        let mut out = Vec::with_capacity(reads.len());
-        for read in reads {
-            let (topic, partition) = (&read.topic, read.partition);
-            let at = |offset: i64| format!("read partition {partition} of topic {} at offset {offset}", topic.name);
-            let table = txn.open_table(records_table(&topic.table_name)).map_err(|e| self.err(at(read.from), e))?;
-            let range = table.range((partition, read.from)..(partition, read.from + read.count)).map_err(|e| self.err(at(read.from), e))?;
-            let mut records = Vec::new();
-            let mut expected = read.from;
-            for entry in range {
-                if bytes >= MAX_POLL_BYTES {
-                    break;
+    /// The records of `read` that the partition's memory holds, or `None` if it starts below them.
+    fn read_recent(&self, read: &Read, budget: &mut usize) -> Option<Vec<Record>> {
+        let recent = lock(&read.topic.partitions[read.partition as usize].recent);
+        let skip = usize::try_from(read.from - recent.first).ok()?;
+        let mut records = Vec::new();
+        for record in recent.records.iter().skip(skip).take(read.count as usize) {
+            if *budget == 0 && !records.is_empty() {
+                break;
+            }
+            *budget = budget.saturating_sub(record_bytes(record));
+            records.push(record.clone());
+        }
+        Some(records)
+    }
+
+    /// Reads `read` from the file, forward from `hint` (a group position at or before the record
+    /// at `read.from`) or from the index. Returns the records and the position to carry on from.
+    fn read_file(&self, read: &Read, hint: Option<u64>, budget: &mut usize) -> LogResult<(Vec<Record>, u64)> {
+        let (topic, partition) = (&read.topic, read.partition);
+        let start = hint.unwrap_or_else(|| lock(&topic.partitions[partition as usize].recent).position_of(read.from));
+        let limit = self.durable_len.load(Ordering::Acquire);
+        let at = |offset: i64| format!("read partition {partition} of topic {} at offset {offset} from {}", topic.name, self.path.display());
+        let mut groups = Groups::new(&self.file, start, limit);
+        let mut records = Vec::new();
+        let mut expected = read.from;
+        let mut resume = start;
+        'groups: while expected < read.from + read.count {
+            let (pos, body) = match groups.next_group() {
+                Ok(Some(group)) => group,
+                Ok(None) | Err(Bad::Short) => break,
+                Err(Bad::Checksum) => return Err(LogError::new(at(expected), format!("corrupt log file: the group at byte {} fails its checksum", groups.position()), false)),
+                Err(Bad::Io(e)) => return Err(io_error(&self.path, at(expected), &e)),
+            };
+            resume = pos;
+            for entry in logfile::entries(body) {
+                let entry = entry.map_err(|m| LogError::new(at(expected), format!("corrupt log file at byte {pos}: {m}"), false))?;
+                let Entry::Record { topic: id, partition: p, offset, timestamp_ms, key, value } = entry else { continue };
+                if id != topic.id || p != partition || offset < expected {
+                    continue;
                 }
-                let (key, frame) = entry.map_err(|e| self.err(at(expected), e))?;
-                let offset = key.value().1;
                 if offset != expected {
                     return Err(LogError::new(at(expected), format!("record missing below the end offset (next found: {offset})"), false));
                 }
-                let Frame { timestamp_ms, key, value } = decode(frame.value()).map_err(|m| LogError::new(at(offset), format!("corrupt record: {m}"), false))?;
-                bytes += key.as_ref().map_or(0, Vec::len) + value.len();
-                records.push(Record { topic: topic.name.clone(), partition, offset, key, value, timestamp_ms });
+                if (*budget == 0 && !records.is_empty()) || expected == read.from + read.count {
+                    break 'groups;
+                }
+                let record = Record { topic: topic.name.clone(), partition, offset, key: key.map(<[u8]>::to_vec), value: value.to_vec(), timestamp_ms };
+                *budget = budget.saturating_sub(record_bytes(&record));
+                records.push(record);
                 expected += 1;
             }
-            if expected < read.from + read.count && bytes < MAX_POLL_BYTES {
-                return Err(LogError::new(at(expected), "record missing below the end offset", false));
-            }
-            out.push(records);
         }
-        Ok(out)
+        if expected < read.from + read.count && *budget > 0 {
+            return Err(LogError::new(at(expected), "record missing below the end offset", false));
+        }
+        Ok((records, resume))
     }
 }
 
@@ -580,14 +747,16 @@ impl Log for EmbeddedLog {
 
     async fn committed_offset(&self, group: &str, topic: &str, partition: i32) -> LogResult<Option<i64>> {
         self.inner.topic(topic)?.partition(partition)?;
-        let (inner, group, topic) = (self.inner.clone(), group.to_string(), topic.to_string());
-        blocking(format!("read committed offset of group {group}"), move || inner.committed(&group, &topic, partition)).await
+        Ok(self.inner.committed(group, topic, partition))
     }
 
     async fn consumer(&self, subscription: Subscription) -> LogResult<Box<dyn Consumer>> {
         let wake = Arc::new(Notify::new());
         let (group, positions) = match subscription {
             Subscription::Group { group, mut topics } => {
+                if group.is_empty() || group.len() > u16::MAX as usize {
+                    return Err(LogError::new(format!("consumer group {group:.64}"), format!("a group name must be 1 to {} bytes, got {}", u16::MAX, group.len()), false));
+                }
                 topics.sort();
                 topics.dedup();
                 let states = topics.iter().map(|t| self.inner.topic(t)).collect::<LogResult<Vec<_>>>()?;
@@ -602,18 +771,13 @@ impl Log for EmbeddedLog {
                     }
                     members.insert(group.clone(), Arc::downgrade(&wake));
                 }
-                let (inner, g) = (self.inner.clone(), group.clone());
-                let positions = blocking(format!("start consumer group {group}"), move || {
-                    let mut positions = Vec::new();
-                    for topic in states {
-                        for p in 0..topic.partitions.len() as i32 {
-                            let next = inner.committed(&g, &topic.name, p)?.unwrap_or(0);
-                            positions.push(Position { topic: topic.clone(), partition: p, next });
-                        }
+                let mut positions = Vec::new();
+                for topic in states {
+                    for p in 0..topic.partitions.len() as i32 {
+                        let next = self.inner.committed(&group, &topic.name, p).unwrap_or(0);
+                        positions.push(Position { topic: topic.clone(), partition: p, next, resume: None });
                     }
-                    Ok(positions)
-                })
-                .await?;
+                }
                 (Some(group), positions)
             }
             Subscription::Assign { positions } => {
@@ -631,7 +795,7 @@ impl Log for EmbeddedLog {
                     if out.iter().any(|p| *p.topic.name == *topic && p.partition == partition) {
                         return Err(LogError::new(format!("assign partition {partition} of topic {topic}"), "assigned twice", false));
                     }
-                    out.push(Position { topic: state, partition, next: offset });
+                    out.push(Position { topic: state, partition, next: offset, resume: None });
                 }
                 (None, out)
             }
@@ -655,6 +819,10 @@ struct Position {
     partition: i32,
     /// The next offset to read.
     next: i64,
+    /// Where a read from the file stopped, as (the offset it stopped before, a group position at or
+    /// before that offset's record), so that a consumer reading the file forward does not go back
+    /// to the index each time.
+    resume: Option<(i64, u64)>,
 }
 
 /// A consumer of the embedded log: a group member (all partitions of its topics) or explicit
@@ -669,7 +837,8 @@ struct EmbeddedConsumer {
 }
 
 impl EmbeddedConsumer {
-    /// Reads what is available now, or nothing.
+    /// Reads what is available now, or nothing. Records still in memory are read on the runtime
+    /// (a copy under a short lock); the file is read on a blocking thread.
     async fn read_available(&mut self, max: usize) -> LogResult<Vec<Record>> {
         let available: Vec<i64> = self
             .positions
@@ -678,30 +847,45 @@ impl EmbeddedConsumer {
             .collect();
         let planned = plan(&available, self.start, max);
         self.start = (self.start + 1) % self.positions.len().max(1);
-        if planned.is_empty() {
-            return Ok(Vec::new());
-        }
-        let reads: Vec<Read> = planned
-            .into_iter()
-            .map(|(i, count)| {
-                let p = &self.positions[i];
-                Read { position: i, topic: p.topic.clone(), partition: p.partition, from: p.next, count: count as i64 }
-            })
-            .collect();
-        let inner = self.inner.clone();
-        let (reads, results) = blocking("poll".into(), move || {
-            let results = inner.read(&reads)?;
-            Ok((reads, results))
-        })
-        .await?;
+        let mut budget = MAX_POLL_BYTES;
         let mut out = Vec::new();
-        for (read, records) in reads.iter().zip(results) {
-            if let Some(last) = records.last() {
-                self.positions[read.position].next = last.offset + 1;
+        let mut from_file = Vec::new();
+        for (i, count) in planned {
+            let p = &self.positions[i];
+            let read = Read { position: i, topic: p.topic.clone(), partition: p.partition, from: p.next, count: count as i64 };
+            if budget == 0 {
+                break;
             }
-            out.extend(records);
+            match self.inner.read_recent(&read, &mut budget) {
+                Some(records) => out.push((read.position, records, None)),
+                None => from_file.push((read, p.resume.filter(|&(at, _)| at == p.next).map(|(_, pos)| pos))),
+            }
         }
-        Ok(out)
+        if !from_file.is_empty() {
+            let inner = self.inner.clone();
+            let read = blocking("poll".into(), move || {
+                let mut out = Vec::new();
+                for (read, hint) in from_file {
+                    if budget == 0 {
+                        break;
+                    }
+                    let (records, resume) = inner.read_file(&read, hint, &mut budget)?;
+                    out.push((read.position, records, Some(resume)));
+                }
+                Ok(out)
+            });
+            out.extend(read.await?);
+        }
+        let mut records = Vec::new();
+        for (i, read, resume) in out {
+            if let Some(last) = read.last() {
+                let position = &mut self.positions[i];
+                position.next = last.offset + 1;
+                position.resume = resume.map(|pos| (position.next, pos));
+            }
+            records.extend(read);
+        }
+        Ok(records)
     }
 }
 
@@ -749,7 +933,7 @@ impl Consumer for EmbeddedConsumer {
             if !(0..end).contains(offset) {
                 return Err(LogError::new(ctx(), format!("no such record: the partition ends at {end}"), false));
             }
-            commits.push((position.topic.name.clone(), *partition, offset + 1));
+            commits.push((position.topic.clone(), *partition, offset + 1));
         }
         if commits.is_empty() {
             return Ok(());
@@ -821,18 +1005,6 @@ mod tests {
             assert!(r.timestamp_ms >= before && r.timestamp_ms <= now_ms(), "{}", r.timestamp_ms);
         }
         assert_eq!(got[2].key, Some(Vec::new()), "an empty key is not a missing key");
-    }
-
-    #[test]
-    fn frames_round_trip_and_corruption_is_reported() {
-        let mut buf = Vec::new();
-        encode(&mut buf, -5, Some(b"key"), b"value");
-        assert_eq!(decode(&buf).unwrap(), Frame { timestamp_ms: -5, key: Some(b"key".to_vec()), value: b"value".to_vec() });
-        encode(&mut buf, 7, None, b"");
-        assert_eq!(decode(&buf).unwrap(), Frame { timestamp_ms: 7, key: None, value: Vec::new() });
-        encode(&mut buf, 7, Some(b"key"), b"v");
-        assert!(decode(&buf[..12]).unwrap_err().contains("key length"));
-        assert!(decode(&[9]).unwrap_err().contains("version 9"));
     }
 
     #[tokio::test]
@@ -943,7 +1115,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _log = EmbeddedLog::open(dir.path()).unwrap();
         let err = EmbeddedLog::open(dir.path()).err().expect("second open must fail");
-        assert!(err.to_string().contains("log.redb"), "{err}");
+        assert!(err.to_string().contains("log.data") && err.to_string().contains("already open"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -989,7 +1161,7 @@ mod tests {
             Write::Append { topic: topic("t"), records: vec![(0, OutRecord::to_partition(0, b"a1")), (1, OutRecord::to_partition(1, b"a2"))] },
             Write::Append { topic: topic("u"), records: vec![(0, OutRecord::to_partition(0, b"u1"))] },
             Write::Append { topic: topic("t"), records: vec![(0, OutRecord::to_partition(0, b"b1"))] },
-            Write::Offsets { group: "g".into(), commits: vec![("t".into(), 0, 1)] },
+            Write::Offsets { group: "g".into(), commits: vec![(topic("t"), 0, 1)] },
         ];
         // Hold the writer so that all four queue up, then let them go: one holder commits them all.
         let held = lock(&inner.writer);
@@ -1063,6 +1235,129 @@ mod tests {
         assert_eq!(log.end_offset("t", 0).await.unwrap(), 0, "a refused batch appends nothing");
         let err = log.consumer(Subscription::assign("t", 0, 1)).await.err().unwrap().to_string();
         assert!(err.contains("offset 1"), "{err}");
+    }
+
+    /// Appends records `from..to` (see [`value`]) to partition 0 of `t`, in batches of 50.
+    async fn fill(log: &EmbeddedLog, from: usize, to: usize, size: usize) {
+        for batch in (from..to).step_by(50) {
+            let records = (batch..to.min(batch + 50)).map(|i| OutRecord::to_partition(0, value(i, size))).collect();
+            log.append("t", records).await.unwrap();
+        }
+    }
+
+    fn value(i: usize, size: usize) -> Vec<u8> {
+        let mut v = (i as u64).to_le_bytes().to_vec();
+        v.resize(size, i as u8);
+        v
+    }
+
+    #[tokio::test]
+    async fn records_past_the_memory_are_read_from_the_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), &[("t", 2), ("u", 1)]).await;
+        // Interleave another topic, so that reading t from the file skips u's records.
+        let n = 2 * (3 * TAIL_CACHE_BYTES / 2000);
+        for half in 0..2 {
+            fill(&log, half as usize * n / 2, (half as usize + 1) * n / 2, 1000).await;
+            log.append("u", (0..100).map(|i| OutRecord::to_partition(0, vec![half; i])).collect()).await.unwrap();
+        }
+        let first_cached = lock(&log.inner.topic("t").unwrap().partitions[0].recent).first;
+        assert!(first_cached > 0, "the early records left the memory");
+        for from in [0, 1, first_cached - 1, first_cached] {
+            let mut c = log.consumer(Subscription::assign("t", 0, from)).await.unwrap();
+            let got = drain(&mut c, n).await;
+            assert_eq!(got.len() as i64, n as i64 - from, "from {from}");
+            let wrong = got.iter().enumerate().find(|(i, r)| r.offset != from + *i as i64 || r.value != value(r.offset as usize, 1000));
+            assert!(wrong.is_none(), "from {from}: record {:?} out of place", wrong.map(|(i, r)| (i, r.offset)));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reopened_log_reads_from_the_file_and_carries_on() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = log_with(dir.path(), &[("t", 1)]).await;
+            fill(&log, 0, 500, 3000).await;
+        }
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert_eq!(log.end_offset("t", 0).await.unwrap(), 500);
+        log.append("t", vec![OutRecord::to_partition(0, value(500, 3000))]).await.unwrap();
+        let mut c = log.consumer(Subscription::group("g", "t")).await.unwrap();
+        let got = drain(&mut c, 1000).await;
+        assert_eq!(got.len(), 501);
+        assert!(got.iter().enumerate().all(|(i, r)| r.offset == i as i64 && r.value == value(i, 3000)));
+    }
+
+    fn file_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(FILE_NAME)).unwrap().len()
+    }
+
+    fn append_raw(dir: &Path, bytes: &[u8]) {
+        use std::io::Write;
+        std::fs::OpenOptions::new().append(true).open(dir.join(FILE_NAME)).unwrap().write_all(bytes).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_group_is_cut_off_at_open_and_nothing_before_it_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = log_with(dir.path(), &[("t", 1)]).await;
+            fill(&log, 0, 10, 100).await;
+        }
+        let whole = file_len(dir.path());
+        // What a crash in the middle of writing a group leaves: its header and part of its body.
+        let mut torn = Vec::new();
+        logfile::start_group(&mut torn);
+        logfile::put(&mut torn, &Entry::Record { topic: 0, partition: 0, offset: 10, timestamp_ms: 0, key: None, value: &[1; 500] });
+        logfile::finish_group(&mut torn).unwrap();
+        append_raw(dir.path(), &torn[..300]);
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert_eq!(file_len(dir.path()), whole, "the torn group is cut off");
+        assert_eq!(log.end_offset("t", 0).await.unwrap(), 10);
+        assert_eq!(log.append("t", vec![OutRecord::to_partition(0, b"next")]).await.unwrap(), vec![(0, 10)]);
+        let mut c = log.consumer(Subscription::assign("t", 0, 0)).await.unwrap();
+        assert_eq!(drain(&mut c, 20).await.len(), 11);
+    }
+
+    #[tokio::test]
+    async fn damaged_or_foreign_files_are_refused_naming_the_file_and_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = log_with(dir.path(), &[("t", 1)]).await;
+            fill(&log, 0, 3, 100).await;
+            log.append("t", vec![OutRecord::to_partition(0, b"after")]).await.unwrap();
+        }
+        // Flip a byte inside the first records' group: a valid group follows, so it is damage.
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let len = bytes.len();
+        let flipped = len - 60 - 200;
+        bytes[flipped] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = EmbeddedLog::open(dir.path()).err().expect("damaged file").to_string();
+        assert!(err.contains(&path.display().to_string()) && err.contains("corrupt log file at byte") && err.contains("damaged"), "{err}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len as u64, "a damaged file is not cut");
+        // Not a log at all.
+        std::fs::write(&path, b"{\"some\": \"json\"}").unwrap();
+        let err = EmbeddedLog::open(dir.path()).err().expect("foreign file").to_string();
+        assert!(err.contains(&path.display().to_string()) && err.contains("not a streamledger log"), "{err}");
+    }
+
+    #[test]
+    fn a_log_of_the_earlier_redb_format_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(OLD_FILE_NAME), b"redb").unwrap();
+        let err = EmbeddedLog::open(dir.path()).err().expect("old format").to_string();
+        assert!(err.contains("log.redb") && err.contains("earlier streamledger") && err.contains("network init"), "{err}");
+        assert!(!dir.path().join(FILE_NAME).exists(), "nothing is created beside it");
+    }
+
+    #[tokio::test]
+    async fn a_group_name_too_long_for_the_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), &[("t", 1)]).await;
+        let err = log.consumer(Subscription::group(&"g".repeat(70_000), "t")).await.err().unwrap().to_string();
+        assert!(err.contains("70000"), "{err}");
     }
 
     #[tokio::test]

@@ -61,7 +61,7 @@ pub async fn replay(config: ReplayConfig) -> Result<ReplayReport, NodeError> {
     let network = Arc::new(network);
     let topics = Topics::default_for(network.channel());
     let log_dir = config.data_dir.join("log");
-    if !log_dir.join("log.redb").exists() {
+    if !EmbeddedLog::is_in(&log_dir) {
         return Err(NodeError::File { path: log_dir, message: "no log here: is this the data directory of `streamledger up`?".into() });
     }
     let log = EmbeddedLog::open(&log_dir)?;
