@@ -52,7 +52,7 @@ pub const TAIL_CACHE_BYTES: usize = 2 << 20;
 /// One index entry per partition per this many bytes of file at most, as Kafka's
 /// `index.interval.bytes`: a read that starts from the index scans at most about this much of the
 /// file before it finds its offset, and the index grows by a few bytes per this much written.
-const INDEX_INTERVAL_BYTES: u64 = 256 << 10;
+const INDEX_INTERVAL_BYTES: u64 = 1 << 20;
 /// A group commit writes at most about this much in one group; more queued is written in several.
 const MAX_GROUP_BYTES: usize = 1 << 30;
 
