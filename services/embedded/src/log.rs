@@ -55,6 +55,9 @@ pub const TAIL_CACHE_BYTES: usize = 2 << 20;
 const INDEX_INTERVAL_BYTES: u64 = 1 << 20;
 /// A group commit writes at most about this much in one group; more queued is written in several.
 const MAX_GROUP_BYTES: usize = 1 << 30;
+/// The writer keeps its group buffer between commits up to this size, so that one large batch
+/// does not hold its memory for the life of the process.
+const MAX_KEPT_GROUP_BUFFER: usize = 16 << 20;
 
 /// The file holding the log, in its directory.
 pub const FILE_NAME: &str = "log.data";
@@ -541,7 +544,10 @@ impl Inner {
             }
         }
         let stored = self.store_group(writer, &mut buf, || format!("commit a write of {} batches", group.len()));
-        writer.buf = buf;
+        // Kept for the next group, unless an unusually large batch grew it.
+        if buf.capacity() <= MAX_KEPT_GROUP_BUFFER {
+            writer.buf = buf;
+        }
         let pos = match stored {
             Ok(pos) => pos,
             Err(e) => {
@@ -1341,6 +1347,31 @@ mod tests {
         std::fs::write(&path, b"{\"some\": \"json\"}").unwrap();
         let err = EmbeddedLog::open(dir.path()).err().expect("foreign file").to_string();
         assert!(err.contains(&path.display().to_string()) && err.contains("not a streamledger log"), "{err}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Whatever a crash or a stray writer leaves after the last whole group, open keeps every
+        /// record stored before it, or refuses naming the file; it never panics.
+        #[test]
+        fn garbage_after_the_last_group_never_costs_a_stored_record(junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..3000)) {
+            let dir = tempfile::tempdir().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let log = log_with(dir.path(), &[("t", 1)]).await;
+                fill(&log, 0, 20, 50).await;
+            });
+            append_raw(dir.path(), &junk);
+            match EmbeddedLog::open(dir.path()) {
+                Ok(log) => runtime.block_on(async {
+                    assert_eq!(log.end_offset("t", 0).await.unwrap(), 20);
+                    let mut c = log.consumer(Subscription::assign("t", 0, 0)).await.unwrap();
+                    let got = drain(&mut c, 40).await;
+                    assert!(got.len() == 20 && got.iter().all(|r| r.value == value(r.offset as usize, 50)));
+                }),
+                Err(e) => proptest::prop_assert!(e.to_string().contains(FILE_NAME), "{e}"),
+            }
+        }
     }
 
     #[test]
