@@ -3,6 +3,7 @@
 //! Together they run the whole network in one process, with the same bytes and offsets Kafka
 //! would carry.
 
+mod convert;
 pub mod log;
 mod logfile;
 pub mod store;

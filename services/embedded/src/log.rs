@@ -61,7 +61,7 @@ const MAX_KEPT_GROUP_BUFFER: usize = 16 << 20;
 
 /// The file holding the log, in its directory.
 pub const FILE_NAME: &str = "log.data";
-/// Where the log was kept before the thirteenth session (a redb file), refused at open with a note.
+/// Where the log was kept before the thirteenth session (a redb file), converted at open.
 const OLD_FILE_NAME: &str = "log.redb";
 
 /// A persistent, partitioned log in one append-only file. See the module documentation.
@@ -306,15 +306,13 @@ impl EmbeddedLog {
             .map_err(|e| LogError::new(context(), format!("cannot create directory {}: {e}", dir.display()), true))?;
         let old = dir.join(OLD_FILE_NAME);
         if old.exists() && !path.exists() {
-            return Err(LogError::new(
-                context(),
-                format!(
-                    "{} holds a log in the format of an earlier streamledger (redb), which this version does not read; \
-                     run that version to finish with it, or start a new data dir (`streamledger network init`)",
-                    old.display()
-                ),
-                false,
-            ));
+            let started = Instant::now();
+            let converted = crate::convert::convert(&old, &path)?;
+            tracing::warn!(
+                from = %old.display(), to = %path.display(), topics = converted.topics, records = converted.records,
+                group_offsets = converted.group_offsets, seconds = started.elapsed().as_secs_f64(),
+                "converted the log of an earlier version; the old file is no longer read and can be deleted"
+            );
         }
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| io_error(&path, context(), &e))?;
         file.try_lock().map_err(|e| match e {
@@ -340,7 +338,7 @@ impl EmbeddedLog {
     }
 
     /// Whether `dir` holds a log (of this format or the earlier one, which [`EmbeddedLog::open`]
-    /// refuses with an explanation), so that tools reading a data dir can tell a wrong path from it.
+    /// converts), so that tools reading a data dir can tell a wrong path from it.
     pub fn is_in(dir: &Path) -> bool {
         dir.join(FILE_NAME).exists() || dir.join(OLD_FILE_NAME).exists()
     }
@@ -1374,13 +1372,46 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_log_of_the_earlier_redb_format_is_refused_with_what_to_do() {
+    #[tokio::test]
+    async fn a_log_of_the_earlier_redb_format_is_converted_with_its_records_and_offsets() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(OLD_FILE_NAME), b"redb").unwrap();
-        let err = EmbeddedLog::open(dir.path()).err().expect("old format").to_string();
-        assert!(err.contains("log.redb") && err.contains("earlier streamledger") && err.contains("network init"), "{err}");
-        assert!(!dir.path().join(FILE_NAME).exists(), "nothing is created beside it");
+        let old = dir.path().join(OLD_FILE_NAME);
+        crate::convert::tests::write_old_log(&old, None);
+        // What an interrupted conversion leaves is not used, only replaced.
+        std::fs::write(dir.path().join("log.data.converting"), b"half").unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert!(old.exists(), "the old file is left as it was");
+        assert!(!dir.path().join("log.data.converting").exists());
+        assert_eq!([log.end_offset("t", 0).await.unwrap(), log.end_offset("t", 1).await.unwrap(), log.end_offset("u", 0).await.unwrap()], [5, 1, 1]);
+        assert_eq!(log.committed_offset("g", "t", 0).await.unwrap(), Some(3));
+        assert_eq!(log.committed_offset("g", "u", 0).await.unwrap(), Some(1));
+        {
+            let mut c = log.consumer(Subscription::assign("t", 0, 0)).await.unwrap();
+            let got = drain(&mut c, 10).await;
+            assert_eq!(
+                got.iter().map(|r| (r.offset, r.timestamp_ms, r.key.clone(), r.value.clone())).collect::<Vec<_>>(),
+                (0..5i64).map(|o| (o, 1000 + o, Some(b"k".to_vec()), vec![o as u8; 3])).collect::<Vec<_>>()
+            );
+            let mut c = log.consumer(Subscription::assign("t", 1, 0)).await.unwrap();
+            let got = drain(&mut c, 10).await;
+            assert_eq!(got.iter().map(|r| (r.timestamp_ms, r.key.clone(), r.value.clone())).collect::<Vec<_>>(), vec![(7, None, Vec::new())]);
+            let mut c = log.consumer(Subscription::group("g", "u")).await.unwrap();
+            assert!(drain(&mut c, 10).await.is_empty(), "the group resumes after its converted offset");
+        }
+        assert_eq!(log.append("t", vec![OutRecord::to_partition(0, b"new")]).await.unwrap(), vec![(0, 5)]);
+        drop(log);
+        // Reopened, the new file is read and the old one left alone.
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert_eq!(log.end_offset("t", 0).await.unwrap(), 6);
+    }
+
+    #[test]
+    fn a_bad_log_of_the_earlier_format_stops_open_naming_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::convert::tests::write_old_log(&dir.path().join(OLD_FILE_NAME), Some(2));
+        let err = EmbeddedLog::open(dir.path()).err().expect("a bad old record").to_string();
+        assert!(err.contains("log.redb") && err.contains("offset 2") && err.contains("corrupt record"), "{err}");
+        assert!(!dir.path().join(FILE_NAME).exists());
     }
 
     #[tokio::test]

@@ -77,14 +77,7 @@ pub(crate) fn put(buf: &mut Vec<u8>, entry: &Entry<'_>) {
             buf.extend_from_slice(&partition.to_le_bytes());
             buf.extend_from_slice(&offset.to_le_bytes());
             buf.extend_from_slice(&timestamp_ms.to_le_bytes());
-            match key {
-                None => buf.push(0),
-                Some(key) => {
-                    buf.push(1);
-                    buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
-                    buf.extend_from_slice(key);
-                }
-            }
+            put_key(buf, key);
             buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
             buf.extend_from_slice(value);
         }
@@ -94,6 +87,18 @@ pub(crate) fn put(buf: &mut Vec<u8>, entry: &Entry<'_>) {
             buf.extend_from_slice(&topic.to_le_bytes());
             buf.extend_from_slice(&partition.to_le_bytes());
             buf.extend_from_slice(&next.to_le_bytes());
+        }
+    }
+}
+
+/// A record's key as both log formats frame it: `[1: 0 = no key, 1 = key][4: key length][key]`.
+pub(crate) fn put_key(buf: &mut Vec<u8>, key: Option<&[u8]>) {
+    match key {
+        None => buf.push(0),
+        Some(key) => {
+            buf.push(1);
+            buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            buf.extend_from_slice(key);
         }
     }
 }
