@@ -252,7 +252,6 @@ fn io_error(path: &Path, context: String, e: &std::io::Error) -> LogError {
     let file = path.display();
     let (message, retryable) = match e.kind() {
         ErrorKind::StorageFull => (format!("disk full writing {file}: {e}; free space and retry"), true),
-        ErrorKind::WouldBlock => (format!("{file} is already open in this or another process"), false),
         _ => (format!("disk error on {file}: {e}"), true),
     };
     LogError::new(context, message, retryable)
@@ -316,7 +315,7 @@ impl EmbeddedLog {
         }
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| io_error(&path, context(), &e))?;
         file.try_lock().map_err(|e| match e {
-            std::fs::TryLockError::WouldBlock => io_error(&path, context(), &ErrorKind::WouldBlock.into()),
+            std::fs::TryLockError::WouldBlock => LogError::new(context(), format!("{} is already open in this or another process", path.display()), false),
             std::fs::TryLockError::Error(e) => io_error(&path, context(), &e),
         })?;
         let started = Instant::now();
@@ -555,6 +554,7 @@ impl Inner {
                 return;
             }
         };
+        let mut answers = Vec::with_capacity(written.len());
         for (Queued { write, done }, written) in group.into_iter().zip(written) {
             match write {
                 Write::Append { topic, records } => {
@@ -572,7 +572,7 @@ impl Inner {
                     }
                 }
             }
-            let _ = done.send(Ok(written)); // a dropped waiter no longer cares
+            answers.push((done, written));
         }
         for (topic, ends) in next.values() {
             for (state, &end) in topic.partitions.iter().zip(ends) {
@@ -581,6 +581,10 @@ impl Inner {
                     state.wake();
                 }
             }
+        }
+        // Only now: a caller that reads its partition's end offset next must find its records.
+        for (done, written) in answers {
+            let _ = done.send(Ok(written)); // a dropped waiter no longer cares
         }
     }
 
@@ -593,7 +597,8 @@ impl Inner {
         let recent = lock(&read.topic.partitions[read.partition as usize].recent);
         let skip = usize::try_from(read.from - recent.first).ok()?;
         let mut records = Vec::new();
-        for record in recent.records.iter().skip(skip).take(read.count as usize) {
+        // In range: what is cached runs up to the end offset the read was planned below.
+        for record in recent.records.range(skip.min(recent.records.len())..).take(read.count as usize) {
             if *budget == 0 && !records.is_empty() {
                 break;
             }
