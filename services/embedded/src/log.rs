@@ -86,6 +86,8 @@ struct Inner {
     durable_len: AtomicU64,
     /// (group, topic, partition) → the next offset the group will read.
     group_offsets: Mutex<HashMap<(String, String, i32), i64>>,
+    /// Makes a written group durable: `File::sync_data`, replaced in tests by a failing disk.
+    sync: fn(&File) -> std::io::Result<()>,
 }
 
 /// What only the writer touches.
@@ -299,6 +301,10 @@ impl EmbeddedLog {
     /// once (a torn last group, left by a crash before it was synced, is cut off). Blocking: call
     /// it at start-up, or from `spawn_blocking`.
     pub fn open(dir: &Path) -> LogResult<Arc<EmbeddedLog>> {
+        Self::open_with(dir, File::sync_data)
+    }
+
+    fn open_with(dir: &Path, sync: fn(&File) -> std::io::Result<()>) -> LogResult<Arc<EmbeddedLog>> {
         let path = dir.join(FILE_NAME);
         let context = || format!("open {}", path.display());
         std::fs::create_dir_all(dir)
@@ -329,6 +335,7 @@ impl EmbeddedLog {
             members: Mutex::new(HashMap::new()),
             durable_len: AtomicU64::new(loaded.len),
             group_offsets: Mutex::new(loaded.group_offsets),
+            sync,
         };
         let topics = loaded.topics.into_iter().map(|t| (t.name.to_string(), Arc::new(t))).collect::<HashMap<_, _>>();
         tracing::info!(file = %inner.path.display(), topics = topics.len(), bytes = loaded.len, seconds = started.elapsed().as_secs_f64(), "embedded log open");
@@ -462,7 +469,7 @@ impl Inner {
             }
             return Err(io_error(&self.path, context(), &e));
         }
-        if let Err(e) = self.file.sync_data() {
+        if let Err(e) = (self.sync)(&self.file) {
             writer.broken = Some(format!("an earlier disk error left {} unusable; restart the process to reopen it", self.path.display()));
             return Err(io_error(&self.path, context(), &e));
         }
@@ -1350,6 +1357,31 @@ mod tests {
         std::fs::write(&path, b"{\"some\": \"json\"}").unwrap();
         let err = EmbeddedLog::open(dir.path()).err().expect("foreign file").to_string();
         assert!(err.contains(&path.display().to_string()) && err.contains("not a streamledger log"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_sync_every_write_is_refused_until_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = log_with(dir.path(), &[("t", 1)]).await;
+            fill(&log, 0, 3, 10).await;
+        }
+        let failing: fn(&File) -> std::io::Result<()> = |_| Err(std::io::Error::other("injected I/O error"));
+        let log = EmbeddedLog::open_with(dir.path(), failing).unwrap();
+        let err = log.append("t", vec![OutRecord::to_partition(0, b"lost?")]).await.unwrap_err();
+        assert!(err.message.contains("disk error on") && err.message.contains(FILE_NAME) && err.message.contains("injected"), "{err}");
+        assert_eq!(log.end_offset("t", 0).await.unwrap(), 3, "an unsynced group is not published");
+        let mut c = log.consumer(Subscription::group("g", "t")).await.unwrap();
+        assert_eq!(drain(&mut c, 10).await.len(), 3);
+        let err = c.commit(&[("t".into(), 0, 2)]).await.unwrap_err();
+        assert!(err.message.contains("unusable; restart the process") && !err.retryable, "{err}");
+        drop((c, log));
+        // Reopened: what was stored is there, and writes go on. The group whose sync failed was
+        // written, so it may be there too (no caller was told it was stored, as after a crash).
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        let end = log.end_offset("t", 0).await.unwrap();
+        assert!(end == 3 || end == 4, "{end}");
+        assert_eq!(log.append("t", vec![OutRecord::to_partition(0, b"next")]).await.unwrap(), vec![(0, end)]);
     }
 
     proptest::proptest! {
