@@ -338,16 +338,26 @@ pub mod scenarios {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
-        // Each peer flagged every undecodable ordered-tx record BAD_PAYLOAD, once.
+        // Each peer flagged every undecodable ordered-tx record BAD_PAYLOAD, once. A validator
+        // appends its verdicts after committing the block to its store, so a peer whose store
+        // agrees above may not have appended them yet: wait for them, up to a deadline.
         let ordered = net.topics.name(names::ORDERED_TX);
         let undecodable = written.iter().filter(|(topic, ..)| topic == ordered).count();
-        let verdicts = net.read_all::<ValidatedBlock>(names::VALIDATED_BLOCKS).await;
-        for peer in ["Org1.peer0", "Org2.peer0"] {
-            let mut by_block: Vec<&ValidatedBlock> = verdicts.iter().filter(|v| v.peer == peer).collect();
-            by_block.sort_by_key(|v| v.block_number);
-            by_block.dedup_by_key(|v| v.block_number);
-            let bad = by_block.iter().flat_map(|v| &v.results).filter(|r| r.code == TxValidationCode::BadPayload as i32).count();
-            assert_eq!(bad, undecodable, "{peer}: the undecodable ordered-tx records are flagged BAD_PAYLOAD");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let verdicts = net.read_all::<ValidatedBlock>(names::VALIDATED_BLOCKS).await;
+            let flagged = ["Org1.peer0", "Org2.peer0"].map(|peer| {
+                let mut by_block: Vec<&ValidatedBlock> = verdicts.iter().filter(|v| v.peer == peer).collect();
+                by_block.sort_by_key(|v| v.block_number);
+                by_block.dedup_by_key(|v| v.block_number);
+                (peer, by_block.iter().flat_map(|v| &v.results).filter(|r| r.code == TxValidationCode::BadPayload as i32).count())
+            });
+            if flagged.iter().all(|(_, bad)| *bad == undecodable) {
+                break;
+            }
+            assert!(flagged.iter().all(|(_, bad)| *bad <= undecodable), "a record flagged BAD_PAYLOAD twice: {flagged:?} of {undecodable}");
+            assert!(Instant::now() < deadline, "the undecodable ordered-tx records are not all flagged BAD_PAYLOAD: {flagged:?} of {undecodable}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
