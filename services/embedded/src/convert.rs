@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -67,7 +67,6 @@ fn old_frame(frame: &[u8]) -> Result<OldRecord<'_>, String> {
 /// The new file being written, a group at a time.
 struct Output {
     file: File,
-    path: PathBuf,
     buf: Vec<u8>,
 }
 
@@ -109,30 +108,28 @@ pub(crate) fn convert(old: &Path, new: &Path) -> LogResult<Converted> {
     }
     let tmp = new.with_extension("data.converting");
     let io_err = |e: std::io::Error| fail(format!("writing {}: {e}", tmp.display()));
-    let mut out = Output { file: File::create(&tmp).map_err(io_err)?, path: tmp.clone(), buf: Vec::new() };
-    let written = write(&txn, &topics, &mut out, old, &fail);
+    let mut out = Output { file: File::create(&tmp).map_err(io_err)?, buf: Vec::new() };
+    let written = write(&txn, &topics, &mut out, &tmp, old, &fail);
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp); // the next open starts over anyway
     }
     let (records, group_offsets) = written?;
-    std::fs::rename(&out.path, new).map_err(|e| fail(format!("renaming {} to {}: {e}", out.path.display(), new.display())))?;
-    if let Some(dir) = new.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| fail(format!("syncing {}: {e}", dir.display())))?;
-    }
+    std::fs::rename(&tmp, new).map_err(|e| fail(format!("renaming {} to {}: {e}", tmp.display(), new.display())))?;
+    logfile::sync_parent_dir(new).map_err(|e| fail(format!("syncing the directory of {}: {e}", new.display())))?;
     Ok(Converted { topics: topics.len(), records, group_offsets })
 }
 
-/// Writes and syncs the whole new file: the topics, every record, the groups' offsets. Returns
-/// how many records and offsets it wrote.
+/// Writes and syncs the whole new file, `path`: the topics, every record, the groups' offsets.
+/// Returns how many records and offsets it wrote.
 fn write(
     txn: &redb::ReadTransaction,
     topics: &[(String, i32)],
     out: &mut Output,
+    path: &Path,
     old: &Path,
     fail: &dyn Fn(String) -> LogError,
 ) -> LogResult<(u64, usize)> {
     let old_err = |e: &dyn std::fmt::Display| fail(format!("{}: {e}", old.display()));
-    let path = out.path.clone();
     let io_err = |e: std::io::Error| fail(format!("writing {}: {e}", path.display()));
     out.file.write_all(MAGIC).map_err(io_err)?;
     logfile::start_group(&mut out.buf);

@@ -99,8 +99,6 @@ struct Writer {
     /// Set when an `fdatasync` failed: what the file holds is then unknown until it is reopened
     /// (the kernel may have dropped the unsynced pages), so every later write is refused.
     broken: Option<String>,
-    /// The number of the next topic created.
-    next_topic: u32,
 }
 
 /// One caller's write, queued for the next group commit.
@@ -326,20 +324,19 @@ impl EmbeddedLog {
         })?;
         let started = Instant::now();
         let loaded = load(&file, &path)?;
+        let topics: HashMap<String, Arc<TopicState>> = loaded.topics.into_iter().map(|t| (t.name.to_string(), Arc::new(t))).collect();
+        tracing::info!(file = %path.display(), topics = topics.len(), bytes = loaded.len, seconds = started.elapsed().as_secs_f64(), "embedded log open");
         let inner = Inner {
             file,
             path,
-            topics: RwLock::new(HashMap::new()),
-            writer: Mutex::new(Writer { len: loaded.len, buf: Vec::new(), broken: None, next_topic: loaded.topics.len() as u32 }),
+            topics: RwLock::new(topics),
+            writer: Mutex::new(Writer { len: loaded.len, buf: Vec::new(), broken: None }),
             queue: Mutex::new(Vec::new()),
             members: Mutex::new(HashMap::new()),
             durable_len: AtomicU64::new(loaded.len),
             group_offsets: Mutex::new(loaded.group_offsets),
             sync,
         };
-        let topics = loaded.topics.into_iter().map(|t| (t.name.to_string(), Arc::new(t))).collect::<HashMap<_, _>>();
-        tracing::info!(file = %inner.path.display(), topics = topics.len(), bytes = loaded.len, seconds = started.elapsed().as_secs_f64(), "embedded log open");
-        *inner.topics.write().unwrap_or_else(PoisonError::into_inner) = topics;
         Ok(Arc::new(EmbeddedLog { inner: Arc::new(inner) }))
     }
 
@@ -364,10 +361,7 @@ fn load(file: &File, path: &Path) -> LogResult<Loaded> {
     if file_len == 0 {
         file.write_all_at(MAGIC, 0).map_err(|e| io("create", &e))?;
         file.sync_all().map_err(|e| io("create", &e))?;
-        // The new file's name must survive a crash too.
-        if let Some(dir) = path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("create", &e))?;
-        }
+        logfile::sync_parent_dir(path).map_err(|e| io("create", &e))?;
         return Ok(Loaded { topics: Vec::new(), group_offsets: HashMap::new(), len: MAGIC.len() as u64 });
     }
     if file_len < MAGIC.len() as u64 || file.read_exact_at(&mut header, 0).is_err() || &header != MAGIC {
@@ -439,14 +433,14 @@ impl Inner {
         if self.topic(name).is_ok() {
             return Ok(()); // created by a concurrent ensure_topic
         }
-        let id = writer.next_topic;
+        // Topics are numbered in the order they are created, and only here, under the writer.
+        let id = self.topics.read().unwrap_or_else(PoisonError::into_inner).len() as u32;
         let mut buf = std::mem::take(&mut writer.buf);
         logfile::start_group(&mut buf);
         logfile::put(&mut buf, &Entry::Topic { name, partitions });
         let stored = self.store_group(&mut writer, &mut buf, || format!("create topic {name}"));
         writer.buf = buf;
         stored?;
-        writer.next_topic += 1;
         self.topics.write().unwrap_or_else(PoisonError::into_inner).insert(name.to_string(), Arc::new(TopicState::new(id, name, partitions)));
         tracing::info!(topic = name, partitions, "topic created");
         Ok(())

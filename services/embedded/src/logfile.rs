@@ -91,6 +91,15 @@ pub(crate) fn put(buf: &mut Vec<u8>, entry: &Entry<'_>) {
     }
 }
 
+/// Syncs the directory holding `path`, so that a file just created or renamed there keeps its
+/// name after a crash.
+pub(crate) fn sync_parent_dir(path: &std::path::Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 /// A record's key as both log formats frame it: `[1: 0 = no key, 1 = key][4: key length][key]`.
 pub(crate) fn put_key(buf: &mut Vec<u8>, key: Option<&[u8]>) {
     match key {
