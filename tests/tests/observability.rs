@@ -212,6 +212,7 @@ fn grafana_provisioning_and_dashboards_are_consistent() {
         "streamledger_consumer_lag_records",
         "streamledger_dead_lettered_total",
         "streamledger_gateway_pending_endorsements",
+        "streamledger_gateway_rejections_total",
     ] {
         assert!(throughput.expressions.iter().any(|e| e.expr.contains(needle)), "throughput.json has no expression with {needle}");
     }

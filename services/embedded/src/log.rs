@@ -5,7 +5,9 @@
 //! The file is opened by this process alone (an exclusive lock), so everything it holds is also
 //! known in memory from the scan at open: every partition's end offset, the groups' committed
 //! offsets, and a sparse index from offsets to file positions. `end_offset`, `committed_offset`
-//! and the consumers' "is there anything new" check never touch the disk.
+//! and the consumers' "is there anything new" check never touch the disk. The scan starts from
+//! the last checkpoint of that knowledge ([`checkpoint`], `log.index`) when there is one that fits
+//! the file, so open reads only what was written after it.
 //!
 //! Writes (appends, group offsets, topics) from concurrent stages are committed together: whoever
 //! gets the writer writes everything queued meanwhile as one group with one `fdatasync`, and each
@@ -33,7 +35,9 @@ use streamledger_ports::log::{partition_for, Consumer, Log, LogError, LogResult,
 use streamledger_ports::topics::TopicSpec;
 use tokio::sync::Notify;
 
-use crate::logfile::{self, Bad, Entry, Groups, MAGIC};
+use crate::logfile::{self, Bad, Entry, Groups, GROUP_HEADER, MAGIC};
+
+mod checkpoint;
 
 /// The largest record (key + value) accepted: Kafka's `message.max.bytes` is set per cluster, and
 /// nothing in the ledger comes close; a bigger record is a bug upstream, not something to store.
@@ -58,6 +62,8 @@ const MAX_GROUP_BYTES: usize = 1 << 30;
 /// The writer keeps its group buffer between commits up to this size, so that one large batch
 /// does not hold its memory for the life of the process.
 const MAX_KEPT_GROUP_BUFFER: usize = 16 << 20;
+/// Open writes a checkpoint at once when it had to scan at least this much of the file.
+const MIN_SCAN_TO_CHECKPOINT: u64 = 16 << 20;
 
 /// The file holding the log, in its directory.
 pub const FILE_NAME: &str = "log.data";
@@ -88,6 +94,11 @@ struct Inner {
     group_offsets: Mutex<HashMap<(String, String, i32), i64>>,
     /// Makes a written group durable: `File::sync_data`, replaced in tests by a failing disk.
     sync: fn(&File) -> std::io::Result<()>,
+    /// A checkpoint is written after this many bytes of groups ([`checkpoint::EVERY_BYTES`]; less in tests).
+    checkpoint_every: u64,
+    /// Where open's scan of the file started: right after the header, or where a checkpoint ended.
+    #[cfg(test)]
+    scanned_from: u64,
 }
 
 /// What only the writer touches.
@@ -99,6 +110,11 @@ struct Writer {
     /// Set when an `fdatasync` failed: what the file holds is then unknown until it is reopened
     /// (the kernel may have dropped the unsynced pages), so every later write is refused.
     broken: Option<String>,
+    /// The position and header of the last group written: what a checkpoint names to be matched
+    /// with the file. `None` while the file has no group.
+    last_group: Option<(u64, [u8; GROUP_HEADER])>,
+    /// The length of the file the last checkpoint covers.
+    checkpointed_len: u64,
 }
 
 /// One caller's write, queued for the next group commit.
@@ -286,12 +302,18 @@ fn check_topic_name(name: &str) -> LogResult<()> {
     Ok(())
 }
 
-/// What the scan at open learns from the file.
+/// What the scan at open learns from the file (or from a checkpoint and the file after it).
 struct Loaded {
     topics: Vec<TopicState>,
     group_offsets: HashMap<(String, String, i32), i64>,
     /// Where the last whole group ends.
     len: u64,
+    /// The position and header of the last whole group, `None` if there is none.
+    last_group: Option<(u64, [u8; GROUP_HEADER])>,
+    /// Where the scan of the file started: after the header, or where the checkpoint ends.
+    scanned_from: u64,
+    /// The length covered by the checkpoint that was used (the header's length if none).
+    checkpointed_len: u64,
 }
 
 impl EmbeddedLog {
@@ -299,10 +321,10 @@ impl EmbeddedLog {
     /// once (a torn last group, left by a crash before it was synced, is cut off). Blocking: call
     /// it at start-up, or from `spawn_blocking`.
     pub fn open(dir: &Path) -> LogResult<Arc<EmbeddedLog>> {
-        Self::open_with(dir, File::sync_data)
+        Self::open_with(dir, File::sync_data, checkpoint::EVERY_BYTES)
     }
 
-    fn open_with(dir: &Path, sync: fn(&File) -> std::io::Result<()>) -> LogResult<Arc<EmbeddedLog>> {
+    fn open_with(dir: &Path, sync: fn(&File) -> std::io::Result<()>, checkpoint_every: u64) -> LogResult<Arc<EmbeddedLog>> {
         let path = dir.join(FILE_NAME);
         let context = || format!("open {}", path.display());
         std::fs::create_dir_all(dir)
@@ -325,18 +347,32 @@ impl EmbeddedLog {
         let started = Instant::now();
         let loaded = load(&file, &path)?;
         let topics: HashMap<String, Arc<TopicState>> = loaded.topics.into_iter().map(|t| (t.name.to_string(), Arc::new(t))).collect();
-        tracing::info!(file = %path.display(), topics = topics.len(), bytes = loaded.len, seconds = started.elapsed().as_secs_f64(), "embedded log open");
+        tracing::info!(
+            file = %path.display(), topics = topics.len(), bytes = loaded.len, from_checkpoint = loaded.scanned_from > MAGIC.len() as u64,
+            bytes_scanned = loaded.len - loaded.scanned_from, seconds = started.elapsed().as_secs_f64(), "embedded log open"
+        );
+        let writer = Writer { len: loaded.len, buf: Vec::new(), broken: None, last_group: loaded.last_group, checkpointed_len: loaded.checkpointed_len };
         let inner = Inner {
             file,
             path,
             topics: RwLock::new(topics),
-            writer: Mutex::new(Writer { len: loaded.len, buf: Vec::new(), broken: None }),
+            writer: Mutex::new(writer),
             queue: Mutex::new(Vec::new()),
             members: Mutex::new(HashMap::new()),
             durable_len: AtomicU64::new(loaded.len),
             group_offsets: Mutex::new(loaded.group_offsets),
             sync,
+            checkpoint_every,
+            #[cfg(test)]
+            scanned_from: loaded.scanned_from,
         };
+        // A scan of more than a little (no checkpoint yet, or a crash after the last one) is not
+        // repeated at the next open.
+        let mut writer = lock(&inner.writer);
+        if writer.len - writer.checkpointed_len >= MIN_SCAN_TO_CHECKPOINT {
+            inner.checkpoint(&mut writer);
+        }
+        drop(writer);
         Ok(Arc::new(EmbeddedLog { inner: Arc::new(inner) }))
     }
 
@@ -352,8 +388,9 @@ impl EmbeddedLog {
     }
 }
 
-/// Reads the whole file once: its topics, each partition's end offset and index, and the groups'
-/// offsets. Writes the header into a new file; cuts off a torn last group.
+/// Reads the file once: its topics, each partition's end offset and index, and the groups'
+/// offsets, from the checkpoint and the groups after it, or from every group when there is no
+/// checkpoint that fits. Writes the header into a new file; cuts off a torn last group.
 fn load(file: &File, path: &Path) -> LogResult<Loaded> {
     let io = |what: &str, e: &std::io::Error| io_error(path, format!("{what} {}", path.display()), e);
     let file_len = file.metadata().map_err(|e| io("open", &e))?.len();
@@ -362,17 +399,27 @@ fn load(file: &File, path: &Path) -> LogResult<Loaded> {
         file.write_all_at(MAGIC, 0).map_err(|e| io("create", &e))?;
         file.sync_all().map_err(|e| io("create", &e))?;
         logfile::sync_parent_dir(path).map_err(|e| io("create", &e))?;
-        return Ok(Loaded { topics: Vec::new(), group_offsets: HashMap::new(), len: MAGIC.len() as u64 });
+        return Ok(Loaded::empty());
     }
     if file_len < MAGIC.len() as u64 || file.read_exact_at(&mut header, 0).is_err() || &header != MAGIC {
         return Err(corrupt(path, 0, format!("not a streamledger log (its first bytes are not {MAGIC:?})")));
     }
-    let mut loaded = Loaded { topics: Vec::new(), group_offsets: HashMap::new(), len: MAGIC.len() as u64 };
-    let mut groups = Groups::new(file, MAGIC.len() as u64, file_len);
+    let index = checkpoint::path_for(path);
+    let mut loaded = match checkpoint::load(&index, file, file_len) {
+        Ok(Some(loaded)) => loaded,
+        Ok(None) => Loaded::empty(),
+        Err(why) => {
+            tracing::warn!(checkpoint = %index.display(), file = %path.display(), %why, "ignoring the log's checkpoint: reading the whole log instead");
+            Loaded::empty()
+        }
+    };
+    let mut groups = Groups::new(file, loaded.scanned_from, file_len);
+    let mut last_group_pos = None;
     let bad = loop {
         match groups.next_group() {
             Ok(None) => break None,
             Ok(Some((pos, body))) => {
+                last_group_pos = Some(pos);
                 for entry in logfile::entries(body) {
                     let entry = entry.map_err(|m| corrupt(path, pos, m))?;
                     apply(&mut loaded, entry, pos).map_err(|m| corrupt(path, pos, m))?;
@@ -383,6 +430,11 @@ fn load(file: &File, path: &Path) -> LogResult<Loaded> {
         }
     };
     loaded.len = groups.position();
+    if let Some(pos) = last_group_pos {
+        let mut header = [0u8; GROUP_HEADER];
+        file.read_exact_at(&mut header, pos).map_err(|e| io("read", &e))?;
+        loaded.last_group = Some((pos, header));
+    }
     if let Some(bad) = bad {
         let valid_len = logfile::torn_tail(file, loaded.len, file_len).map_err(|m| corrupt(path, loaded.len, m))?;
         tracing::warn!(file = %path.display(), kept = valid_len, dropped = file_len - valid_len, reason = ?bad, "cutting off a torn last group (a crash before it was synced; no caller was told it was stored)");
@@ -390,6 +442,14 @@ fn load(file: &File, path: &Path) -> LogResult<Loaded> {
         file.sync_all().map_err(|e| io("cut the torn end of", &e))?;
     }
     Ok(loaded)
+}
+
+impl Loaded {
+    /// A log with no group: the state before the scan of a file without a checkpoint.
+    fn empty() -> Self {
+        let header = MAGIC.len() as u64;
+        Loaded { topics: Vec::new(), group_offsets: HashMap::new(), len: header, last_group: None, scanned_from: header, checkpointed_len: header }
+    }
 }
 
 /// Applies one entry read at open, checking that it fits what came before.
@@ -419,6 +479,7 @@ fn apply(loaded: &mut Loaded, entry: Entry<'_>, pos: u64) -> Result<(), String> 
             let name = topic_of(&loaded.topics, topic)?;
             loaded.group_offsets.insert((group.to_string(), name.to_string(), partition), next);
         }
+        Entry::Partition { .. } | Entry::IndexPoint { .. } | Entry::Covers { .. } => return Err(format!("{entry:?} belongs in a checkpoint, not in the log")),
     }
     Ok(())
 }
@@ -468,6 +529,7 @@ impl Inner {
             return Err(io_error(&self.path, context(), &e));
         }
         writer.len = pos + buf.len() as u64;
+        writer.last_group = Some((pos, buf[..GROUP_HEADER].try_into().expect("a group starts with its header")));
         self.durable_len.store(writer.len, Ordering::Release);
         Ok(pos)
     }
@@ -587,6 +649,25 @@ impl Inner {
         for (done, written) in answers {
             let _ = done.send(Ok(written)); // a dropped waiter no longer cares
         }
+        if writer.len - writer.checkpointed_len >= self.checkpoint_every {
+            self.checkpoint(writer);
+        }
+    }
+
+    /// Writes a checkpoint of the log as it stands (under the writer, so that nothing moves while
+    /// it is taken). A failure only costs the next open a longer scan: it is logged, not returned,
+    /// and the next attempt comes after as many bytes again.
+    fn checkpoint(&self, writer: &mut Writer) {
+        if writer.broken.is_some() {
+            return;
+        }
+        let started = Instant::now();
+        let index = checkpoint::path_for(&self.path);
+        match checkpoint::store(&index, &checkpoint::body(self, writer)) {
+            Ok(bytes) => tracing::debug!(checkpoint = %index.display(), covers = writer.len, bytes, seconds = started.elapsed().as_secs_f64(), "log checkpoint written"),
+            Err(e) => tracing::warn!(checkpoint = %index.display(), error = %e, "cannot write the log's checkpoint: the next open reads the log from the previous one"),
+        }
+        writer.checkpointed_len = writer.len;
     }
 
     fn committed(&self, group: &str, topic: &str, partition: i32) -> Option<i64> {
@@ -650,6 +731,16 @@ impl Inner {
             return Err(LogError::new(at(expected), "record missing below the end offset", false));
         }
         Ok((records, resume))
+    }
+}
+
+impl Drop for Inner {
+    /// A clean close leaves a checkpoint of everything, so the next open scans nothing.
+    fn drop(&mut self) {
+        let mut writer = lock(&self.writer);
+        if writer.len != writer.checkpointed_len {
+            self.checkpoint(&mut writer);
+        }
     }
 }
 
@@ -1344,6 +1435,8 @@ mod tests {
         let flipped = len - 60 - 200;
         bytes[flipped] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
+        // Open checks the groups it reads, which without a checkpoint are all of them.
+        std::fs::remove_file(checkpoint::path_for(&path)).unwrap();
         let err = EmbeddedLog::open(dir.path()).err().expect("damaged file").to_string();
         assert!(err.contains(&path.display().to_string()) && err.contains("corrupt log file at byte") && err.contains("damaged"), "{err}");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len as u64, "a damaged file is not cut");
@@ -1351,6 +1444,175 @@ mod tests {
         std::fs::write(&path, b"{\"some\": \"json\"}").unwrap();
         let err = EmbeddedLog::open(dir.path()).err().expect("foreign file").to_string();
         assert!(err.contains(&path.display().to_string()) && err.contains("not a streamledger log"), "{err}");
+    }
+
+    /// Everything a test can compare between two opens of a log: each partition's end offset and
+    /// records (read from the file: a fresh open holds none in memory) and the group's offsets.
+    async fn contents(log: &EmbeddedLog, topics: &[(&str, i32)]) -> Vec<(String, i32, i64, Vec<Vec<u8>>, Option<i64>)> {
+        let mut out = Vec::new();
+        for &(topic, partitions) in topics {
+            for p in 0..partitions {
+                let end = log.end_offset(topic, p).await.unwrap();
+                let mut c = log.consumer(Subscription::assign(topic, p, 0)).await.unwrap();
+                let values = drain(&mut c, end as usize + 1).await.into_iter().map(|r| r.value).collect();
+                out.push((topic.to_string(), p, end, values, log.committed_offset("g", topic, p).await.unwrap()));
+            }
+        }
+        out
+    }
+
+    /// Two topics, records of several sizes spread over the partitions, and a group's offsets.
+    async fn write_some(log: &EmbeddedLog, rounds: usize) {
+        for round in 0..rounds {
+            let records = (0..20).map(|i| OutRecord::to_partition(i % 3, value(round * 20 + i as usize, 100 + 37 * i as usize))).collect();
+            log.append("a", records).await.unwrap();
+            log.append("b", vec![OutRecord::to_partition(0, value(round, 3000))]).await.unwrap();
+        }
+        let mut c = log.consumer(Subscription::group("g", "a")).await.unwrap();
+        let got = drain(&mut c, 7).await;
+        let last = got.iter().filter(|r| r.partition == 1).map(|r| r.offset).max().unwrap();
+        c.commit(&[(Arc::from("a"), 1, last)]).await.unwrap();
+    }
+
+    const SOME_TOPICS: &[(&str, i32)] = &[("a", 3), ("b", 1)];
+
+    #[tokio::test]
+    async fn a_clean_close_leaves_a_checkpoint_and_the_next_open_reads_nothing_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let log = log_with(dir.path(), SOME_TOPICS).await;
+            assert_eq!(log.inner.scanned_from, MAGIC.len() as u64, "a new log has no checkpoint");
+            write_some(&log, 400).await;
+            contents(&log, SOME_TOPICS).await
+        };
+        assert!(dir.path().join("log.index").exists(), "closing wrote the checkpoint");
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert_eq!(log.inner.scanned_from, file_len(dir.path()), "open started where the file ends");
+        assert!(lock(&log.inner.topic("b").unwrap().partitions[0].recent).index.len() > 1, "the index came back");
+        assert_eq!(contents(&log, SOME_TOPICS).await, before);
+        // And it carries on, through more opens.
+        let end = before[2].2;
+        assert_eq!((before[2].0.as_str(), before[2].1), ("a", 2));
+        assert_eq!(log.append("a", vec![OutRecord::to_partition(2, b"more")]).await.unwrap(), vec![(2, end)]);
+        drop(log);
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert_eq!(log.end_offset("a", 2).await.unwrap(), end + 1);
+        assert_eq!(log.committed_offset("g", "a", 1).await.unwrap(), before[1].4);
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_open_reads_only_what_came_after_the_last_checkpoint() {
+        let (dir, crashed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let log = EmbeddedLog::open_with(dir.path(), File::sync_data, 256 << 10).unwrap();
+        for (name, n) in SOME_TOPICS {
+            log.ensure_topic(&spec(name, *n)).await.unwrap();
+        }
+        write_some(&log, 400).await;
+        let checkpointed = lock(&log.inner.writer).checkpointed_len;
+        assert!(checkpointed > MAGIC.len() as u64, "checkpoints were written along the way");
+        // What a crash leaves: the files as they are, no checkpoint at close.
+        for name in [FILE_NAME, "log.index"] {
+            std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
+        }
+        let before = contents(&log, SOME_TOPICS).await;
+        let reopened = EmbeddedLog::open(crashed.path()).unwrap();
+        assert_eq!(reopened.inner.scanned_from, checkpointed, "open started at the last checkpoint");
+        assert!(checkpointed < file_len(crashed.path()), "and read the groups after it");
+        assert_eq!(contents(&reopened, SOME_TOPICS).await, before);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_that_does_not_fit_the_log_is_ignored_and_the_whole_log_is_read() {
+        let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let index = dir.path().join("log.index");
+        let earlier = tempfile::tempdir().unwrap();
+        let before = {
+            let log = log_with(dir.path(), SOME_TOPICS).await;
+            write_some(&log, 50).await;
+            std::fs::copy(dir.path().join(FILE_NAME), earlier.path().join(FILE_NAME)).unwrap();
+            write_some(&log, 50).await;
+            contents(&log, SOME_TOPICS).await
+        };
+        {
+            let log = log_with(other.path(), SOME_TOPICS).await;
+            write_some(&log, 60).await;
+        }
+        let good = std::fs::read(&index).unwrap();
+        let mut cut = good.clone();
+        cut.truncate(good.len() - 5);
+        let mut flipped = good.clone();
+        flipped[good.len() / 2] ^= 1;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("of another log", std::fs::read(other.path().join("log.index")).unwrap()),
+            ("cut short", cut),
+            ("with a byte flipped", flipped),
+            ("not a checkpoint", b"{\"json\": 1}".to_vec()),
+            ("empty", Vec::new()),
+        ];
+        for (case, bytes) in cases {
+            std::fs::write(&index, bytes).unwrap();
+            let log = EmbeddedLog::open(dir.path()).unwrap();
+            assert_eq!(log.inner.scanned_from, MAGIC.len() as u64, "a checkpoint {case} is not used");
+            assert_eq!(contents(&log, SOME_TOPICS).await, before, "a checkpoint {case}");
+        }
+        // The log put back to an earlier copy of itself, with the later checkpoint beside it.
+        std::fs::copy(earlier.path().join(FILE_NAME), dir.path().join(FILE_NAME)).unwrap();
+        std::fs::write(&index, &good).unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert_eq!(log.inner.scanned_from, MAGIC.len() as u64, "a checkpoint past the end of the log is not used");
+        assert_eq!(log.end_offset("b", 0).await.unwrap(), 50);
+    }
+
+    #[tokio::test]
+    async fn with_a_checkpoint_a_torn_tail_is_still_cut_and_damage_before_it_is_found_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = log_with(dir.path(), &[("t", 1)]).await;
+            fill(&log, 0, 10, 100).await;
+        }
+        let whole = file_len(dir.path());
+        append_raw(dir.path(), &[9; 40]);
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert_eq!((log.inner.scanned_from, file_len(dir.path())), (whole, whole), "the torn tail after the checkpoint is cut");
+        assert_eq!(log.end_offset("t", 0).await.unwrap(), 10);
+        drop(log);
+        // A byte flipped in the first records' group, which the checkpoint covers: open does not
+        // read it, the read of those records does, and names the byte.
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let first_group = bytes.len() - 10 * 130;
+        bytes[first_group] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        let mut c = log.consumer(Subscription::assign("t", 0, 0)).await.unwrap();
+        let err = c.poll(10, Duration::from_millis(200)).await.unwrap_err().to_string();
+        assert!(err.contains("fails its checksum") && err.contains(&path.display().to_string()), "{err}");
+    }
+
+    proptest::proptest! {
+        /// Whatever a checkpoint file holds (here: any entries, checksummed as a real one is), open
+        /// either uses it or ignores it, and never panics.
+        #[test]
+        fn any_checkpoint_body_is_used_or_refused_without_a_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let dir = tempfile::tempdir().unwrap();
+            let log_path = dir.path().join(FILE_NAME);
+            let mut log = MAGIC.to_vec();
+            let mut group = Vec::new();
+            logfile::start_group(&mut group);
+            logfile::put(&mut group, &Entry::Topic { name: "t", partitions: 1 });
+            logfile::finish_group(&mut group).unwrap();
+            log.extend_from_slice(&group);
+            std::fs::write(&log_path, &log).unwrap();
+            let mut framed = vec![0; GROUP_HEADER];
+            framed.extend_from_slice(&body);
+            logfile::finish_group(&mut framed).unwrap();
+            let index = checkpoint::path_for(&log_path);
+            checkpoint::store(&index, &framed).unwrap();
+            let file = File::open(&log_path).unwrap();
+            if let Ok(Some(loaded)) = checkpoint::load(&index, &file, log.len() as u64) {
+                proptest::prop_assert!(loaded.len <= log.len() as u64);
+            }
+        }
     }
 
     #[tokio::test]
@@ -1361,7 +1623,7 @@ mod tests {
             fill(&log, 0, 3, 10).await;
         }
         let failing: fn(&File) -> std::io::Result<()> = |_| Err(std::io::Error::other("injected I/O error"));
-        let log = EmbeddedLog::open_with(dir.path(), failing).unwrap();
+        let log = EmbeddedLog::open_with(dir.path(), failing, checkpoint::EVERY_BYTES).unwrap();
         let err = log.append("t", vec![OutRecord::to_partition(0, b"lost?")]).await.unwrap_err();
         assert!(err.message.contains("disk error on") && err.message.contains(FILE_NAME) && err.message.contains("injected"), "{err}");
         assert_eq!(log.end_offset("t", 0).await.unwrap(), 3, "an unsynced group is not published");

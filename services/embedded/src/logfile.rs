@@ -16,6 +16,13 @@
 //!     `[4: key length, if key][key][4: value length][value]`;
 //!   - `3` offset: `[2: group length][group][4: topic][4: partition][8: next offset]`.
 //!
+//! A checkpoint (`log.index`, see `log/checkpoint.rs`) is written in the same format: header
+//! [`CHECKPOINT_MAGIC`], then one group of topic and offset entries as above and of entries found
+//! only there:
+//!   - `4` partition: `[4: topic][4: partition][8: end offset]`;
+//!   - `5` index point: `[4: topic][4: partition][8: offset][8: position of the group holding it]`;
+//!   - `6` covers: `[8: length of log.data covered][8: position of its last group][8: that group's header]`.
+//!
 //! All integers are little-endian. A group is written whole and synced before the next one is
 //! written, so after a crash at most the last group can be torn: [`torn_tail`] finds a torn tail and
 //! refuses a file that is damaged anywhere else.
@@ -25,6 +32,8 @@ use std::os::unix::fs::FileExt;
 
 /// The file's first bytes: a name, and the format version in the last byte.
 pub(crate) const MAGIC: &[u8; 8] = b"SLLOG\0\0\x01";
+/// A checkpoint file's first bytes.
+pub(crate) const CHECKPOINT_MAGIC: &[u8; 8] = b"SLLOGIX\x01";
 /// A group's length and checksum.
 pub(crate) const GROUP_HEADER: usize = 8;
 /// How much a reader fetches from the file at once.
@@ -33,6 +42,9 @@ const READ_CHUNK: usize = 128 << 10;
 const TOPIC: u8 = 1;
 const RECORD: u8 = 2;
 const OFFSET: u8 = 3;
+const PARTITION: u8 = 4;
+const INDEX_POINT: u8 = 5;
+const COVERS: u8 = 6;
 
 /// One entry of a group's body, borrowing from it.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,6 +52,13 @@ pub(crate) enum Entry<'a> {
     Topic { name: &'a str, partitions: i32 },
     Record { topic: u32, partition: i32, offset: i64, timestamp_ms: i64, key: Option<&'a [u8]>, value: &'a [u8] },
     Offset { group: &'a str, topic: u32, partition: i32, next: i64 },
+    /// Checkpoints only: a partition's end offset.
+    Partition { topic: u32, partition: i32, end: i64 },
+    /// Checkpoints only: a point of a partition's sparse index.
+    IndexPoint { topic: u32, partition: i32, offset: i64, group_pos: u64 },
+    /// Checkpoints only: how much of the log the checkpoint describes, and the last group of that
+    /// (its position and header), by which open tells that the log is the one described.
+    Covers { len: u64, last_group_pos: u64, last_group_header: [u8; GROUP_HEADER] },
 }
 
 /// Starts a group in `buf` (cleared): room for its header, filled by [`finish_group`].
@@ -87,6 +106,25 @@ pub(crate) fn put(buf: &mut Vec<u8>, entry: &Entry<'_>) {
             buf.extend_from_slice(&topic.to_le_bytes());
             buf.extend_from_slice(&partition.to_le_bytes());
             buf.extend_from_slice(&next.to_le_bytes());
+        }
+        Entry::Partition { topic, partition, end } => {
+            buf.push(PARTITION);
+            buf.extend_from_slice(&topic.to_le_bytes());
+            buf.extend_from_slice(&partition.to_le_bytes());
+            buf.extend_from_slice(&end.to_le_bytes());
+        }
+        Entry::IndexPoint { topic, partition, offset, group_pos } => {
+            buf.push(INDEX_POINT);
+            buf.extend_from_slice(&topic.to_le_bytes());
+            buf.extend_from_slice(&partition.to_le_bytes());
+            buf.extend_from_slice(&offset.to_le_bytes());
+            buf.extend_from_slice(&group_pos.to_le_bytes());
+        }
+        Entry::Covers { len, last_group_pos, last_group_header } => {
+            buf.push(COVERS);
+            buf.extend_from_slice(&len.to_le_bytes());
+            buf.extend_from_slice(&last_group_pos.to_le_bytes());
+            buf.extend_from_slice(&last_group_header);
         }
     }
 }
@@ -166,6 +204,22 @@ impl<'a> Entries<'a> {
                 topic: u32::from_le_bytes(self.array("topic")?),
                 partition: i32::from_le_bytes(self.array("partition")?),
                 next: i64::from_le_bytes(self.array("next offset")?),
+            }),
+            PARTITION => Ok(Entry::Partition {
+                topic: u32::from_le_bytes(self.array("topic")?),
+                partition: i32::from_le_bytes(self.array("partition")?),
+                end: i64::from_le_bytes(self.array("end offset")?),
+            }),
+            INDEX_POINT => Ok(Entry::IndexPoint {
+                topic: u32::from_le_bytes(self.array("topic")?),
+                partition: i32::from_le_bytes(self.array("partition")?),
+                offset: i64::from_le_bytes(self.array("offset")?),
+                group_pos: u64::from_le_bytes(self.array("group position")?),
+            }),
+            COVERS => Ok(Entry::Covers {
+                len: u64::from_le_bytes(self.array("covered length")?),
+                last_group_pos: u64::from_le_bytes(self.array("last group position")?),
+                last_group_header: self.array("last group header")?,
             }),
             other => Err(format!("unknown entry kind {other}")),
         }
@@ -302,6 +356,9 @@ mod tests {
             record(8, None, b""),
             record(9, Some(b""), b"v"),
             Entry::Offset { group: "validator-Org1", topic: 3, partition: 1, next: 9 },
+            Entry::Partition { topic: 3, partition: 1, end: 10 },
+            Entry::IndexPoint { topic: 3, partition: 1, offset: 7, group_pos: 8 },
+            Entry::Covers { len: 1 << 40, last_group_pos: 12345, last_group_header: [1, 2, 3, 4, 5, 6, 7, 8] },
         ];
         let buf = group(&sent);
         let got: Vec<Entry> = entries(&buf[GROUP_HEADER..]).collect::<Result<_, _>>().unwrap();

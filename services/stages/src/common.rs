@@ -1,6 +1,7 @@
 //! What every stage shares: errors, the shutdown signal, dead letters, retrying, and forwarding a
 //! consumer's records into a channel so that a stage can wait on several topics at once.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,6 +161,47 @@ pub(crate) fn elapsed_ms(start: std::time::Instant) -> i64 {
     start.elapsed().as_millis() as i64
 }
 
+/// Keeps a flood of like events out of the log without hiding it: the first event of a window is
+/// logged in full, the rest of the window's only counted (by kind), and once the window is over
+/// the caller logs one line with the counts. Used where overload makes one line per event a flood
+/// (the gateway's rejections, the endorsers' skipped proposals).
+pub(crate) struct FloodGate<K> {
+    every: Duration,
+    /// When the open window started, and the events held back in it so far.
+    window: Option<(std::time::Instant, BTreeMap<K, u64>)>,
+}
+
+impl<K: Ord> FloodGate<K> {
+    pub fn new(every: Duration) -> Self {
+        Self { every, window: None }
+    }
+
+    /// Notes `n` events of `kind`; true when they are the first of their window and should be
+    /// logged in full.
+    pub fn note(&mut self, kind: K, n: u64, now: std::time::Instant) -> bool {
+        match &mut self.window {
+            Some((_, held_back)) => {
+                *held_back.entry(kind).or_default() += n;
+                false
+            }
+            None => {
+                self.window = Some((now, BTreeMap::new()));
+                true
+            }
+        }
+    }
+
+    /// Once the open window is `every` old: closes it and returns what it held back (possibly
+    /// nothing). The next event opens a new window and is logged in full.
+    pub fn end_window(&mut self, now: std::time::Instant) -> Option<BTreeMap<K, u64>> {
+        let (started, _) = self.window.as_ref()?;
+        if now.duration_since(*started) < self.every {
+            return None;
+        }
+        self.window.take().map(|(_, held_back)| held_back)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -220,5 +262,26 @@ mod tests {
         let letter: DeadLetter = codec::decode(&c.poll(1, Duration::from_secs(1)).await.unwrap()[0].value).unwrap();
         assert_eq!((letter.source_topic.as_str(), letter.offset, letter.reason.as_str()), ("c.proposals", 7, "not avro"));
         assert_eq!(counters.dead_letters.get(), 1);
+    }
+
+    #[test]
+    fn a_flood_is_logged_once_in_full_then_counted_by_kind_once_a_window() {
+        let every = Duration::from_secs(10);
+        let mut log = FloodGate::new(every);
+        let t0 = std::time::Instant::now();
+        assert_eq!(log.end_window(t0), None, "no window before the first rejection");
+        assert!(log.note("overloaded", 1, t0), "the first rejection is logged in full");
+        for i in 0..5 {
+            assert!(!log.note("overloaded", 1, t0 + Duration::from_millis(i)));
+        }
+        assert!(!log.note("policy_timeout", 3, t0 + Duration::from_secs(1)));
+        assert_eq!(log.end_window(t0 + Duration::from_secs(9)), None, "the window is still open");
+        let held_back = log.end_window(t0 + every).expect("the window is over");
+        assert_eq!(held_back, BTreeMap::from([("overloaded", 5), ("policy_timeout", 3)]));
+        assert_eq!(log.end_window(t0 + every), None, "closed once");
+        // A lone rejection later opens a new window and is logged in full; its window holds nothing back.
+        let t1 = t0 + Duration::from_secs(60);
+        assert!(log.note("refused", 1, t1));
+        assert_eq!(log.end_window(t1 + every), Some(BTreeMap::new()));
     }
 }

@@ -5,7 +5,7 @@
 //! once instead of waiting for a timeout.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use streamledger_core::codec;
@@ -20,7 +20,7 @@ use streamledger_core::state::{CommittedState, StateError};
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_ports::topics::{names, Topics};
 
-use crate::common::{commit, retry, DeadLetters, Shutdown, StageError, StageResult};
+use crate::common::{commit, retry, DeadLetters, FloodGate, Shutdown, StageError, StageResult};
 use crate::metrics::Metrics;
 use crate::validator::PeerProgress;
 
@@ -68,6 +68,8 @@ pub const TIP_WAIT: Duration = Duration::from_millis(250);
 
 /// The default of [`EndorserConfig::skip_older_than`].
 pub const SKIP_OLDER_THAN: Duration = Duration::from_secs(20);
+/// How long, at least, between two lines about skipped proposals (see [`FloodGate`]).
+const SKIPPED_SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 impl EndorserConfig {
     pub fn new(network: Arc<Network>, topics: Topics, signer: Signer) -> Self {
@@ -100,12 +102,18 @@ pub async fn run(
     let mut consumer = log.consumer(Subscription::Group { group: config.group.clone(), topics: vec![proposals] }).await?;
     let config = Arc::new(config);
     tracing::info!(org = %config.signer.identity().org, group = %config.group, "endorser started");
+    // Under overload this happens on every poll: one line per window, not per poll.
+    let mut skipped_log = FloodGate::new(SKIPPED_SUMMARY_EVERY);
     while !*shutdown.borrow() {
         let records = tokio::select! {
             r = consumer.poll(config.batch, Duration::from_millis(200)) => r?,
             _ = shutdown.changed() => continue,
         };
         metrics.observe_lag(&counters, &consumer.lag());
+        if let Some(n) = skipped_log.end_window(Instant::now()).and_then(|held_back| held_back.get(&()).copied()) {
+            let age = config.skip_older_than.unwrap_or_default();
+            tracing::warn!(org = %org, expired = n, "skipped {n} more proposals older than {age:?} in the last {} s or so", SKIPPED_SUMMARY_EVERY.as_secs());
+        }
         if records.is_empty() {
             continue;
         }
@@ -114,8 +122,9 @@ pub async fn run(
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let (expired, fresh): (Vec<&Record>, Vec<&Record>) =
             records.iter().partition(|r| config.skip_older_than.is_some_and(|age| now_ms - r.timestamp_ms > age.as_millis() as i64));
-        if !expired.is_empty() {
-            tracing::warn!(org = %org, expired = expired.len(), "skipped proposals older than {:?}: the gateway has already rejected them", config.skip_older_than.unwrap_or_default());
+        let age = config.skip_older_than.unwrap_or_default();
+        if !expired.is_empty() && skipped_log.note((), expired.len() as u64, Instant::now()) {
+            tracing::warn!(org = %org, expired = expired.len(), "skipped proposals older than {age:?}: the gateway has already rejected them");
         }
         for record in fresh {
             match codec::decode::<Proposal>(&record.value) {

@@ -26,7 +26,7 @@ use streamledger_core::recent::RecentMap;
 use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
 use streamledger_ports::topics::{names, Topics};
 
-use crate::common::{commit, retry, DeadLetters, Shutdown, StageError, StageResult};
+use crate::common::{commit, retry, DeadLetters, FloodGate, Shutdown, StageError, StageResult};
 use crate::metrics::Metrics;
 
 pub struct GatewayConfig {
@@ -73,7 +73,45 @@ struct Pending {
 #[allow(clippy::large_enum_variant)]
 enum Outcome {
     Ordered(OrderedTx),
-    Rejected(Rejection),
+    Rejected(RejectionKind, Rejection),
+}
+
+/// Why the gateway rejected a transaction, in a few fixed words: the `reason` label of
+/// `streamledger_gateway_rejections_total` and the key of the log's rejection summary. The
+/// rejection itself, on `rejections`, says it in full (which endorser, which contract, how many).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RejectionKind {
+    Overloaded,
+    EndorserRefused,
+    NotDeployed,
+    EndorsementsDisagree,
+    PolicyTimeout,
+    NoProposal,
+    TooLarge,
+}
+
+impl RejectionKind {
+    pub const ALL: [RejectionKind; 7] = [
+        Self::Overloaded,
+        Self::EndorserRefused,
+        Self::NotDeployed,
+        Self::EndorsementsDisagree,
+        Self::PolicyTimeout,
+        Self::NoProposal,
+        Self::TooLarge,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Overloaded => "overloaded",
+            Self::EndorserRefused => "endorser_refused",
+            Self::NotDeployed => "not_deployed",
+            Self::EndorsementsDisagree => "endorsements_disagree",
+            Self::PolicyTimeout => "policy_timeout",
+            Self::NoProposal => "no_proposal",
+            Self::TooLarge => "too_large",
+        }
+    }
 }
 
 /// What became of a resolved transaction.
@@ -131,15 +169,15 @@ impl Gateway {
         }
         let how = match outcome {
             Outcome::Ordered(_) => Resolution::Ordered,
-            Outcome::Rejected(_) => Resolution::Rejected,
+            Outcome::Rejected(..) => Resolution::Rejected,
         };
         self.remember(tx_id, how);
         outcome
     }
 
-    fn reject(&mut self, tx_id: &str, reason: String, source_offset: i64) -> Outcome {
+    fn reject(&mut self, tx_id: &str, kind: RejectionKind, reason: String, source_offset: i64) -> Outcome {
         let r = Rejection { tx_id: tx_id.to_string(), stage: "gateway".into(), reason, source_offset };
-        self.resolve(tx_id, Outcome::Rejected(r))
+        self.resolve(tx_id, Outcome::Rejected(kind, r))
     }
 
     /// Notes that `record` needs nothing more from the gateway unless held: its offset may be
@@ -167,7 +205,7 @@ impl Gateway {
         }
         if !self.pending.contains_key(&tx_id) && self.pending.len() >= self.config.max_pending {
             let reason = format!("gateway overloaded: {} transactions already waiting for endorsement", self.pending.len());
-            return Some(self.reject(&tx_id, reason, record.offset));
+            return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, record.offset));
         }
         self.hold(&record.topic, record.partition, record.offset);
         let entry = self.pending.entry(tx_id.clone()).or_insert_with(|| Pending {
@@ -198,11 +236,11 @@ impl Gateway {
         if let Some(refusal) = entry.results.iter().find(|r| !r.response.is_ok()) {
             let who = network.member_name(&refusal.endorser).unwrap_or_else(|| refusal.endorser.org.clone());
             let reason = format!("endorser {who} refused: {}", refusal.response.message);
-            return Some(self.reject(tx_id, reason, offset));
+            return Some(self.reject(tx_id, RejectionKind::EndorserRefused, reason, offset));
         }
         let Some(policy) = network.policy(&proposal.contract) else {
             let reason = format!("contract {:?} is not deployed on channel {}", proposal.contract, network.channel());
-            return Some(self.reject(tx_id, reason, offset));
+            return Some(self.reject(tx_id, RejectionKind::NotDeployed, reason, offset));
         };
         let hash = crypto::proposal_hash(proposal);
         let relevant: Vec<&EndorsementResult> = entry
@@ -238,7 +276,7 @@ impl Gateway {
         let orgs_answered: HashSet<&str> = relevant.iter().map(|r| r.endorser.org.as_str()).collect();
         if groups.len() > 1 && policy.orgs().iter().all(|o| orgs_answered.contains(o)) {
             let reason = format!("endorsements disagree on the response or read-write set ({} different outcomes)", groups.len());
-            return Some(self.reject(tx_id, reason, offset));
+            return Some(self.reject(tx_id, RejectionKind::EndorsementsDisagree, reason, offset));
         }
         None
     }
@@ -254,12 +292,13 @@ impl Gateway {
         expired
             .into_iter()
             .map(|(id, results, has_proposal)| {
-                let reason = if has_proposal {
-                    format!("endorsement policy not satisfied within {} ms ({results} endorsements received)", timeout.as_millis())
+                let (kind, reason) = if has_proposal {
+                    let reason = format!("endorsement policy not satisfied within {} ms ({results} endorsements received)", timeout.as_millis());
+                    (RejectionKind::PolicyTimeout, reason)
                 } else {
-                    format!("endorsements received but no proposal within {} ms", timeout.as_millis())
+                    (RejectionKind::NoProposal, format!("endorsements received but no proposal within {} ms", timeout.as_millis()))
                 };
-                self.reject(&id, reason, -1)
+                self.reject(&id, kind, reason, -1)
             })
             .collect()
     }
@@ -277,6 +316,22 @@ impl Gateway {
             })
             .collect()
     }
+}
+
+/// How long, at least, between two lines of the rejection summary.
+const REJECTION_SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+fn log_held_back(held_back: &BTreeMap<RejectionKind, u64>) {
+    let total: u64 = held_back.values().sum();
+    if total == 0 {
+        return;
+    }
+    let by_reason = held_back.iter().map(|(kind, n)| format!("{} {n}", kind.label())).collect::<Vec<_>>().join(", ");
+    tracing::info!(
+        total, %by_reason,
+        "rejected {total} more transactions in the last {} s or so (one by one at debug level: RUST_LOG=streamledger_stages::gateway=debug)",
+        REJECTION_SUMMARY_EVERY.as_secs()
+    );
 }
 
 enum Input {
@@ -315,6 +370,11 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
         .consumer(Subscription::Group { group: gateway.config.group.clone(), topics: vec![proposals.clone(), results] })
         .await?;
     tracing::info!(group = %gateway.config.group, remembered = gateway.resolved.len(), "gateway started");
+    let rejections_counted: BTreeMap<RejectionKind, prometheus::IntCounter> =
+        RejectionKind::ALL.into_iter().map(|kind| (kind, metrics.gateway_rejections.with_label_values(&[metrics.channel.as_str(), kind.label()]))).collect();
+    // An overloaded gateway rejects thousands of transactions a second, and a line for each grew a
+    // 4-minute overload bench's log to 1.6 GB: the first of a window is logged, the others counted.
+    let mut rejection_log = FloodGate::new(REJECTION_SUMMARY_EVERY);
     let mut last_expiry = Instant::now();
     while !*shutdown.borrow() {
         let records = tokio::select! {
@@ -343,6 +403,9 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
             last_expiry = Instant::now();
             outcomes.extend(gateway.expire(last_expiry));
         }
+        if let Some(held_back) = rejection_log.end_window(Instant::now()) {
+            log_held_back(&held_back);
+        }
         if outcomes.is_empty() && records.is_empty() {
             continue;
         }
@@ -355,18 +418,26 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
                     // broadcast handler does: the orderer must never see a larger transaction.
                     match admit.admit(bytes.len()) {
                         Ok(()) => ordered.push(OutRecord::keyed(tx.proposal.tx_id.as_bytes(), bytes)),
-                        Err(why) => rejected.push(Rejection { tx_id: tx.proposal.tx_id.clone(), stage: "gateway".into(), reason: why, source_offset: -1 }),
+                        Err(why) => {
+                            let r = Rejection { tx_id: tx.proposal.tx_id.clone(), stage: "gateway".into(), reason: why, source_offset: -1 };
+                            rejected.push((RejectionKind::TooLarge, r));
+                        }
                     }
                 }
-                Outcome::Rejected(r) => rejected.push(r),
+                Outcome::Rejected(kind, r) => rejected.push((kind, r)),
             }
         }
-        for r in &rejected {
-            tracing::info!(tx_id = %r.tx_id, reason = %r.reason, "rejected");
+        for (kind, r) in &rejected {
+            rejections_counted[kind].inc();
+            if rejection_log.note(*kind, 1, Instant::now()) {
+                tracing::info!(tx_id = %r.tx_id, reason = %r.reason, "rejected");
+            } else {
+                tracing::debug!(tx_id = %r.tx_id, reason = %r.reason, "rejected");
+            }
         }
         let rejected: Vec<OutRecord> = rejected
             .iter()
-            .map(|r| codec::encode(r).map(|b| OutRecord::keyed(r.tx_id.as_bytes(), b)))
+            .map(|(_, r)| codec::encode(r).map(|b| OutRecord::keyed(r.tx_id.as_bytes(), b)))
             .collect::<Result<_, _>>()
             .map_err(|e| StageError::Fatal(e.to_string()))?;
         let out = ordered.len() + rejected.len();
@@ -524,11 +595,17 @@ mod tests {
         assert_eq!(g.pending[&p.tx_id].results.len(), 1);
     }
 
-    fn rejection(outcome: Option<Outcome>) -> Rejection {
+    fn rejection(outcome: Option<Outcome>) -> (RejectionKind, Rejection) {
         match outcome {
-            Some(Outcome::Rejected(r)) => r,
+            Some(Outcome::Rejected(kind, r)) => (kind, r),
             _ => panic!("expected a rejection"),
         }
+    }
+
+    #[test]
+    fn every_kind_has_its_own_label() {
+        let labels: HashSet<&str> = RejectionKind::ALL.iter().map(|k| k.label()).collect();
+        assert_eq!(labels.len(), RejectionKind::ALL.len());
     }
 
     #[test]
@@ -538,15 +615,16 @@ mod tests {
         let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
         g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone()));
         let refused = Input::Result(endorse(&f.peers[0], &p, Response::error("insufficient funds"), RwSet::default()));
-        let r = rejection(g.on_input(&record(RESULTS, 0, 0), refused));
-        assert_eq!(r.tx_id, p.tx_id);
+        let (kind, r) = rejection(g.on_input(&record(RESULTS, 0, 0), refused));
+        assert_eq!((kind, r.tx_id.as_str()), (RejectionKind::EndorserRefused, p.tx_id.as_str()));
         assert!(r.reason.contains("Org1.peer0") && r.reason.contains("insufficient funds"), "{}", r.reason);
 
         let q = f.proposal("transfer", "transfer", &["a", "b", "2"]);
         g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone()));
         assert!(g.on_input(&record(RESULTS, 0, 1), result(&f, 0, &q, rw("1"))).is_none());
-        let r = rejection(g.on_input(&record(RESULTS, 0, 2), result(&f, 1, &q, rw("2"))));
+        let (kind, r) = rejection(g.on_input(&record(RESULTS, 0, 2), result(&f, 1, &q, rw("2"))));
         assert!(r.reason.contains("disagree"), "{}", r.reason);
+        assert_eq!(kind, RejectionKind::EndorsementsDisagree);
     }
 
     #[test]
@@ -559,12 +637,13 @@ mod tests {
         let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
         let q = f.proposal("transfer", "transfer", &["a", "b", "2"]);
         assert!(g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone())).is_none());
-        let r = rejection(g.on_input(&record(PROPOSALS, 1, 0), Input::Proposal(q.clone())));
+        let (kind, r) = rejection(g.on_input(&record(PROPOSALS, 1, 0), Input::Proposal(q.clone())));
         assert!(r.reason.contains("overloaded"), "{}", r.reason);
+        assert_eq!(kind, RejectionKind::Overloaded);
         let expired = g.expire(Instant::now());
         assert_eq!(expired.len(), 1);
-        let r = rejection(expired.into_iter().next());
-        assert_eq!(r.tx_id, p.tx_id);
+        let (kind, r) = rejection(expired.into_iter().next());
+        assert_eq!((kind, r.tx_id.as_str()), (RejectionKind::PolicyTimeout, p.tx_id.as_str()));
         assert!(r.reason.contains("not satisfied"), "{}", r.reason);
         assert!(g.pending.is_empty());
     }
@@ -592,7 +671,7 @@ mod tests {
         let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
         g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone()));
         let refused = Input::Result(endorse(&f.peers[0], &p, Response::error("insufficient funds"), RwSet::default()));
-        assert!(matches!(g.on_input(&record(RESULTS, 0, 0), refused), Some(Outcome::Rejected(_))));
+        assert!(matches!(g.on_input(&record(RESULTS, 0, 0), refused), Some(Outcome::Rejected(RejectionKind::EndorserRefused, _))));
         // A straggler of the rejected attempt is ignored.
         assert!(g.on_input(&record(RESULTS, 0, 1), result(&f, 1, &p, rw("1"))).is_none());
         assert!(g.pending.is_empty());

@@ -121,6 +121,8 @@ pub struct Metrics {
     pub records_out: IntCounterVec,
     pub dead_lettered: IntCounterVec,
     pub pending_endorsements: IntGaugeVec,
+    /// Transactions the gateway rejected, by [`crate::gateway::RejectionKind`].
+    pub gateway_rejections: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub state_hash_info: IntGaugeVec,
     /// Requests to the HTTP endpoints (the API and the operations endpoints), by route template.
@@ -152,6 +154,7 @@ impl Metrics {
             Box::new(m.records_out.clone()),
             Box::new(m.dead_lettered.clone()),
             Box::new(m.pending_endorsements.clone()),
+            Box::new(m.gateway_rejections.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.state_hash_info.clone()),
             Box::new(m.http_requests.clone()),
@@ -217,6 +220,11 @@ impl Metrics {
                 "streamledger_gateway_pending_endorsements",
                 "Transactions the gateway holds while their endorsements come in.",
                 &["channel"],
+            )?,
+            gateway_rejections: counter(
+                "streamledger_gateway_rejections_total",
+                "Transactions the gateway rejected (each is on the rejections topic), by reason.",
+                &["channel", "reason"],
             )?,
             consumer_lag: gauge(
                 "streamledger_consumer_lag_records",

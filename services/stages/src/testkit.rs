@@ -17,6 +17,7 @@ use streamledger_ports::store::PeerStore;
 use streamledger_ports::topics::{names, Topics};
 use tokio::sync::watch;
 
+use crate::metrics::Metrics;
 use crate::validator::PeerProgress;
 use crate::{endorser, gateway, orderer, validator};
 
@@ -53,6 +54,8 @@ pub struct TestNetwork {
     pub stores: Vec<Arc<dyn PeerStore>>,
     /// Each org's peer progress, which its validator reports and its endorser waits on.
     pub progress: Vec<Arc<PeerProgress>>,
+    /// The gateway's metrics.
+    pub gateway_metrics: Arc<Metrics>,
     options: Options,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -89,6 +92,7 @@ impl TestNetwork {
         }
         let mut cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
         cfg.group = format!("{}.{}", network.channel(), cfg.group);
+        let gateway_metrics = cfg.metrics.clone();
         let (l, sd) = (log.clone(), rx.clone());
         tasks.push(tokio::spawn(async move { gateway::run(cfg, l, sd).await.expect("gateway runs") }));
         for id in &options.orderers {
@@ -98,7 +102,7 @@ impl TestNetwork {
             let (l, sd) = (log.clone(), rx.clone());
             tasks.push(tokio::spawn(async move { orderer::run(cfg, l, sd).await.expect("orderer runs") }));
         }
-        Self { f, log, topics, stores, progress, options, shutdown, tasks }
+        Self { f, log, topics, stores, progress, gateway_metrics, options, shutdown, tasks }
     }
 
     /// Appends proposals to the proposals topic, as an outside producer would.
@@ -242,6 +246,13 @@ pub mod scenarios {
         let reason = |id: &str| rejections.iter().find(|r| r.tx_id == id).map(|r| r.reason.clone()).unwrap_or_default();
         assert!(reason(&unknown.tx_id).contains("not deployed"), "{rejections:?}");
         assert!(reason(&failing.tx_id).contains("nobody"), "{rejections:?}");
+        // Counted by kind, every kind present from the start (at zero), so a rate has a series.
+        let metrics = &net.gateway_metrics;
+        let counted = |kind: gateway::RejectionKind| metrics.gateway_rejections.with_label_values(&[metrics.channel.as_str(), kind.label()]).get();
+        let expected = |kind| u64::from(matches!(kind, gateway::RejectionKind::NotDeployed | gateway::RejectionKind::EndorserRefused));
+        for kind in gateway::RejectionKind::ALL {
+            assert_eq!(counted(kind), expected(kind), "rejections counted as {}", kind.label());
+        }
         let letters = net.read_all::<DeadLetter>(names::DEAD_LETTERS).await;
         let mut stages: Vec<&str> = letters.iter().map(|l| l.stage.as_str()).collect();
         stages.sort();
