@@ -161,6 +161,16 @@ pub(crate) fn elapsed_ms(start: std::time::Instant) -> i64 {
     start.elapsed().as_millis() as i64
 }
 
+/// A background task that stops when its owner stops, however the owner stops (an error return
+/// included): the validator's block reader, the endorser's follower of rejections.
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Keeps a flood of like events out of the log without hiding it: the first event of a window is
 /// logged in full, the rest of the window's only counted (by kind), and once the window is over
 /// the caller logs one line with the counts. Used where overload makes one line per event a flood

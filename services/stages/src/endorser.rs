@@ -4,23 +4,26 @@
 //! result with a failing response, so that the gateway can report the refusal to the client at
 //! once instead of waiting for a timeout.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use hashlink::LinkedHashMap;
 use rayon::prelude::*;
 use streamledger_core::codec;
 use streamledger_core::contract::Registry;
 use streamledger_core::crypto::Signer;
 use streamledger_core::crypto::SignatureChecks;
 use streamledger_core::endorsement::{check_proposals_with, endorse, ProposalRejection};
-use streamledger_core::model::{EndorsementResult, Proposal, Response, RwSet};
+use streamledger_core::model::{EndorsementResult, Proposal, Rejection, Response, RwSet};
 use streamledger_core::network::Network;
 use streamledger_core::simulation::simulate;
 use streamledger_core::state::{CommittedState, StateError};
-use streamledger_ports::log::{Log, OutRecord, Record, Subscription};
+use streamledger_ports::log::{Consumer, Log, OutRecord, Record, Subscription};
 use streamledger_ports::topics::{names, Topics};
 
-use crate::common::{commit, retry, DeadLetters, FloodGate, Shutdown, StageError, StageResult};
+use crate::common::{commit, retry, AbortOnDrop, DeadLetters, FloodGate, Shutdown, StageError, StageResult};
 use crate::metrics::Metrics;
 use crate::validator::PeerProgress;
 
@@ -68,14 +71,124 @@ pub const TIP_WAIT: Duration = Duration::from_millis(250);
 
 /// The default of [`EndorserConfig::skip_older_than`].
 pub const SKIP_OLDER_THAN: Duration = Duration::from_secs(20);
-/// How long, at least, between two lines about skipped proposals (see [`FloodGate`]).
-const SKIPPED_SUMMARY_EVERY: Duration = Duration::from_secs(10);
-
 impl EndorserConfig {
     pub fn new(network: Arc<Network>, topics: Topics, signer: Signer) -> Self {
         let group = format!("endorser-{}", signer.identity().org);
         let metrics = Metrics::detached(network.channel());
         Self { network, topics, signer, group, batch: 256, metrics, signature_checks: SignatureChecks::On, skip_older_than: Some(SKIP_OLDER_THAN), peer: None, tip_wait: TIP_WAIT }
+    }
+}
+
+/// How long, at least, between two lines about skipped proposals (see [`FloodGate`]).
+const SKIPPED_SUMMARY_EVERY: Duration = Duration::from_secs(10);
+/// Rejections remembered for [`AlreadyRejected`]: the gateway lets 50,000 transactions wait for
+/// their endorsements, and under overload about as many rejected ones lie among them in
+/// `proposals`; this covers twice that, in about 5 MB.
+const REMEMBER_REJECTED: usize = 100_000;
+/// How long an endorser waits at start for [`follow_rejections`] to catch up.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+
+/// Why an endorser passed a proposal over: the `reason` label of
+/// `streamledger_endorser_skipped_total` and the key of its log summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Skipped {
+    /// Older than [`EndorserConfig::skip_older_than`].
+    TooOld,
+    /// Already rejected by the gateway ([`AlreadyRejected`]).
+    Rejected,
+}
+
+impl Skipped {
+    fn label(self) -> &'static str {
+        match self {
+            Skipped::TooOld => "too_old",
+            Skipped::Rejected => "rejected",
+        }
+    }
+}
+
+/// The proposals the gateway has already rejected, as tx id → the offset of the record it
+/// rejected, learnt by following `rejections`. An overloaded gateway rejects most new proposals
+/// the moment it reads them, long before a busy endorser gets to them, and endorsing those is work
+/// thrown away. At twice the peak rate (`bench --rate 16000`) it was most of the endorsers' work:
+/// they fell ever further behind, the proposals the gateway had accepted timed out waiting for
+/// them, and commits fell to 266 tx/s, 3% of the peak. Passing one over costs a lookup of the
+/// record's key (the tx id): no decoding, no signature check. Only the rejected record is passed
+/// over: the same proposal sent again (a new attempt) is at another offset.
+#[derive(Default)]
+struct AlreadyRejected {
+    /// A 64-bit hash of the tx id (keyed per process, so that no one can aim a collision at it)
+    /// → the offset, the oldest forgotten first past [`REMEMBER_REJECTED`]: about 50 bytes an
+    /// entry where the tx id's 64 characters took three times that. A wrong match needs a
+    /// collision of the hash and the same offset.
+    ids: Mutex<LinkedHashMap<u64, i64>>,
+    hasher: RandomState,
+}
+
+impl AlreadyRejected {
+    fn note(&self, rejection: &Rejection) {
+        // -1: a timeout, which names no record (and comes after the proposal is too old anyway).
+        if rejection.source_offset >= 0 {
+            let key = self.hasher.hash_one(rejection.tx_id.as_bytes());
+            let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+            ids.replace(key, rejection.source_offset);
+            while ids.len() > REMEMBER_REJECTED {
+                ids.pop_front();
+            }
+        }
+    }
+
+    /// Whether `record` is a proposal the gateway has rejected: a rejection of its key's tx id
+    /// names its offset.
+    fn contains(&self, record: &Record) -> bool {
+        let Some(tx_id) = record.key.as_deref() else { return false };
+        let key = self.hasher.hash_one(tx_id);
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner).get(&key) == Some(&record.offset)
+    }
+}
+
+/// Follows `rejections` from up to [`REMEMBER_REJECTED`] records back, noting each rejection in
+/// `rejected`, until shutdown; `caught_up` is sent once what was on the topic at the start is
+/// read. A hint, never an error for the stage: an undecodable record is passed over (the status
+/// tracker reports it), and a failed read is logged and tried again a second later.
+async fn follow_rejections(log: Arc<dyn Log>, topic: String, rejected: Arc<AlreadyRejected>, caught_up: tokio::sync::oneshot::Sender<()>, mut shutdown: Shutdown) {
+    let mut caught_up = Some(caught_up);
+    // The consumer, and the end offset when it was made: reading up to there is catching up.
+    let mut following: Option<(Box<dyn Consumer>, i64)> = None;
+    while !*shutdown.borrow() {
+        let read = match following.as_mut() {
+            Some((consumer, start_end)) => tokio::select! {
+                r = consumer.poll(4096, Duration::from_millis(500)) => r.map(|records| {
+                    for record in &records {
+                        if let Ok(rejection) = codec::decode::<Rejection>(&record.value) {
+                            rejected.note(&rejection);
+                        }
+                    }
+                    // Caught up: at the start's end, or nothing more to read.
+                    records.last().is_none_or(|r| r.offset + 1 >= *start_end)
+                }),
+                _ = shutdown.changed() => continue,
+            },
+            None => match log.end_offset(&topic, 0).await {
+                Ok(end) => log.consumer(Subscription::assign(&topic, 0, (end - REMEMBER_REJECTED as i64).max(0))).await.map(|c| {
+                    following = Some((c, end));
+                    end == 0
+                }),
+                Err(e) => Err(e),
+            },
+        };
+        match read {
+            Ok(true) => {
+                if let Some(tx) = caught_up.take() {
+                    let _ = tx.send(()); // the stage may have stopped already
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "cannot follow the gateway's rejections (proposals it rejected are endorsed meanwhile): trying again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 
@@ -102,17 +215,31 @@ pub async fn run(
     let mut consumer = log.consumer(Subscription::Group { group: config.group.clone(), topics: vec![proposals] }).await?;
     let config = Arc::new(config);
     tracing::info!(org = %config.signer.identity().org, group = %config.group, "endorser started");
+    let rejected = Arc::new(AlreadyRejected::default());
+    let (caught_up, catching_up) = tokio::sync::oneshot::channel();
+    let rejections = config.topics.name(names::REJECTIONS).to_string();
+    let _follower = AbortOnDrop(tokio::spawn(follow_rejections(log.clone(), rejections.clone(), rejected.clone(), caught_up, shutdown.clone())));
+    // Learn the recent rejections before the first proposal (after a restart, the backlog holds
+    // many the gateway has rejected), but never wait long for a hint.
+    if tokio::time::timeout(CATCH_UP_WAIT, catching_up).await.is_err() {
+        tracing::warn!(org = %org, topic = %rejections, "the gateway's recent rejections are not read yet after {CATCH_UP_WAIT:?}: starting without them");
+    }
+    let skipped_counted: BTreeMap<Skipped, prometheus::IntCounter> = [Skipped::TooOld, Skipped::Rejected]
+        .into_iter()
+        .map(|why| (why, metrics.endorser_skipped.with_label_values(&[metrics.channel.as_str(), &org, why.label()])))
+        .collect();
     // Under overload this happens on every poll: one line per window, not per poll.
-    let mut skipped_log = FloodGate::new(SKIPPED_SUMMARY_EVERY);
+    let mut skipped_log: FloodGate<Skipped> = FloodGate::new(SKIPPED_SUMMARY_EVERY);
+    let age = config.skip_older_than.unwrap_or_default();
     while !*shutdown.borrow() {
         let records = tokio::select! {
             r = consumer.poll(config.batch, Duration::from_millis(200)) => r?,
             _ = shutdown.changed() => continue,
         };
         metrics.observe_lag(&counters, &consumer.lag());
-        if let Some(n) = skipped_log.end_window(Instant::now()).and_then(|held_back| held_back.get(&()).copied()) {
-            let age = config.skip_older_than.unwrap_or_default();
-            tracing::warn!(org = %org, expired = n, "skipped {n} more proposals older than {age:?} in the last {} s or so", SKIPPED_SUMMARY_EVERY.as_secs());
+        if let Some(held_back) = skipped_log.end_window(Instant::now()).filter(|h| !h.is_empty()) {
+            let by_reason = held_back.iter().map(|(why, n)| format!("{} {n}", why.label())).collect::<Vec<_>>().join(", ");
+            tracing::warn!(org = %org, %by_reason, "skipped more proposals in the last {} s or so (too_old: older than {age:?}; rejected: already rejected by the gateway)", SKIPPED_SUMMARY_EVERY.as_secs());
         }
         if records.is_empty() {
             continue;
@@ -120,11 +247,24 @@ pub async fn run(
         counters.records_in.inc_by(records.len() as u64);
         let mut decoded = Vec::with_capacity(records.len());
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        let (expired, fresh): (Vec<&Record>, Vec<&Record>) =
-            records.iter().partition(|r| config.skip_older_than.is_some_and(|age| now_ms - r.timestamp_ms > age.as_millis() as i64));
-        let age = config.skip_older_than.unwrap_or_default();
-        if !expired.is_empty() && skipped_log.note((), expired.len() as u64, Instant::now()) {
-            tracing::warn!(org = %org, expired = expired.len(), "skipped proposals older than {age:?}: the gateway has already rejected them");
+        let mut fresh = Vec::with_capacity(records.len());
+        for record in &records {
+            let skipped = if config.skip_older_than.is_some_and(|age| now_ms - record.timestamp_ms > age.as_millis() as i64) {
+                Skipped::TooOld
+            } else if rejected.contains(record) {
+                Skipped::Rejected
+            } else {
+                fresh.push(record);
+                continue;
+            };
+            skipped_counted[&skipped].inc();
+            if skipped_log.note(skipped, 1, Instant::now()) {
+                let reason = match skipped {
+                    Skipped::TooOld => format!("older than {age:?}: the gateway has given up on it"),
+                    Skipped::Rejected => "the gateway has already rejected it".to_string(),
+                };
+                tracing::warn!(org = %org, topic = %record.topic, partition = record.partition, offset = record.offset, "skipped a proposal: {reason}");
+            }
         }
         for record in fresh {
             match codec::decode::<Proposal>(&record.value) {
@@ -344,6 +484,76 @@ mod tests {
         let started = std::time::Instant::now();
         assert_eq!(version_read_when_the_peer_lags(Duration::from_millis(100), false).await, Version::new(0, 0), "simulated where the peer stood");
         assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    }
+
+    fn rejection(tx_id: &str, source_offset: i64) -> Rejection {
+        Rejection { tx_id: tx_id.into(), stage: "gateway".into(), reason: "gateway overloaded".into(), source_offset }
+    }
+
+    fn proposal_record(key: Option<&str>, offset: i64) -> Record {
+        Record { topic: Arc::from("c.proposals"), partition: 0, offset, key: key.map(|k| k.as_bytes().to_vec()), value: Vec::new(), timestamp_ms: 0 }
+    }
+
+    #[test]
+    fn only_the_record_the_gateway_rejected_counts_as_rejected() {
+        let rejected = AlreadyRejected::default();
+        assert!(!rejected.contains(&proposal_record(Some("t1"), 5)), "nothing noted yet");
+        rejected.note(&rejection("t1", 5));
+        rejected.note(&rejection("t2", -1));
+        assert!(rejected.contains(&proposal_record(Some("t1"), 5)));
+        assert!(!rejected.contains(&proposal_record(Some("t1"), 9)), "the same proposal sent again is a new attempt");
+        assert!(!rejected.contains(&proposal_record(Some("t2"), 0)), "a timeout names no record");
+        assert!(!rejected.contains(&proposal_record(None, 5)), "a record without a key is not matched");
+        assert!(!rejected.contains(&proposal_record(Some("t3"), 5)));
+    }
+
+    /// The gateway rejected a proposal (overloaded) before the endorser got to it: the endorser
+    /// passes it over and counts it, and endorses the same proposal sent again and another one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_proposal_the_gateway_rejected_is_skipped_but_a_new_attempt_is_endorsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        let f = Fixture::new();
+        let topics = Topics::default_for(f.network.channel());
+        ensure_topics(log.as_ref(), &topics).await.unwrap();
+        let proposals = topics.name(names::PROPOSALS).to_string();
+        let (p, q) = (f.proposal("kv", "put", &["k", "v"]), f.proposal("kv", "put", &["j", "w"]));
+        let record = |p: &Proposal| OutRecord::keyed(p.tx_id.as_bytes(), codec::encode(p).unwrap());
+        let first = log.append(&proposals, vec![record(&p)]).await.unwrap()[0];
+        let rejected = codec::encode(&rejection(&p.tx_id, first.1)).unwrap();
+        log.append(topics.name(names::REJECTIONS), vec![OutRecord::keyed(p.tx_id.as_bytes(), rejected)]).await.unwrap();
+        let again = log.append(&proposals, vec![record(&p)]).await.unwrap()[0];
+        let other = log.append(&proposals, vec![record(&q)]).await.unwrap()[0];
+
+        let config = EndorserConfig::new(Arc::new(f.network.clone()), topics.clone(), f.peers[0].clone());
+        let (metrics, group) = (config.metrics.clone(), config.group.clone());
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let l = log.clone();
+        let running = tokio::spawn(async move { run(config, l, Arc::new(MemState::new()), Arc::new(Registry::builtin()), shutdown).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for (partition, offset) in [again, other] {
+            while log.committed_offset(&group, &proposals, partition).await.unwrap().is_none_or(|next| next <= offset) {
+                assert!(std::time::Instant::now() < deadline, "the endorser never got to the proposals");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        stop.send(true).unwrap();
+        running.await.unwrap().unwrap();
+        let results_topic = topics.name(names::ENDORSEMENT_RESULTS).to_string();
+        let mut endorsed = Vec::new();
+        for partition in 0..log.partition_count(&results_topic).await.unwrap() {
+            let mut c = log.consumer(Subscription::assign(&results_topic, partition, 0)).await.unwrap();
+            while let Some(r) = c.poll(10, Duration::from_millis(100)).await.unwrap().first().cloned() {
+                endorsed.push(codec::decode::<EndorsementResult>(&r.value).unwrap().tx_id);
+                c = log.consumer(Subscription::assign(&results_topic, partition, r.offset + 1)).await.unwrap();
+            }
+        }
+        endorsed.sort();
+        let mut expected = vec![p.tx_id.clone(), q.tx_id.clone()];
+        expected.sort();
+        assert_eq!(endorsed, expected, "the new attempt and the other proposal, once each");
+        let skipped = |why: Skipped| metrics.endorser_skipped.with_label_values(&[metrics.channel.as_str(), "Org1", why.label()]).get();
+        assert_eq!((skipped(Skipped::Rejected), skipped(Skipped::TooOld)), (1, 0));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

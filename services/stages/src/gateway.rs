@@ -35,6 +35,9 @@ pub struct GatewayConfig {
     pub group: String,
     /// Transactions waiting for endorsements, at most. Past it new ones are rejected as overload.
     pub max_pending: usize,
+    /// Shed load when every transaction ordered in the last [`SHED_WINDOW`] waited longer than
+    /// this for its endorsements (see [`Shedding`]); `None` never sheds.
+    pub shed_after: Option<Duration>,
     /// How long a transaction may wait for its policy to be met.
     pub endorsement_timeout: Duration,
     /// Resolved tx ids remembered to ignore late or re-delivered inputs. Endorsers skip
@@ -53,9 +56,64 @@ impl GatewayConfig {
             topics,
             group: "gateway".into(),
             max_pending: 50_000,
+            shed_after: Some(SHED_AFTER),
             endorsement_timeout: Duration::from_secs(10),
             remember_resolved: 100_000,
             batch: 512,
+        }
+    }
+}
+
+/// The default of [`GatewayConfig::shed_after`]. At the peak a transaction waits 20-60 ms for
+/// its endorsements; a second means the endorsers are far behind.
+pub const SHED_AFTER: Duration = Duration::from_secs(1);
+/// How often the gateway decides whether to shed load.
+const SHED_WINDOW: Duration = Duration::from_secs(1);
+/// No load is shed while fewer transactions than this wait: slow endorsers (a CouchDB state on a
+/// slow disk, a debug build) are not overload, and only a backlog is.
+const SHED_MIN_PENDING: usize = 1_000;
+
+/// Load shedding on the time transactions wait for their endorsements, as CoDel does on a queue's
+/// delay: if even the quickest transaction ordered in the last window waited more than the
+/// target, the endorsers are persistently behind, and the gateway rejects new transactions
+/// (`overloaded`) until a window orders nothing or orders one quickly, provided at least
+/// [`SHED_MIN_PENDING`] are waiting. Counting pending
+/// transactions instead (`max_pending`) sets no bound on their wait: at twice the peak rate
+/// 50,000 pending took longer to endorse than the 10 s endorsement timeout, so nearly every
+/// transaction the gateway had accepted timed out after being endorsed, and commits fell to
+/// 1-3% of the peak. The minimum, not the oldest, so that one transaction stuck on an endorser
+/// that died does not stop admissions for its whole timeout.
+struct Shedding {
+    target: Option<Duration>,
+    window_start: Instant,
+    /// The shortest wait of the transactions ordered in the current window.
+    quickest: Option<Duration>,
+    /// Whether new transactions are rejected, as decided at the end of the last window.
+    on: bool,
+}
+
+impl Shedding {
+    fn new(target: Option<Duration>, now: Instant) -> Self {
+        Self { target, window_start: now, quickest: None, on: false }
+    }
+
+    /// Notes a transaction ordered after waiting `waited` for its endorsements.
+    fn ordered(&mut self, waited: Duration, now: Instant) {
+        self.roll(now);
+        self.quickest = Some(self.quickest.map_or(waited, |q| q.min(waited)));
+    }
+
+    /// Whether to reject a new transaction now.
+    fn shedding(&mut self, now: Instant) -> bool {
+        self.roll(now);
+        self.on
+    }
+
+    fn roll(&mut self, now: Instant) {
+        if now.duration_since(self.window_start) >= SHED_WINDOW {
+            self.on = matches!((self.target, self.quickest), (Some(target), Some(quickest)) if quickest > target);
+            self.window_start = now;
+            self.quickest = None;
         }
     }
 }
@@ -125,6 +183,7 @@ enum Resolution {
 /// are still held by a pending transaction.
 struct Gateway {
     config: GatewayConfig,
+    shedding: Shedding,
     pending: HashMap<String, Pending>,
     resolved: RecentMap<Resolution>,
     held: BTreeMap<(Arc<str>, i32), BTreeMap<i64, u32>>,
@@ -135,6 +194,7 @@ impl Gateway {
     fn new(config: GatewayConfig) -> Self {
         Self {
             resolved: RecentMap::new(config.remember_resolved),
+            shedding: Shedding::new(config.shed_after, Instant::now()),
             config,
             pending: HashMap::new(),
             held: BTreeMap::new(),
@@ -166,6 +226,10 @@ impl Gateway {
     fn resolve(&mut self, tx_id: &str, outcome: Outcome) -> Outcome {
         if let Some(p) = self.pending.remove(tx_id) {
             self.release(&p.inputs);
+            if matches!(outcome, Outcome::Ordered(_)) {
+                let now = Instant::now();
+                self.shedding.ordered(now.duration_since(p.since), now);
+            }
         }
         let how = match outcome {
             Outcome::Ordered(_) => Resolution::Ordered,
@@ -203,9 +267,18 @@ impl Gateway {
             (Some(Resolution::Rejected), Input::Result(_)) if !self.pending.contains_key(&tx_id) => return None,
             (Some(Resolution::Rejected), Input::Result(_)) => {}
         }
-        if !self.pending.contains_key(&tx_id) && self.pending.len() >= self.config.max_pending {
-            let reason = format!("gateway overloaded: {} transactions already waiting for endorsement", self.pending.len());
-            return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, record.offset));
+        if !self.pending.contains_key(&tx_id) {
+            let reason = if self.pending.len() >= self.config.max_pending {
+                Some(format!("gateway overloaded: {} transactions already waiting for endorsement", self.pending.len()))
+            } else if self.pending.len() >= SHED_MIN_PENDING && self.shedding.shedding(Instant::now()) {
+                let target = self.config.shed_after.unwrap_or_default();
+                Some(format!("gateway overloaded: every transaction ordered in the last second waited more than {target:?} for its endorsements"))
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, record.offset));
+            }
         }
         self.hold(&record.topic, record.partition, record.offset);
         let entry = self.pending.entry(tx_id.clone()).or_insert_with(|| Pending {
@@ -600,6 +673,49 @@ mod tests {
             Some(Outcome::Rejected(kind, r)) => (kind, r),
             _ => panic!("expected a rejection"),
         }
+    }
+
+    #[test]
+    fn load_is_shed_while_even_the_quickest_transaction_of_a_window_waited_too_long() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut s = Shedding::new(Some(Duration::from_secs(1)), t0);
+        s.ordered(Duration::from_millis(1500), at(100));
+        s.ordered(Duration::from_millis(1200), at(900));
+        assert!(!s.shedding(at(999)), "decided only at the end of a window");
+        assert!(s.shedding(at(1000)), "the quickest of the window waited 1.2 s");
+        s.ordered(Duration::from_millis(1800), at(1500));
+        s.ordered(Duration::from_millis(20), at(1600));
+        assert!(s.shedding(at(1900)), "still the last window's decision");
+        assert!(!s.shedding(at(2000)), "one transaction got through in 20 ms: the endorsers keep up");
+        s.ordered(Duration::from_millis(3000), at(2500));
+        assert!(s.shedding(at(3000)));
+        assert!(!s.shedding(at(4000)), "a window that ordered nothing: nothing is waiting, admit again");
+        let mut never = Shedding::new(None, t0);
+        never.ordered(Duration::from_secs(9), at(1));
+        assert!(!never.shedding(at(5000)), "without a target it never sheds");
+    }
+
+    #[test]
+    fn while_shedding_a_new_transaction_is_rejected_as_overloaded_and_a_pending_one_goes_on() {
+        let f = Fixture::new();
+        let mut g = gateway(&f);
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        let q = f.proposal("transfer", "transfer", &["a", "b", "2"]);
+        assert!(g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone())).is_none());
+        g.shedding.on = true;
+        g.shedding.window_start = Instant::now();
+        assert!(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone())).is_none(), "one waiting is no backlog: admitted");
+        for i in 0..SHED_MIN_PENDING {
+            let id = format!("waiting-{i}");
+            g.pending.insert(id, Pending { proposal: None, results: Vec::new(), since: Instant::now(), inputs: Vec::new() });
+        }
+        let q = f.proposal("transfer", "transfer", &["a", "b", "3"]);
+        let (kind, r) = rejection(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone())));
+        assert_eq!((kind, r.tx_id.as_str(), r.source_offset), (RejectionKind::Overloaded, q.tx_id.as_str(), 1));
+        assert!(r.reason.contains("waited more than 1s"), "{}", r.reason);
+        g.on_input(&record(RESULTS, 0, 0), result(&f, 0, &p, rw("1")));
+        assert!(matches!(g.on_input(&record(RESULTS, 0, 1), result(&f, 1, &p, rw("1"))), Some(Outcome::Ordered(_))), "admitted before: ordered");
     }
 
     #[test]

@@ -123,6 +123,8 @@ pub struct Metrics {
     pub pending_endorsements: IntGaugeVec,
     /// Transactions the gateway rejected, by [`crate::gateway::RejectionKind`].
     pub gateway_rejections: IntCounterVec,
+    /// Proposals an endorser passed over without endorsing them, by reason.
+    pub endorser_skipped: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub state_hash_info: IntGaugeVec,
     /// Requests to the HTTP endpoints (the API and the operations endpoints), by route template.
@@ -155,6 +157,7 @@ impl Metrics {
             Box::new(m.dead_lettered.clone()),
             Box::new(m.pending_endorsements.clone()),
             Box::new(m.gateway_rejections.clone()),
+            Box::new(m.endorser_skipped.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.state_hash_info.clone()),
             Box::new(m.http_requests.clone()),
@@ -225,6 +228,11 @@ impl Metrics {
                 "streamledger_gateway_rejections_total",
                 "Transactions the gateway rejected (each is on the rejections topic), by reason.",
                 &["channel", "reason"],
+            )?,
+            endorser_skipped: counter(
+                "streamledger_endorser_skipped_total",
+                "Proposals an endorser passed over without endorsing them: too_old (the gateway has given up on them) or rejected (the gateway has rejected them).",
+                &["channel", "org", "reason"],
             )?,
             consumer_lag: gauge(
                 "streamledger_consumer_lag_records",

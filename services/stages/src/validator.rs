@@ -51,7 +51,7 @@ use streamledger_core::state::PendingWrites;
 use streamledger_ports::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
 use streamledger_ports::topics::{names, Topics};
 
-use crate::common::{retry, DeadLetters, Shutdown, StageError, StageResult};
+use crate::common::{retry, AbortOnDrop, DeadLetters, Shutdown, StageError, StageResult};
 use crate::metrics::{Metrics, StageCounters};
 
 pub struct ValidatorConfig {
@@ -402,15 +402,6 @@ fn prepare(config: &Arc<ValidatorConfig>, record: Record, budget: tokio::sync::O
         _ => None,
     };
     Prepared { record, block, checks, _budget: budget, _held: held }
-}
-
-/// Stops the reader when the validator stops, however it stops.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// A block validated against the committed state and the blocks before it in the group.
