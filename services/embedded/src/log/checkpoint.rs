@@ -30,8 +30,9 @@ use super::{apply, lock, Inner, Loaded, Writer};
 use crate::logfile::{self, Entry, CHECKPOINT_MAGIC, GROUP_HEADER, MAGIC};
 
 /// A checkpoint after this many bytes of groups: a crash costs the next open a scan of at most
-/// about this much (about 0.3 s), and a checkpoint of a long log (its index is a few bytes per MiB
-/// of file per partition) takes a few milliseconds to write.
+/// about this much (about 0.1 s: a whole 1.30 GB log took 0.57 s), and a checkpoint of a long
+/// log (its index is a few bytes per MiB of file per partition; 224 KB for 1.30 GB) takes a few
+/// milliseconds to write.
 pub(super) const EVERY_BYTES: u64 = 256 << 20;
 
 /// The checkpoint file of the log at `log`.
