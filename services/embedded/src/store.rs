@@ -794,23 +794,9 @@ mod tests {
 
     /// The log lines a closure writes through `tracing`, as text.
     fn logged(f: impl FnOnce()) -> String {
-        #[derive(Clone, Default)]
-        struct Lines(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
-        tracing::subscriber::with_default(subscriber, f);
-        let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
-        text
+        let logs = streamledger_ports::conformance::capture_logs();
+        f();
+        logs.text()
     }
 
     /// The disk fails under volatile commits: the durable commit that meets the failure errs

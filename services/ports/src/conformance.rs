@@ -1,15 +1,51 @@
 //! Support for tests (like the core's `fixtures`): checks every peer store must pass, whatever
 //! it stores on, so the embedded store and CouchDB are held to the same rules by the same code;
-//! and the same for the log adapters (embedded and Kafka). Assertions panic, as tests expect.
+//! and the same for the log adapters (embedded and Kafka); and [`capture_logs`], for tests of
+//! what an operator reads. Assertions panic, as tests expect.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use streamledger_core::model::Version;
 use streamledger_core::state::{CommittedState, StateResult, TxLocation, VersionedValue, WriteBatch};
 
 use crate::log::{Log, OutRecord, Subscription};
 use crate::store::{BlockCommit, PeerStore, Savepoint, StoredBlock};
+
+/// What this thread logs through `tracing` (info and above, no colours) while the returned value
+/// lives; [`CapturedLogs::text`] gives it so far. Async tests must run on one thread (the default
+/// `#[tokio::test]`).
+pub fn capture_logs() -> CapturedLogs {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+    CapturedLogs { lines, _default: tracing::subscriber::set_default(subscriber) }
+}
+
+pub struct CapturedLogs {
+    lines: Lines,
+    _default: tracing::subscriber::DefaultGuard,
+}
+
+impl CapturedLogs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lines.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
+    }
+}
+
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 pub fn savepoint(block: i64) -> Savepoint {
     Savepoint { block, block_hash: vec![1, block as u8], state_hash: vec![2, block as u8], blocks_offset: 100 + block }

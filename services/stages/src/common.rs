@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use streamledger_core::codec;
@@ -40,22 +40,47 @@ impl StageError {
 
 pub type StageResult<T> = Result<T, StageError>;
 
+/// How long, at least, between two log lines counting the dead letters not logged one by one.
+const DEAD_LETTER_SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
 /// Sends undecodable or invalid input to `dead-letters` with its origin and the reason, so that
 /// the stage goes on and nothing is silently dropped.
 #[derive(Clone)]
 pub(crate) struct DeadLetters {
-    pub log: Arc<dyn Log>,
-    pub topic: String,
-    pub stage: &'static str,
-    pub counters: StageCounters,
+    log: Arc<dyn Log>,
+    topic: String,
+    stage: &'static str,
+    counters: StageCounters,
     /// A dead letter is retried like any other append while the log is briefly away (a broker
     /// hiccup must not stop the stage); the stage's shutdown ends the wait.
-    pub shutdown: Shutdown,
+    shutdown: Shutdown,
+    /// A producer of garbage must not flood the log too: the first dead letter of a window is
+    /// logged in full, the others at debug level, and the next dead letter after the window logs
+    /// how many there were per source topic. Every one is on the topic and counted either way.
+    flood: Arc<Mutex<FloodGate<Arc<str>>>>,
 }
 
 impl DeadLetters {
+    pub fn new(log: Arc<dyn Log>, topic: &str, stage: &'static str, counters: StageCounters, shutdown: Shutdown) -> Self {
+        let flood = Arc::new(Mutex::new(FloodGate::new(DEAD_LETTER_SUMMARY_EVERY)));
+        Self { log, topic: topic.to_string(), stage, counters, shutdown, flood }
+    }
+
     pub async fn send(&self, record: &Record, reason: String) -> StageResult<()> {
-        tracing::warn!(stage = self.stage, topic = %record.topic, partition = record.partition, offset = record.offset, %reason, "dead-lettered");
+        let now = std::time::Instant::now();
+        let full = {
+            let mut flood = self.flood.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(held_back) = flood.end_window(now).filter(|h| !h.is_empty()) {
+                let by_topic = held_back.iter().map(|(topic, n)| format!("{topic} {n}")).collect::<Vec<_>>().join(", ");
+                tracing::warn!(stage = self.stage, %by_topic, "dead-lettered more records since the last one logged (one by one at debug level)");
+            }
+            flood.note(record.topic.clone(), 1, now)
+        };
+        if full {
+            tracing::warn!(stage = self.stage, topic = %record.topic, partition = record.partition, offset = record.offset, %reason, "dead-lettered");
+        } else {
+            tracing::debug!(stage = self.stage, topic = %record.topic, partition = record.partition, offset = record.offset, %reason, "dead-lettered");
+        }
         let letter = DeadLetter {
             source_topic: record.topic.to_string(),
             partition: record.partition,
@@ -263,7 +288,7 @@ mod tests {
         let log = Arc::new(Hiccup { inner: inner.clone(), failures: AtomicUsize::new(3) });
         let (_stop, shutdown) = watch::channel(false);
         let counters = Metrics::detached("c").stage("gateway", "g", 1);
-        let dead = DeadLetters { log: log.clone(), topic: "dead".into(), stage: "gateway", counters: counters.clone(), shutdown };
+        let dead = DeadLetters::new(log.clone(), "dead", "gateway", counters.clone(), shutdown);
         let bad = Record { topic: "c.proposals".into(), partition: 2, offset: 7, key: None, value: b"junk".to_vec(), timestamp_ms: 0 };
         dead.send(&bad, "not avro".into()).await.expect("retried until the log is back");
         assert_eq!(log.failures.load(Ordering::SeqCst), 0, "the three failed appends were retried");
@@ -272,6 +297,38 @@ mod tests {
         let letter: DeadLetter = codec::decode(&c.poll(1, Duration::from_secs(1)).await.unwrap()[0].value).unwrap();
         assert_eq!((letter.source_topic.as_str(), letter.offset, letter.reason.as_str()), ("c.proposals", 7, "not avro"));
         assert_eq!(counters.dead_letters.get(), 1);
+    }
+
+
+    /// Garbage in a burst: every record is dead-lettered and counted, one is logged in full, and
+    /// the first dead letter after the window logs how many were held back, per topic.
+    #[tokio::test]
+    async fn a_burst_of_dead_letters_is_logged_once_then_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        let spec = TopicSpec { name: "dead".into(), suffix: "dead".into(), partitions: 1, replication: 1, configs: Default::default() };
+        log.ensure_topic(&spec).await.unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let counters = Metrics::detached("c").stage("validator", "p", 1);
+        let mut dead = DeadLetters::new(log.clone(), "dead", "validator", counters.clone(), shutdown);
+        dead.flood = Arc::new(Mutex::new(FloodGate::new(Duration::from_millis(200))));
+        let junk = |topic: &str, offset| Record { topic: topic.into(), partition: 0, offset, key: None, value: b"junk".to_vec(), timestamp_ms: 0 };
+        let logs = streamledger_ports::conformance::capture_logs();
+        for offset in 0..5 {
+            dead.send(&junk("c.blocks", offset), "not avro".into()).await.unwrap();
+        }
+        dead.send(&junk("c.proposals", 9), "not avro".into()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        dead.send(&junk("c.blocks", 5), "not avro".into()).await.unwrap();
+        let text = logs.text();
+        assert_eq!(log.end_offset("dead", 0).await.unwrap(), 7, "every record is dead-lettered");
+        assert_eq!(counters.dead_letters.get(), 7);
+        let full: Vec<&str> = text.lines().filter(|l| l.contains("dead-lettered stage")).collect();
+        assert_eq!(full.len(), 2, "the first of each window in full:\n{text}");
+        assert!(full[0].contains("offset=0") && full[1].contains("offset=5"), "{text}");
+        let summary: Vec<&str> = text.lines().filter(|l| l.contains("dead-lettered more records")).collect();
+        assert_eq!(summary.len(), 1, "{text}");
+        assert!(summary[0].contains("c.blocks 4, c.proposals 1"), "{text}");
     }
 
     #[test]

@@ -205,13 +205,7 @@ pub async fn run(
     let proposals = config.topics.name(names::PROPOSALS).to_string();
     let results_topic = config.topics.name(names::ENDORSEMENT_RESULTS).to_string();
     let blocks_topic = config.topics.name(names::BLOCKS).to_string();
-    let dead = DeadLetters {
-        log: log.clone(),
-        topic: config.topics.name(names::DEAD_LETTERS).to_string(),
-        stage: "endorser",
-        counters: counters.clone(),
-        shutdown: shutdown.clone(),
-    };
+    let dead = DeadLetters::new(log.clone(), config.topics.name(names::DEAD_LETTERS), "endorser", counters.clone(), shutdown.clone());
     let mut consumer = log.consumer(Subscription::Group { group: config.group.clone(), topics: vec![proposals] }).await?;
     let config = Arc::new(config);
     tracing::info!(org = %config.signer.identity().org, group = %config.group, "endorser started");

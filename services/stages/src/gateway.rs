@@ -432,7 +432,7 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
     let ordered_topic = topics.name(names::ORDERED_TX).to_string();
     let rejections_topic = topics.name(names::REJECTIONS).to_string();
     let admit = config.network.config().batch.clone();
-    let dead = DeadLetters { log: log.clone(), topic: topics.name(names::DEAD_LETTERS).to_string(), stage: "gateway", counters: counters.clone(), shutdown: shutdown.clone() };
+    let dead = DeadLetters::new(log.clone(), topics.name(names::DEAD_LETTERS), "gateway", counters.clone(), shutdown.clone());
 
     let mut gateway = Gateway::new(config);
     let remembered = remember_tail(&log, &ordered_topic, &rejections_topic, gateway.config.remember_resolved).await?;

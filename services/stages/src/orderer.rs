@@ -174,7 +174,7 @@ pub async fn run(config: OrdererConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
     let ordered_topic = topics.name(names::ORDERED_TX).to_string();
     let markers_topic = topics.name(names::CUT_MARKERS).to_string();
     let blocks_topic = topics.name(names::BLOCKS).to_string();
-    let dead = DeadLetters { log: log.clone(), topic: topics.name(names::DEAD_LETTERS).to_string(), stage: "orderer", counters: counters.clone(), shutdown: shutdown.clone() };
+    let dead = DeadLetters::new(log.clone(), topics.name(names::DEAD_LETTERS), "orderer", counters.clone(), shutdown.clone());
 
     let (last, blocks_end) = chain_tip(&log, &blocks_topic, &config.network).await?;
     let tip = last.as_ref().map_or_else(ChainTip::genesis, ChainTip::after);

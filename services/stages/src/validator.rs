@@ -166,7 +166,7 @@ pub async fn run(
     let counters = metrics.stage("validator", &config.peer, 1);
     let blocks_topic = config.topics.name(names::BLOCKS).to_string();
     let verdicts_topic = config.topics.name(names::VALIDATED_BLOCKS).to_string();
-    let dead = DeadLetters { log: log.clone(), topic: config.topics.name(names::DEAD_LETTERS).to_string(), stage: "validator", counters: counters.clone(), shutdown: shutdown.clone() };
+    let dead = DeadLetters::new(log.clone(), config.topics.name(names::DEAD_LETTERS), "validator", counters.clone(), shutdown.clone());
     let config = Arc::new(config);
 
     let savepoint = store.savepoint()?;
