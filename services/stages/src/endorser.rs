@@ -81,10 +81,10 @@ impl EndorserConfig {
 
 /// How long, at least, between two lines about skipped proposals (see [`FloodGate`]).
 const SKIPPED_SUMMARY_EVERY: Duration = Duration::from_secs(10);
-/// Rejections remembered for [`AlreadyRejected`]: the gateway lets 50,000 transactions wait for
-/// their endorsements, and under overload about as many rejected ones lie among them in
-/// `proposals`; this covers twice that, in about 5 MB.
-const REMEMBER_REJECTED: usize = 100_000;
+/// Rejections remembered for [`AlreadyRejected`]: the proposals an endorser has yet to reach
+/// that the gateway rejected. At three times the peak, 20,000 are rejected a second, and 100,000
+/// were forgotten before the endorsers got to them; this covers 20 s of that, in about 20 MB.
+const REMEMBER_REJECTED: usize = 400_000;
 /// How long an endorser waits at start for [`follow_rejections`] to catch up.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 

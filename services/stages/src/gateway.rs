@@ -75,14 +75,16 @@ const SHED_MIN_PENDING: usize = 1_000;
 
 /// Load shedding on the time transactions wait for their endorsements, as CoDel does on a queue's
 /// delay: if even the quickest transaction ordered in the last window waited more than the
-/// target, the endorsers are persistently behind, and the gateway rejects new transactions
-/// (`overloaded`) until a window orders nothing or orders one quickly, provided at least
-/// [`SHED_MIN_PENDING`] are waiting. Counting pending
+/// target, or none was ordered while [`SHED_MIN_PENDING`] or more waited, the endorsers are
+/// persistently behind, and the gateway rejects new transactions (`overloaded`) through the next
+/// window, provided at least [`SHED_MIN_PENDING`] are waiting. Counting pending
 /// transactions instead (`max_pending`) sets no bound on their wait: at twice the peak rate
 /// 50,000 pending took longer to endorse than the 10 s endorsement timeout, so nearly every
 /// transaction the gateway had accepted timed out after being endorsed, and commits fell to
 /// 1-3% of the peak. The minimum, not the oldest, so that one transaction stuck on an endorser
-/// that died does not stop admissions for its whole timeout.
+/// that died does not stop admissions for its whole timeout. A window that orders nothing with a
+/// backlog waiting counts as too slow: at three times the peak, the first second admitted 50,000
+/// before any was ordered, and the endorsers never caught up.
 struct Shedding {
     target: Option<Duration>,
     window_start: Instant,
@@ -97,21 +99,26 @@ impl Shedding {
         Self { target, window_start: now, quickest: None, on: false }
     }
 
-    /// Notes a transaction ordered after waiting `waited` for its endorsements.
-    fn ordered(&mut self, waited: Duration, now: Instant) {
-        self.roll(now);
+    /// Notes a transaction ordered after waiting `waited` for its endorsements, with `pending`
+    /// still waiting.
+    fn ordered(&mut self, waited: Duration, pending: usize, now: Instant) {
+        self.roll(pending, now);
         self.quickest = Some(self.quickest.map_or(waited, |q| q.min(waited)));
     }
 
-    /// Whether to reject a new transaction now.
-    fn shedding(&mut self, now: Instant) -> bool {
-        self.roll(now);
-        self.on
+    /// Whether to reject a new transaction now, with `pending` waiting.
+    fn shedding(&mut self, pending: usize, now: Instant) -> bool {
+        self.roll(pending, now);
+        self.on && pending >= SHED_MIN_PENDING
     }
 
-    fn roll(&mut self, now: Instant) {
+    fn roll(&mut self, pending: usize, now: Instant) {
         if now.duration_since(self.window_start) >= SHED_WINDOW {
-            self.on = matches!((self.target, self.quickest), (Some(target), Some(quickest)) if quickest > target);
+            self.on = match (self.target, self.quickest) {
+                (None, _) => false,
+                (Some(target), Some(quickest)) => quickest > target,
+                (Some(_), None) => pending >= SHED_MIN_PENDING,
+            };
             self.window_start = now;
             self.quickest = None;
         }
@@ -228,7 +235,7 @@ impl Gateway {
             self.release(&p.inputs);
             if matches!(outcome, Outcome::Ordered(_)) {
                 let now = Instant::now();
-                self.shedding.ordered(now.duration_since(p.since), now);
+                self.shedding.ordered(now.duration_since(p.since), self.pending.len(), now);
             }
         }
         let how = match outcome {
@@ -270,9 +277,12 @@ impl Gateway {
         if !self.pending.contains_key(&tx_id) {
             let reason = if self.pending.len() >= self.config.max_pending {
                 Some(format!("gateway overloaded: {} transactions already waiting for endorsement", self.pending.len()))
-            } else if self.pending.len() >= SHED_MIN_PENDING && self.shedding.shedding(Instant::now()) {
+            } else if self.shedding.shedding(self.pending.len(), Instant::now()) {
                 let target = self.config.shed_after.unwrap_or_default();
-                Some(format!("gateway overloaded: every transaction ordered in the last second waited more than {target:?} for its endorsements"))
+                Some(format!(
+                    "gateway overloaded: {} transactions wait for endorsement, and none ordered in the last second waited less than {target:?}",
+                    self.pending.len()
+                ))
             } else {
                 None
             };
@@ -679,21 +689,25 @@ mod tests {
     fn load_is_shed_while_even_the_quickest_transaction_of_a_window_waited_too_long() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let backlog = SHED_MIN_PENDING;
         let mut s = Shedding::new(Some(Duration::from_secs(1)), t0);
-        s.ordered(Duration::from_millis(1500), at(100));
-        s.ordered(Duration::from_millis(1200), at(900));
-        assert!(!s.shedding(at(999)), "decided only at the end of a window");
-        assert!(s.shedding(at(1000)), "the quickest of the window waited 1.2 s");
-        s.ordered(Duration::from_millis(1800), at(1500));
-        s.ordered(Duration::from_millis(20), at(1600));
-        assert!(s.shedding(at(1900)), "still the last window's decision");
-        assert!(!s.shedding(at(2000)), "one transaction got through in 20 ms: the endorsers keep up");
-        s.ordered(Duration::from_millis(3000), at(2500));
-        assert!(s.shedding(at(3000)));
-        assert!(!s.shedding(at(4000)), "a window that ordered nothing: nothing is waiting, admit again");
+        s.ordered(Duration::from_millis(1500), backlog, at(100));
+        s.ordered(Duration::from_millis(1200), backlog, at(900));
+        assert!(!s.shedding(backlog, at(999)), "decided only at the end of a window");
+        assert!(s.shedding(backlog, at(1000)), "the quickest of the window waited 1.2 s");
+        assert!(!s.shedding(backlog - 1, at(1001)), "fewer waiting than a backlog: admitted all the same");
+        s.ordered(Duration::from_millis(1800), backlog, at(1500));
+        s.ordered(Duration::from_millis(20), backlog, at(1600));
+        assert!(s.shedding(backlog, at(1900)), "still the last window's decision");
+        assert!(!s.shedding(backlog, at(2000)), "one transaction got through in 20 ms: the endorsers keep up");
+        s.ordered(Duration::from_millis(3000), backlog, at(2500));
+        assert!(s.shedding(backlog, at(3000)));
+        assert!(!s.shedding(10, at(4000)), "a window that ordered nothing with little waiting: admit again");
+        assert!(s.shedding(backlog, at(5000)), "a window that ordered nothing with a backlog waiting: shed");
         let mut never = Shedding::new(None, t0);
-        never.ordered(Duration::from_secs(9), at(1));
-        assert!(!never.shedding(at(5000)), "without a target it never sheds");
+        never.ordered(Duration::from_secs(9), backlog, at(1));
+        assert!(!never.shedding(backlog, at(5000)), "without a target it never sheds");
+        assert!(!never.shedding(backlog, at(7000)), "not even with a backlog that orders nothing");
     }
 
     #[test]
@@ -713,7 +727,7 @@ mod tests {
         let q = f.proposal("transfer", "transfer", &["a", "b", "3"]);
         let (kind, r) = rejection(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone())));
         assert_eq!((kind, r.tx_id.as_str(), r.source_offset), (RejectionKind::Overloaded, q.tx_id.as_str(), 1));
-        assert!(r.reason.contains("waited more than 1s"), "{}", r.reason);
+        assert!(r.reason.contains("none ordered in the last second waited less than 1s"), "{}", r.reason);
         g.on_input(&record(RESULTS, 0, 0), result(&f, 0, &p, rw("1")));
         assert!(matches!(g.on_input(&record(RESULTS, 0, 1), result(&f, 1, &p, rw("1"))), Some(Outcome::Ordered(_))), "admitted before: ordered");
     }
