@@ -76,6 +76,12 @@ pub(crate) fn finish_group(buf: &mut [u8]) -> Option<()> {
     Some(())
 }
 
+/// A group header's (body length, CRC-32 of the body).
+pub(crate) fn parse_header(header: &[u8; GROUP_HEADER]) -> (usize, u32) {
+    let (len, crc) = header.split_at(4);
+    (u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize, u32::from_le_bytes(crc.try_into().expect("4 bytes")))
+}
+
 /// Appends one entry to a group's body. Names fit their 2-byte lengths (topic names are at most
 /// 249 characters; group names are checked by the caller) and keys and values their 4-byte ones
 /// (records are limited far below 4 GiB).
@@ -297,8 +303,7 @@ impl<'f> Groups<'f> {
             return Ok(None);
         }
         let header: [u8; GROUP_HEADER] = self.bytes_at(pos, GROUP_HEADER)?.try_into().expect("header length");
-        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        let (len, crc) = parse_header(&header);
         let body_pos = pos + GROUP_HEADER as u64;
         if crc32fast::hash(self.bytes_at(body_pos, len)?) != crc {
             return Err(Bad::Checksum);
@@ -316,7 +321,7 @@ impl<'f> Groups<'f> {
 pub(crate) fn torn_tail(file: &File, pos: u64, file_len: u64) -> Result<u64, String> {
     let mut header = [0u8; GROUP_HEADER];
     if pos + GROUP_HEADER as u64 <= file_len && file.read_exact_at(&mut header, pos).is_ok() {
-        let claimed_end = pos + GROUP_HEADER as u64 + u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as u64;
+        let claimed_end = pos + GROUP_HEADER as u64 + parse_header(&header).0 as u64;
         if claimed_end < file_len {
             let mut after = Groups::new(file, claimed_end, file_len);
             if matches!(after.next_group(), Ok(Some(_))) {
