@@ -70,8 +70,7 @@ impl DeadLetters {
         let now = std::time::Instant::now();
         let full = {
             let mut flood = self.flood.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(held_back) = flood.end_window(now).filter(|h| !h.is_empty()) {
-                let by_topic = held_back.iter().map(|(topic, n)| format!("{topic} {n}")).collect::<Vec<_>>().join(", ");
+            if let Some((_, by_topic)) = flood.summary(now) {
                 tracing::warn!(stage = self.stage, %by_topic, "dead-lettered more records since the last one logged (one by one at debug level)");
             }
             flood.note(record.topic.clone(), 1, now)
@@ -235,6 +234,17 @@ impl<K: Ord> FloodGate<K> {
         }
         self.window.take().map(|(_, held_back)| held_back)
     }
+
+    /// [`FloodGate::end_window`], for the log line: when the window is over and held something
+    /// back, how many in all and "kind count, kind count" in the kinds' order.
+    pub fn summary(&mut self, now: std::time::Instant) -> Option<(u64, String)>
+    where
+        K: std::fmt::Display,
+    {
+        let held_back = self.end_window(now).filter(|h| !h.is_empty())?;
+        let by_kind = held_back.iter().map(|(kind, n)| format!("{kind} {n}")).collect::<Vec<_>>().join(", ");
+        Some((held_back.values().sum(), by_kind))
+    }
 }
 
 #[cfg(test)]
@@ -350,5 +360,12 @@ mod tests {
         let t1 = t0 + Duration::from_secs(60);
         assert!(log.note("refused", 1, t1));
         assert_eq!(log.end_window(t1 + every), Some(BTreeMap::new()));
+        // The summary of a window, for its log line; none for a window that held nothing back.
+        let t2 = t1 + Duration::from_secs(60);
+        assert!(log.note("refused", 1, t2));
+        assert!(!log.note("refused", 2, t2) && !log.note("overloaded", 1, t2));
+        assert_eq!(log.summary(t2 + every), Some((3, "overloaded 1, refused 2".to_string())), "the first, logged in full, is not held back");
+        assert!(log.note("refused", 1, t2 + every * 2));
+        assert_eq!(log.summary(t2 + every * 3), None);
     }
 }

@@ -107,6 +107,12 @@ impl Skipped {
     }
 }
 
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 /// The proposals the gateway has already rejected, as tx id → the offset of the record it
 /// rejected, learnt by following `rejections`. An overloaded gateway rejects most new proposals
 /// the moment it reads them, long before a busy endorser gets to them, and endorsing those is work
@@ -231,8 +237,7 @@ pub async fn run(
             _ = shutdown.changed() => continue,
         };
         metrics.observe_lag(&counters, &consumer.lag());
-        if let Some(held_back) = skipped_log.end_window(Instant::now()).filter(|h| !h.is_empty()) {
-            let by_reason = held_back.iter().map(|(why, n)| format!("{} {n}", why.label())).collect::<Vec<_>>().join(", ");
+        if let Some((_, by_reason)) = skipped_log.summary(Instant::now()) {
             tracing::warn!(org = %org, %by_reason, "skipped more proposals in the last {} s or so (too_old: older than {age:?}; rejected: already rejected by the gateway)", SKIPPED_SUMMARY_EVERY.as_secs());
         }
         if records.is_empty() {

@@ -179,6 +179,12 @@ impl RejectionKind {
     }
 }
 
+impl std::fmt::Display for RejectionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 /// What became of a resolved transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Resolution {
@@ -404,12 +410,7 @@ impl Gateway {
 /// How long, at least, between two lines of the rejection summary.
 const REJECTION_SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
-fn log_held_back(held_back: &BTreeMap<RejectionKind, u64>) {
-    let total: u64 = held_back.values().sum();
-    if total == 0 {
-        return;
-    }
-    let by_reason = held_back.iter().map(|(kind, n)| format!("{} {n}", kind.label())).collect::<Vec<_>>().join(", ");
+fn log_held_back((total, by_reason): (u64, String)) {
     tracing::info!(
         total, %by_reason,
         "rejected {total} more transactions in the last {} s or so (one by one at debug level: RUST_LOG=streamledger_stages::gateway=debug)",
@@ -486,8 +487,8 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
             last_expiry = Instant::now();
             outcomes.extend(gateway.expire(last_expiry));
         }
-        if let Some(held_back) = rejection_log.end_window(Instant::now()) {
-            log_held_back(&held_back);
+        if let Some(summary) = rejection_log.summary(Instant::now()) {
+            log_held_back(summary);
         }
         if outcomes.is_empty() && records.is_empty() {
             continue;
