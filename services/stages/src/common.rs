@@ -247,6 +247,23 @@ impl<K: Ord> FloodGate<K> {
     }
 }
 
+/// A stage test's channel: the fixture network's topics on an embedded log in a temporary
+/// directory (kept while the returned `TempDir` lives), no stage running.
+#[cfg(test)]
+pub(crate) async fn embedded_channel() -> (
+    tempfile::TempDir,
+    Arc<streamledger_embedded::log::EmbeddedLog>,
+    streamledger_core::fixtures::Fixture,
+    streamledger_ports::topics::Topics,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = streamledger_embedded::log::EmbeddedLog::open(dir.path()).unwrap();
+    let f = streamledger_core::fixtures::Fixture::new();
+    let topics = streamledger_ports::topics::Topics::default_for(f.network.channel());
+    streamledger_ports::log::ensure_topics(log.as_ref(), &topics).await.unwrap();
+    (dir, log, f, topics)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -289,12 +306,18 @@ mod tests {
         }
     }
 
+    /// An embedded log in a temporary directory with one topic, `dead`.
+    async fn log_with_dead_topic() -> (tempfile::TempDir, Arc<EmbeddedLog>) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        let spec = TopicSpec { name: "dead".into(), suffix: "dead".into(), partitions: 1, replication: 1, configs: Default::default() };
+        log.ensure_topic(&spec).await.unwrap();
+        (dir, log)
+    }
+
     #[tokio::test]
     async fn a_dead_letter_survives_a_broker_hiccup() {
-        let dir = tempfile::tempdir().unwrap();
-        let inner = EmbeddedLog::open(dir.path()).unwrap();
-        let spec = TopicSpec { name: "dead".into(), suffix: "dead".into(), partitions: 1, replication: 1, configs: Default::default() };
-        inner.ensure_topic(&spec).await.unwrap();
+        let (_dir, inner) = log_with_dead_topic().await;
         let log = Arc::new(Hiccup { inner: inner.clone(), failures: AtomicUsize::new(3) });
         let (_stop, shutdown) = watch::channel(false);
         let counters = Metrics::detached("c").stage("gateway", "g", 1);
@@ -309,15 +332,11 @@ mod tests {
         assert_eq!(counters.dead_letters.get(), 1);
     }
 
-
     /// Garbage in a burst: every record is dead-lettered and counted, one is logged in full, and
     /// the first dead letter after the window logs how many were held back, per topic.
     #[tokio::test]
     async fn a_burst_of_dead_letters_is_logged_once_then_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(dir.path()).unwrap();
-        let spec = TopicSpec { name: "dead".into(), suffix: "dead".into(), partitions: 1, replication: 1, configs: Default::default() };
-        log.ensure_topic(&spec).await.unwrap();
+        let (_dir, log) = log_with_dead_topic().await;
         let (_stop, shutdown) = watch::channel(false);
         let counters = Metrics::detached("c").stage("validator", "p", 1);
         let mut dead = DeadLetters::new(log.clone(), "dead", "validator", counters.clone(), shutdown);

@@ -391,11 +391,7 @@ mod tests {
     /// Runs an endorser over one proposal that reached the log a little while ago, and returns how
     /// many endorsement results it wrote.
     async fn results_for_one_proposal(skip_older_than: Option<Duration>) -> i64 {
-        let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(dir.path()).unwrap();
-        let f = Fixture::new();
-        let topics = Topics::default_for(f.network.channel());
-        ensure_topics(log.as_ref(), &topics).await.unwrap();
+        let (_dir, log, f, topics) = crate::common::embedded_channel().await;
         let p = f.proposal("kv", "put", &["k", "v"]);
         log.append(topics.name(names::PROPOSALS), vec![OutRecord::keyed(p.tx_id.as_bytes(), codec::encode(&p).unwrap())]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -510,11 +506,7 @@ mod tests {
     /// passes it over and counts it, and endorses the same proposal sent again and another one.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_proposal_the_gateway_rejected_is_skipped_but_a_new_attempt_is_endorsed() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(dir.path()).unwrap();
-        let f = Fixture::new();
-        let topics = Topics::default_for(f.network.channel());
-        ensure_topics(log.as_ref(), &topics).await.unwrap();
+        let (_dir, log, f, topics) = crate::common::embedded_channel().await;
         let proposals = topics.name(names::PROPOSALS).to_string();
         let (p, q) = (f.proposal("kv", "put", &["k", "v"]), f.proposal("kv", "put", &["j", "w"]));
         let record = |p: &Proposal| OutRecord::keyed(p.tx_id.as_bytes(), codec::encode(p).unwrap());

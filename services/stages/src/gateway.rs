@@ -607,7 +607,6 @@ mod tests_support {
 mod tests {
     use super::tests_support::*;
     use streamledger_embedded::log::EmbeddedLog;
-    use streamledger_ports::log::ensure_topics;
 
     /// Runs a gateway on `log` until the proposals partition holding `offset` has its offset
     /// committed past it (or `limit` passes), then stops it.
@@ -633,11 +632,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_undecodable_input_is_dead_lettered_once_across_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(dir.path()).unwrap();
-        let f = Fixture::new();
-        let topics = Topics::default_for(f.network.channel());
-        ensure_topics(log.as_ref(), &topics).await.unwrap();
+        let (_dir, log, f, topics) = crate::common::embedded_channel().await;
         let proposals = topics.name(names::PROPOSALS).to_string();
         let appended = log.append(&proposals, vec![OutRecord::to_partition(1, b"not avro".to_vec())]).await.unwrap();
         let (partition, offset) = appended[0];
