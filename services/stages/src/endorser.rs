@@ -9,7 +9,6 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use hashlink::LinkedHashMap;
 use rayon::prelude::*;
 use streamledger_core::codec;
 use streamledger_core::contract::Registry;
@@ -18,6 +17,7 @@ use streamledger_core::crypto::SignatureChecks;
 use streamledger_core::endorsement::{check_proposals_with, endorse, ProposalRejection};
 use streamledger_core::model::{EndorsementResult, Proposal, Rejection, Response, RwSet};
 use streamledger_core::network::Network;
+use streamledger_core::recent::RecentMap;
 use streamledger_core::simulation::simulate;
 use streamledger_core::state::{CommittedState, StateError};
 use streamledger_ports::log::{Consumer, Log, OutRecord, Record, Subscription};
@@ -121,14 +121,19 @@ impl std::fmt::Display for Skipped {
 /// them, and commits fell to 266 tx/s, 3% of the peak. Passing one over costs a lookup of the
 /// record's key (the tx id): no decoding, no signature check. Only the rejected record is passed
 /// over: the same proposal sent again (a new attempt) is at another offset.
-#[derive(Default)]
 struct AlreadyRejected {
     /// A 64-bit hash of the tx id (keyed per process, so that no one can aim a collision at it)
     /// → the offset, the oldest forgotten first past [`REMEMBER_REJECTED`]: about 50 bytes an
     /// entry where the tx id's 64 characters took three times that. A wrong match needs a
     /// collision of the hash and the same offset.
-    ids: Mutex<LinkedHashMap<u64, i64>>,
+    ids: Mutex<RecentMap<i64, u64>>,
     hasher: RandomState,
+}
+
+impl Default for AlreadyRejected {
+    fn default() -> Self {
+        Self { ids: Mutex::new(RecentMap::new(REMEMBER_REJECTED)), hasher: RandomState::new() }
+    }
 }
 
 impl AlreadyRejected {
@@ -136,11 +141,7 @@ impl AlreadyRejected {
         // -1: a timeout, which names no record (and comes after the proposal is too old anyway).
         if rejection.source_offset >= 0 {
             let key = self.hasher.hash_one(rejection.tx_id.as_bytes());
-            let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
-            ids.replace(key, rejection.source_offset);
-            while ids.len() > REMEMBER_REJECTED {
-                ids.pop_front();
-            }
+            self.ids.lock().unwrap_or_else(PoisonError::into_inner).insert(&key, rejection.source_offset);
         }
     }
 

@@ -267,13 +267,13 @@ impl Gateway {
     fn on_input(&mut self, record: &Record, input: Input) -> Option<Outcome> {
         self.passed(record);
         let tx_id = input.tx_id().to_string();
-        match (self.resolved.get(&tx_id), &input) {
+        match (self.resolved.get(tx_id.as_str()), &input) {
             (None, _) => {}
             // Late, duplicate or re-delivered: the transaction is in the order already.
             (Some(Resolution::Ordered), _) => return None,
             // The proposal sent again after a rejection: a new attempt.
             (Some(Resolution::Rejected), Input::Proposal(_)) => {
-                self.resolved.remove(&tx_id);
+                self.resolved.remove(tx_id.as_str());
             }
             // A straggler of the rejected attempt, or of a new attempt whose proposal has not
             // arrived yet: only kept once the new attempt is open.
