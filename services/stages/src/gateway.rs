@@ -129,6 +129,11 @@ struct Pending {
     proposal: Option<Proposal>,
     results: Vec<EndorsementResult>,
     since: Instant,
+    /// Where the proposal sits in its proposals partition, -1 until it arrives: the offset a
+    /// rejection names, which the endorsers match against the records they read. Never the
+    /// offset of the input that happened to resolve it, which may be an endorsement result's in
+    /// another topic.
+    proposal_offset: i64,
     /// The input records of this transaction: their offsets cannot be committed until it resolves.
     inputs: Vec<(Arc<str>, i32, i64)>,
 }
@@ -293,7 +298,8 @@ impl Gateway {
                 None
             };
             if let Some(reason) = reason {
-                return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, record.offset));
+                let proposal_offset = if matches!(input, Input::Proposal(_)) { record.offset } else { -1 };
+                return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, proposal_offset));
             }
         }
         self.hold(&record.topic, record.partition, record.offset);
@@ -301,11 +307,15 @@ impl Gateway {
             proposal: None,
             results: Vec::new(),
             since: Instant::now(),
+            proposal_offset: -1,
             inputs: Vec::new(),
         });
         entry.inputs.push((record.topic.clone(), record.partition, record.offset));
         match input {
-            Input::Proposal(p) => entry.proposal = Some(p),
+            Input::Proposal(p) => {
+                entry.proposal = Some(p);
+                entry.proposal_offset = record.offset;
+            }
             Input::Result(r) => {
                 // (tx id, endorser) de-duplication: a re-delivered result counts once.
                 if !entry.results.iter().any(|e| e.endorser == r.endorser) {
@@ -313,15 +323,16 @@ impl Gateway {
                 }
             }
         }
-        self.evaluate(&tx_id, record.offset)
+        self.evaluate(&tx_id)
     }
 
     /// Orders the transaction once agreeing endorsements satisfy the policy; rejects it when they
     /// never can.
-    fn evaluate(&mut self, tx_id: &str, offset: i64) -> Option<Outcome> {
+    fn evaluate(&mut self, tx_id: &str) -> Option<Outcome> {
         let network = self.config.network.clone();
         let entry = self.pending.get(tx_id)?;
         let proposal = entry.proposal.as_ref()?;
+        let offset = entry.proposal_offset;
         if let Some(refusal) = entry.results.iter().find(|r| !r.response.is_ok()) {
             let who = network.member_name(&refusal.endorser).unwrap_or_else(|| refusal.endorser.org.clone());
             let reason = format!("endorser {who} refused: {}", refusal.response.message);
@@ -718,7 +729,7 @@ mod tests {
         assert!(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone())).is_none(), "one waiting is no backlog: admitted");
         for i in 0..SHED_MIN_PENDING {
             let id = format!("waiting-{i}");
-            g.pending.insert(id, Pending { proposal: None, results: Vec::new(), since: Instant::now(), inputs: Vec::new() });
+            g.pending.insert(id, Pending { proposal: None, results: Vec::new(), since: Instant::now(), proposal_offset: -1, inputs: Vec::new() });
         }
         let q = f.proposal("transfer", "transfer", &["a", "b", "3"]);
         let (kind, r) = rejection(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone())));
@@ -738,19 +749,35 @@ mod tests {
     fn a_refusing_endorser_or_disagreeing_endorsements_are_rejected_with_the_reason() {
         let f = Fixture::new();
         let mut g = gateway(&f);
+        // The proposals' offsets differ from their results' on purpose: a rejection names the
+        // proposal's record (the endorsers pass over that very record), whichever input resolved it.
         let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
-        g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone()));
+        g.on_input(&record(PROPOSALS, 0, 7), Input::Proposal(p.clone()));
         let refused = Input::Result(endorse(&f.peers[0], &p, Response::error("insufficient funds"), RwSet::default()));
         let (kind, r) = rejection(g.on_input(&record(RESULTS, 0, 0), refused));
-        assert_eq!((kind, r.tx_id.as_str()), (RejectionKind::EndorserRefused, p.tx_id.as_str()));
+        assert_eq!((kind, r.tx_id.as_str(), r.source_offset), (RejectionKind::EndorserRefused, p.tx_id.as_str(), 7));
         assert!(r.reason.contains("Org1.peer0") && r.reason.contains("insufficient funds"), "{}", r.reason);
 
         let q = f.proposal("transfer", "transfer", &["a", "b", "2"]);
-        g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone()));
         assert!(g.on_input(&record(RESULTS, 0, 1), result(&f, 0, &q, rw("1"))).is_none());
+        g.on_input(&record(PROPOSALS, 0, 8), Input::Proposal(q.clone()));
         let (kind, r) = rejection(g.on_input(&record(RESULTS, 0, 2), result(&f, 1, &q, rw("2"))));
         assert!(r.reason.contains("disagree"), "{}", r.reason);
-        assert_eq!(kind, RejectionKind::EndorsementsDisagree);
+        assert_eq!((kind, r.source_offset), (RejectionKind::EndorsementsDisagree, 8));
+    }
+
+    #[test]
+    fn a_transaction_rejected_on_an_endorsement_result_names_no_proposal_record() {
+        let f = Fixture::new();
+        let mut config = GatewayConfig::new(Arc::new(f.network.clone()), Topics::default_for("mychannel"));
+        config.max_pending = 1;
+        let mut g = Gateway::new(config);
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        let q = f.proposal("transfer", "transfer", &["a", "b", "2"]);
+        assert!(g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p)).is_none());
+        // q's first input is a result at offset 5 of tx-results: offset 5 of proposals is not q's.
+        let (kind, r) = rejection(g.on_input(&record(RESULTS, 0, 5), result(&f, 0, &q, rw("1"))));
+        assert_eq!((kind, r.tx_id.as_str(), r.source_offset), (RejectionKind::Overloaded, q.tx_id.as_str(), -1));
     }
 
     #[test]
