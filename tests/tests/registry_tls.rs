@@ -51,7 +51,7 @@ async fn secured(dir: &Path) -> Secured {
 }
 
 fn rejection() -> Vec<u8> {
-    codec::encode(&Rejection { tx_id: "t1".into(), stage: "gateway".into(), reason: "r".into(), source_offset: 3 }).unwrap()
+    codec::encode(&Rejection { tx_id: "t1".into(), stage: "gateway".into(), reason: "r".into(), source_offset: 3, source_partition: 0 }).unwrap()
 }
 
 #[tokio::test]

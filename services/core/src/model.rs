@@ -256,6 +256,16 @@ pub struct Rejection {
     pub reason: String,
     /// Offset of the proposal in its `proposals` partition, -1 if unknown.
     pub source_offset: i64,
+    /// That partition, -1 if unknown: with the offset, the very record refused (the endorsers
+    /// pass over it), which an offset alone names only as long as a tx id always lands in the
+    /// same partition, and producers with different partitioners break that. Added in schema
+    /// v2; -1 when read from a v1 record.
+    #[serde(default = "unknown_partition")]
+    pub source_partition: i32,
+}
+
+fn unknown_partition() -> i32 {
+    -1
 }
 
 /// One key written by a VALID transaction, as the publishing peer committed it (topic

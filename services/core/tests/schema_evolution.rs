@@ -11,7 +11,7 @@ use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use streamledger_core::codec::{self, all_schemas, CodecError, Record};
-use streamledger_core::model::DeadLetter;
+use streamledger_core::model::{DeadLetter, Rejection};
 use streamledger_core::schema_history::{self, by_fingerprint, fingerprint, HISTORY};
 
 fn schemas_dir() -> PathBuf {
@@ -181,6 +181,26 @@ fn a_record_written_with_a_history_version_decodes_with_the_current_type() {
     let again = codec::encode(&DeadLetter { instance: Some("Org1".into()), ..letter.clone() }).unwrap();
     assert_eq!(&again[2..10], &DeadLetter::schema().fingerprint());
     assert_eq!(codec::decode::<DeadLetter>(&again).unwrap().instance.as_deref(), Some("Org1"));
+}
+
+/// A rejection from a v1 gateway names no partition: it reads as -1, which the endorsers take as
+/// "the offset in any partition", what v1 meant.
+#[test]
+fn a_v1_rejection_reads_with_an_unknown_partition() {
+    let v1 = schema_history::versions("rejections").find(|v| v.version == 1).expect("rejections v1");
+    let schema = Schema::parse_str(v1.text).unwrap();
+    let mut bytes = codec::SINGLE_OBJECT_MAGIC.to_vec();
+    bytes.extend_from_slice(&fingerprint(v1.text).unwrap());
+    let fields = vec![
+        ("tx_id".to_string(), Value::String("t1".into())),
+        ("stage".to_string(), Value::String("gateway".into())),
+        ("reason".to_string(), Value::String("gateway overloaded".into())),
+        ("source_offset".to_string(), Value::Long(42)),
+    ];
+    bytes.extend(GenericDatumWriter::builder(&schema).build().unwrap().write_value_to_vec(Value::Record(fields)).unwrap());
+    assert_ne!(&bytes[2..10], &Rejection::schema().fingerprint(), "v1 and the current schema must differ for this test");
+    let r: Rejection = codec::decode(&bytes).expect("a v1 rejection decodes");
+    assert_eq!((r.tx_id.as_str(), r.source_offset, r.source_partition), ("t1", 42, -1));
 }
 
 #[test]

@@ -96,7 +96,7 @@ fn samples() -> Vec<(&'static str, Value, Vec<u8>)> {
             reason: "bad".into(),
             instance: Some("Org1".into()),
         }),
-        entry(Rejection { tx_id: "t".into(), stage: "gateway".into(), reason: "timeout".into(), source_offset: 3 }),
+        entry(Rejection { tx_id: "t".into(), stage: "gateway".into(), reason: "timeout".into(), source_offset: 3, source_partition: 1 }),
         entry(StateChange {
             channel: "mychannel".into(),
             block_number: 4,

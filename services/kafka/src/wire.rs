@@ -495,7 +495,7 @@ mod tests {
     async fn an_unreachable_registry_is_a_retryable_error_not_a_dead_letter() {
         // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
         let wire = Wire::with_registry(&RegistryOptions { url: "http://127.0.0.1:9".into(), ca_location: None, basic_auth: None, client_cert: None }).unwrap();
-        let rejection = Rejection { tx_id: "t".into(), stage: "gateway".into(), reason: "r".into(), source_offset: 0 };
+        let rejection = Rejection { tx_id: "t".into(), stage: "gateway".into(), reason: "r".into(), source_offset: 0, source_partition: 0 };
         let single = codec::encode(&rejection).unwrap();
         let err = wire.outbound("ch.rejections", &single).await.unwrap_err();
         assert!(err.retryable && err.context.contains("ch.rejections-value"), "{err}");

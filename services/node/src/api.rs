@@ -1013,7 +1013,7 @@ mod tests {
                         let (topic, value) = match p.function.as_str() {
                             "ignore" => continue,
                             "reject" => {
-                                let r = Rejection { tx_id: p.tx_id, stage: "gateway".into(), reason: "policy not met".into(), source_offset: record.offset };
+                                let r = Rejection { tx_id: p.tx_id, stage: "gateway".into(), reason: "policy not met".into(), source_offset: record.offset, source_partition: record.partition };
                                 (names::REJECTIONS, codec::encode(&r).unwrap())
                             }
                             _ => {

@@ -485,7 +485,7 @@ mod tests {
             results: vec![TxResult { tx_id: String::new(), code: 2 }, TxResult { tx_id: "t1".into(), code: 11 }],
             ..old.clone()
         };
-        let rejection = Rejection { tx_id: "t2".into(), stage: "gateway".into(), reason: "policy not met".into(), source_offset: 5 };
+        let rejection = Rejection { tx_id: "t2".into(), stage: "gateway".into(), reason: "policy not met".into(), source_offset: 5, source_partition: 0 };
         log.append(
             vb_topic,
             vec![

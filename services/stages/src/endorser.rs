@@ -113,20 +113,20 @@ impl std::fmt::Display for Skipped {
     }
 }
 
-/// The proposals the gateway has already rejected, as tx id → the offset of the record it
-/// rejected, learnt by following `rejections`. An overloaded gateway rejects most new proposals
+/// The proposals the gateway has already rejected, as tx id → the (partition, offset) of the
+/// record it rejected, learnt by following `rejections`. An overloaded gateway rejects most new proposals
 /// the moment it reads them, long before a busy endorser gets to them, and endorsing those is work
 /// thrown away. At twice the peak rate (`bench --rate 16000`) it was most of the endorsers' work:
 /// they fell ever further behind, the proposals the gateway had accepted timed out waiting for
 /// them, and commits fell to 266 tx/s, 3% of the peak. Passing one over costs a lookup of the
 /// record's key (the tx id): no decoding, no signature check. Only the rejected record is passed
-/// over: the same proposal sent again (a new attempt) is at another offset.
+/// over: the same proposal sent again (a new attempt) is another record.
 struct AlreadyRejected {
     /// A 64-bit hash of the tx id (keyed per process, so that no one can aim a collision at it)
-    /// → the offset, the oldest forgotten first past [`REMEMBER_REJECTED`]: about 50 bytes an
+    /// → the record's (partition, offset), the oldest forgotten first past [`REMEMBER_REJECTED`]: about 50 bytes an
     /// entry where the tx id's 64 characters took three times that. A wrong match needs a
-    /// collision of the hash and the same offset.
-    ids: Mutex<RecentMap<i64, u64>>,
+    /// collision of the hash and the same record.
+    ids: Mutex<RecentMap<(i32, i64), u64>>,
     hasher: RandomState,
 }
 
@@ -141,16 +141,20 @@ impl AlreadyRejected {
         // -1: a timeout, which names no record (and comes after the proposal is too old anyway).
         if rejection.source_offset >= 0 {
             let key = self.hasher.hash_one(rejection.tx_id.as_bytes());
-            self.ids.lock().unwrap_or_else(PoisonError::into_inner).insert(&key, rejection.source_offset);
+            self.ids.lock().unwrap_or_else(PoisonError::into_inner).insert(&key, (rejection.source_partition, rejection.source_offset));
         }
     }
 
     /// Whether `record` is a proposal the gateway has rejected: a rejection of its key's tx id
-    /// names its offset.
+    /// names its partition and offset. A rejection written before the partition was recorded
+    /// (schema v1, partition -1) names the offset only, and matches it in any partition.
     fn contains(&self, record: &Record) -> bool {
         let Some(tx_id) = record.key.as_deref() else { return false };
         let key = self.hasher.hash_one(tx_id);
-        self.ids.lock().unwrap_or_else(PoisonError::into_inner).get(&key) == Some(&record.offset)
+        match self.ids.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            Some(&(partition, offset)) => offset == record.offset && (partition == record.partition || partition < 0),
+            None => false,
+        }
     }
 }
 
@@ -482,25 +486,32 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     }
 
-    fn rejection(tx_id: &str, source_offset: i64) -> Rejection {
-        Rejection { tx_id: tx_id.into(), stage: "gateway".into(), reason: "gateway overloaded".into(), source_offset }
+    fn rejection(tx_id: &str, (source_partition, source_offset): (i32, i64)) -> Rejection {
+        Rejection { tx_id: tx_id.into(), stage: "gateway".into(), reason: "gateway overloaded".into(), source_offset, source_partition }
     }
 
-    fn proposal_record(key: Option<&str>, offset: i64) -> Record {
-        Record { topic: Arc::from("c.proposals"), partition: 0, offset, key: key.map(|k| k.as_bytes().to_vec()), value: Vec::new(), timestamp_ms: 0 }
+    fn proposal_record(key: Option<&str>, (partition, offset): (i32, i64)) -> Record {
+        Record { topic: Arc::from("c.proposals"), partition, offset, key: key.map(|k| k.as_bytes().to_vec()), value: Vec::new(), timestamp_ms: 0 }
     }
 
     #[test]
     fn only_the_record_the_gateway_rejected_counts_as_rejected() {
         let rejected = AlreadyRejected::default();
-        assert!(!rejected.contains(&proposal_record(Some("t1"), 5)), "nothing noted yet");
-        rejected.note(&rejection("t1", 5));
-        rejected.note(&rejection("t2", -1));
-        assert!(rejected.contains(&proposal_record(Some("t1"), 5)));
-        assert!(!rejected.contains(&proposal_record(Some("t1"), 9)), "the same proposal sent again is a new attempt");
-        assert!(!rejected.contains(&proposal_record(Some("t2"), 0)), "a timeout names no record");
-        assert!(!rejected.contains(&proposal_record(None, 5)), "a record without a key is not matched");
-        assert!(!rejected.contains(&proposal_record(Some("t3"), 5)));
+        assert!(!rejected.contains(&proposal_record(Some("t1"), (2, 5))), "nothing noted yet");
+        rejected.note(&rejection("t1", (2, 5)));
+        rejected.note(&rejection("t2", (-1, -1)));
+        rejected.note(&rejection("t4", (-1, 7)));
+        assert!(rejected.contains(&proposal_record(Some("t1"), (2, 5))));
+        assert!(!rejected.contains(&proposal_record(Some("t1"), (2, 9))), "the same proposal sent again is a new attempt");
+        assert!(
+            !rejected.contains(&proposal_record(Some("t1"), (0, 5))),
+            "sent again by a producer that partitions otherwise, it may land at the same offset of another partition: a new attempt"
+        );
+        assert!(!rejected.contains(&proposal_record(Some("t2"), (0, 0))), "a timeout names no record");
+        assert!(!rejected.contains(&proposal_record(None, (2, 5))), "a record without a key is not matched");
+        assert!(!rejected.contains(&proposal_record(Some("t3"), (2, 5))));
+        assert!(rejected.contains(&proposal_record(Some("t4"), (3, 7))), "a v1 rejection names the offset in any partition");
+        assert!(!rejected.contains(&proposal_record(Some("t4"), (3, 8))));
     }
 
     /// The gateway rejected a proposal (overloaded) before the endorser got to it: the endorser
@@ -512,7 +523,7 @@ mod tests {
         let (p, q) = (f.proposal("kv", "put", &["k", "v"]), f.proposal("kv", "put", &["j", "w"]));
         let record = |p: &Proposal| OutRecord::keyed(p.tx_id.as_bytes(), codec::encode(p).unwrap());
         let first = log.append(&proposals, vec![record(&p)]).await.unwrap()[0];
-        let rejected = codec::encode(&rejection(&p.tx_id, first.1)).unwrap();
+        let rejected = codec::encode(&rejection(&p.tx_id, first)).unwrap();
         log.append(topics.name(names::REJECTIONS), vec![OutRecord::keyed(p.tx_id.as_bytes(), rejected)]).await.unwrap();
         let again = log.append(&proposals, vec![record(&p)]).await.unwrap()[0];
         let other = log.append(&proposals, vec![record(&q)]).await.unwrap()[0];

@@ -125,15 +125,18 @@ impl Shedding {
     }
 }
 
+/// A rejection's `(source_partition, source_offset)` when it names no proposal record.
+const UNKNOWN_RECORD: (i32, i64) = (-1, -1);
+
 struct Pending {
     proposal: Option<Proposal>,
     results: Vec<EndorsementResult>,
     since: Instant,
-    /// Where the proposal sits in its proposals partition, -1 until it arrives: the offset a
-    /// rejection names, which the endorsers match against the records they read. Never the
-    /// offset of the input that happened to resolve it, which may be an endorsement result's in
+    /// The proposal's record, (partition, offset) in `proposals`, [`UNKNOWN_RECORD`] until it
+    /// arrives: what a rejection names, and the endorsers match against the records they read.
+    /// Never the input that happened to resolve it, which may be an endorsement result in
     /// another topic.
-    proposal_offset: i64,
+    proposal_at: (i32, i64),
     /// The input records of this transaction: their offsets cannot be committed until it resolves.
     inputs: Vec<(Arc<str>, i32, i64)>,
 }
@@ -257,8 +260,8 @@ impl Gateway {
         outcome
     }
 
-    fn reject(&mut self, tx_id: &str, kind: RejectionKind, reason: String, source_offset: i64) -> Outcome {
-        let r = Rejection { tx_id: tx_id.to_string(), stage: "gateway".into(), reason, source_offset };
+    fn reject(&mut self, tx_id: &str, kind: RejectionKind, reason: String, (source_partition, source_offset): (i32, i64)) -> Outcome {
+        let r = Rejection { tx_id: tx_id.to_string(), stage: "gateway".into(), reason, source_offset, source_partition };
         self.resolve(tx_id, Outcome::Rejected(kind, r))
     }
 
@@ -298,8 +301,8 @@ impl Gateway {
                 None
             };
             if let Some(reason) = reason {
-                let proposal_offset = if matches!(input, Input::Proposal(_)) { record.offset } else { -1 };
-                return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, proposal_offset));
+                let at = if matches!(input, Input::Proposal(_)) { (record.partition, record.offset) } else { UNKNOWN_RECORD };
+                return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, at));
             }
         }
         self.hold(&record.topic, record.partition, record.offset);
@@ -307,14 +310,14 @@ impl Gateway {
             proposal: None,
             results: Vec::new(),
             since: Instant::now(),
-            proposal_offset: -1,
+            proposal_at: UNKNOWN_RECORD,
             inputs: Vec::new(),
         });
         entry.inputs.push((record.topic.clone(), record.partition, record.offset));
         match input {
             Input::Proposal(p) => {
                 entry.proposal = Some(p);
-                entry.proposal_offset = record.offset;
+                entry.proposal_at = (record.partition, record.offset);
             }
             Input::Result(r) => {
                 // (tx id, endorser) de-duplication: a re-delivered result counts once.
@@ -332,15 +335,15 @@ impl Gateway {
         let network = self.config.network.clone();
         let entry = self.pending.get(tx_id)?;
         let proposal = entry.proposal.as_ref()?;
-        let offset = entry.proposal_offset;
+        let at = entry.proposal_at;
         if let Some(refusal) = entry.results.iter().find(|r| !r.response.is_ok()) {
             let who = network.member_name(&refusal.endorser).unwrap_or_else(|| refusal.endorser.org.clone());
             let reason = format!("endorser {who} refused: {}", refusal.response.message);
-            return Some(self.reject(tx_id, RejectionKind::EndorserRefused, reason, offset));
+            return Some(self.reject(tx_id, RejectionKind::EndorserRefused, reason, at));
         }
         let Some(policy) = network.policy(&proposal.contract) else {
             let reason = format!("contract {:?} is not deployed on channel {}", proposal.contract, network.channel());
-            return Some(self.reject(tx_id, RejectionKind::NotDeployed, reason, offset));
+            return Some(self.reject(tx_id, RejectionKind::NotDeployed, reason, at));
         };
         let hash = crypto::proposal_hash(proposal);
         let relevant: Vec<&EndorsementResult> = entry
@@ -376,7 +379,7 @@ impl Gateway {
         let orgs_answered: HashSet<&str> = relevant.iter().map(|r| r.endorser.org.as_str()).collect();
         if groups.len() > 1 && policy.orgs().iter().all(|o| orgs_answered.contains(o)) {
             let reason = format!("endorsements disagree on the response or read-write set ({} different outcomes)", groups.len());
-            return Some(self.reject(tx_id, RejectionKind::EndorsementsDisagree, reason, offset));
+            return Some(self.reject(tx_id, RejectionKind::EndorsementsDisagree, reason, at));
         }
         None
     }
@@ -398,7 +401,7 @@ impl Gateway {
                 } else {
                     (RejectionKind::NoProposal, format!("endorsements received but no proposal within {} ms", timeout.as_millis()))
                 };
-                self.reject(&id, kind, reason, -1)
+                self.reject(&id, kind, reason, UNKNOWN_RECORD)
             })
             .collect()
     }
@@ -514,7 +517,8 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
                     match admit.admit(bytes.len()) {
                         Ok(()) => ordered.push(OutRecord::keyed(tx.proposal.tx_id.as_bytes(), bytes)),
                         Err(why) => {
-                            let r = Rejection { tx_id: tx.proposal.tx_id.clone(), stage: "gateway".into(), reason: why, source_offset: -1 };
+                            let (source_partition, source_offset) = UNKNOWN_RECORD;
+                            let r = Rejection { tx_id: tx.proposal.tx_id.clone(), stage: "gateway".into(), reason: why, source_offset, source_partition };
                             rejected.push((RejectionKind::TooLarge, r));
                         }
                     }
@@ -729,11 +733,11 @@ mod tests {
         assert!(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone())).is_none(), "one waiting is no backlog: admitted");
         for i in 0..SHED_MIN_PENDING {
             let id = format!("waiting-{i}");
-            g.pending.insert(id, Pending { proposal: None, results: Vec::new(), since: Instant::now(), proposal_offset: -1, inputs: Vec::new() });
+            g.pending.insert(id, Pending { proposal: None, results: Vec::new(), since: Instant::now(), proposal_at: UNKNOWN_RECORD, inputs: Vec::new() });
         }
         let q = f.proposal("transfer", "transfer", &["a", "b", "3"]);
         let (kind, r) = rejection(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone())));
-        assert_eq!((kind, r.tx_id.as_str(), r.source_offset), (RejectionKind::Overloaded, q.tx_id.as_str(), 1));
+        assert_eq!((kind, r.tx_id.as_str(), r.source_partition, r.source_offset), (RejectionKind::Overloaded, q.tx_id.as_str(), 0, 1));
         assert!(r.reason.contains("none ordered in the last second waited less than 1s"), "{}", r.reason);
         g.on_input(&record(RESULTS, 0, 0), result(&f, 0, &p, rw("1")));
         assert!(matches!(g.on_input(&record(RESULTS, 0, 1), result(&f, 1, &p, rw("1"))), Some(Outcome::Ordered(_))), "admitted before: ordered");
@@ -752,10 +756,10 @@ mod tests {
         // The proposals' offsets differ from their results' on purpose: a rejection names the
         // proposal's record (the endorsers pass over that very record), whichever input resolved it.
         let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
-        g.on_input(&record(PROPOSALS, 0, 7), Input::Proposal(p.clone()));
+        g.on_input(&record(PROPOSALS, 3, 7), Input::Proposal(p.clone()));
         let refused = Input::Result(endorse(&f.peers[0], &p, Response::error("insufficient funds"), RwSet::default()));
         let (kind, r) = rejection(g.on_input(&record(RESULTS, 0, 0), refused));
-        assert_eq!((kind, r.tx_id.as_str(), r.source_offset), (RejectionKind::EndorserRefused, p.tx_id.as_str(), 7));
+        assert_eq!((kind, r.tx_id.as_str(), (r.source_partition, r.source_offset)), (RejectionKind::EndorserRefused, p.tx_id.as_str(), (3, 7)));
         assert!(r.reason.contains("Org1.peer0") && r.reason.contains("insufficient funds"), "{}", r.reason);
 
         let q = f.proposal("transfer", "transfer", &["a", "b", "2"]);
@@ -763,7 +767,7 @@ mod tests {
         g.on_input(&record(PROPOSALS, 0, 8), Input::Proposal(q.clone()));
         let (kind, r) = rejection(g.on_input(&record(RESULTS, 0, 2), result(&f, 1, &q, rw("2"))));
         assert!(r.reason.contains("disagree"), "{}", r.reason);
-        assert_eq!((kind, r.source_offset), (RejectionKind::EndorsementsDisagree, 8));
+        assert_eq!((kind, (r.source_partition, r.source_offset)), (RejectionKind::EndorsementsDisagree, (0, 8)));
     }
 
     #[test]
@@ -777,7 +781,7 @@ mod tests {
         assert!(g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p)).is_none());
         // q's first input is a result at offset 5 of tx-results: offset 5 of proposals is not q's.
         let (kind, r) = rejection(g.on_input(&record(RESULTS, 0, 5), result(&f, 0, &q, rw("1"))));
-        assert_eq!((kind, r.tx_id.as_str(), r.source_offset), (RejectionKind::Overloaded, q.tx_id.as_str(), -1));
+        assert_eq!((kind, r.tx_id.as_str(), (r.source_partition, r.source_offset)), (RejectionKind::Overloaded, q.tx_id.as_str(), UNKNOWN_RECORD));
     }
 
     #[test]
