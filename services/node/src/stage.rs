@@ -89,6 +89,7 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
         StageKind::Gateway => {
             let mut cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
             cfg.metrics = metrics.clone();
+            cfg.shed_after = Some(gateway::SHED_AFTER_ON_KAFKA);
             let (l, sd) = (log.clone(), shutdown.clone());
             tasks.spawn(async move { ("gateway".into(), gateway::run(cfg, l, sd).await) });
         }

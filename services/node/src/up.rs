@@ -279,6 +279,9 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
 
     let mut cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
     cfg.metrics = metrics.clone();
+    if config.kafka.is_some() {
+        cfg.shed_after = Some(gateway::SHED_AFTER_ON_KAFKA);
+    }
     let (l, sd) = (dyn_log.clone(), shutdown.clone());
     tasks.spawn(async move { ("gateway".to_string(), gateway::run(cfg, l, sd).await) });
 
