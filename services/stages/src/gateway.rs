@@ -139,6 +139,11 @@ impl Shedding {
 /// A rejection's `(source_partition, source_offset)` when it names no proposal record.
 const UNKNOWN_RECORD: (i32, i64) = (-1, -1);
 
+/// A rejection by the gateway of `tx_id`, naming the refused proposal record `at`.
+fn gateway_rejection(tx_id: String, reason: String, (source_partition, source_offset): (i32, i64)) -> Rejection {
+    Rejection { tx_id, stage: "gateway".into(), reason, source_offset, source_partition }
+}
+
 struct Pending {
     proposal: Option<Proposal>,
     results: Vec<EndorsementResult>,
@@ -271,8 +276,8 @@ impl Gateway {
         outcome
     }
 
-    fn reject(&mut self, tx_id: &str, kind: RejectionKind, reason: String, (source_partition, source_offset): (i32, i64)) -> Outcome {
-        let r = Rejection { tx_id: tx_id.to_string(), stage: "gateway".into(), reason, source_offset, source_partition };
+    fn reject(&mut self, tx_id: &str, kind: RejectionKind, reason: String, at: (i32, i64)) -> Outcome {
+        let r = gateway_rejection(tx_id.to_string(), reason, at);
         self.resolve(tx_id, Outcome::Rejected(kind, r))
     }
 
@@ -528,8 +533,7 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
                     match admit.admit(bytes.len()) {
                         Ok(()) => ordered.push(OutRecord::keyed(tx.proposal.tx_id.as_bytes(), bytes)),
                         Err(why) => {
-                            let (source_partition, source_offset) = UNKNOWN_RECORD;
-                            let r = Rejection { tx_id: tx.proposal.tx_id.clone(), stage: "gateway".into(), reason: why, source_offset, source_partition };
+                            let r = gateway_rejection(tx.proposal.tx_id.clone(), why, UNKNOWN_RECORD);
                             rejected.push((RejectionKind::TooLarge, r));
                         }
                     }
