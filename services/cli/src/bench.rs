@@ -103,6 +103,10 @@ pub struct BenchArgs {
     /// peer to reach the blocks topic's end before simulating).
     #[arg(long, env = "STREAMLEDGER_BENCH_ENDORSE_AT_TIP")]
     pub endorse_at_tip: bool,
+    /// Embedded target: run the network with `up --shed-after` (the gateway's load-shedding
+    /// target: a duration such as `250ms`, or `off`).
+    #[arg(long, env = "STREAMLEDGER_BENCH_SHED_AFTER")]
+    pub shed_after: Option<streamledger_node::up::ShedTarget>,
     /// Embedded target: after the round, read the log back and print where the committed
     /// transactions spent their time, stage by stage (from the log's append times).
     #[arg(long, env = "STREAMLEDGER_BENCH_BREAKDOWN")]
@@ -146,6 +150,7 @@ impl BenchArgs {
             progress: !self.no_progress && std::io::stderr().is_terminal(),
             no_signature_checks: self.no_signature_checks,
             endorse_at_tip: self.endorse_at_tip,
+            shed_after: self.shed_after,
             breakdown: self.breakdown,
             ..BenchConfig::default()
         })
@@ -232,6 +237,9 @@ mod tests {
         assert!(err.contains("embedded, kafka or http://HOST:PORT"), "{err}");
         let err = parse(&["--duration=-1"]).unwrap().to_config().unwrap_err().to_string();
         assert!(err.contains("--duration"), "{err}");
+        let err = parse(&["--shed-after", "0s"]).err().unwrap().to_string();
+        assert!(err.contains("--shed-after") && err.contains("off"), "{err}");
+        assert!(parse(&["--shed-after", "100ms"]).unwrap().to_config().unwrap().shed_after.is_some());
     }
 
     #[test]

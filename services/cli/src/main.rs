@@ -54,6 +54,11 @@ enum Command {
     },
     /// Run the gateway on a Kafka cluster.
     Gateway {
+        /// Shed load (reject new proposals as `overloaded`) while every transaction ordered in
+        /// the last 100 ms waited longer than this for its endorsements: a duration (`1s`,
+        /// `500ms`) or `off`. Default 1s on Kafka (see the README, Overload).
+        #[arg(long, env = "STREAMLEDGER_SHED_AFTER")]
+        shed_after: Option<streamledger_node::up::ShedTarget>,
         #[command(flatten)]
         common: StageArgs,
     },
@@ -238,6 +243,11 @@ struct UpArgs {
     /// between orgs, for some latency (see the README, The stages). Off, as in Fabric.
     #[arg(long, env = "STREAMLEDGER_ENDORSE_AT_TIP")]
     endorse_at_tip: bool,
+    /// The gateway sheds load (rejects new proposals as `overloaded`) while every transaction
+    /// ordered in the last 100 ms waited longer than this for its endorsements: a duration
+    /// (`250ms`, `1s`) or `off`. Default 250ms on the embedded log, 1s with --kafka.
+    #[arg(long, env = "STREAMLEDGER_SHED_AFTER")]
+    shed_after: Option<streamledger_node::up::ShedTarget>,
     /// No live progress line (it is also off when stderr is not a terminal).
     #[arg(long, env = "STREAMLEDGER_NO_PROGRESS")]
     no_progress: bool,
@@ -378,7 +388,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Client(command) => Ok(clients::run(command)?),
         Command::Topics(command) => block_on(topics(command))?,
         Command::Endorser { org, endorse_at_tip, common } => block_on(stage(StageKind::Endorser { org, at_tip: endorse_at_tip }, common))?,
-        Command::Gateway { common } => block_on(stage(StageKind::Gateway, common))?,
+        Command::Gateway { shed_after, common } => block_on(stage(StageKind::Gateway { shed_after }, common))?,
         Command::Orderer { id, common } => block_on(stage(StageKind::Orderer { id }, common))?,
         Command::Validator { peer, publish_changes, common } => block_on(stage(StageKind::Validator { peer, publish_changes }, common))?,
         Command::Network(NetworkCommand::Init { dir, channel, orgs, orderers }) => network_init(&dir, channel, orgs, orderers),
@@ -508,6 +518,7 @@ async fn up(args: UpArgs) -> Result<(), CliError> {
         publish_changes: args.publish_changes.clone(),
         allow_node_signing: args.allow_node_signing,
         endorse_at_tip: args.endorse_at_tip,
+        shed_after: args.shed_after,
         ..streamledger_node::up::UpConfig::new(args.data_dir.clone(), args.http)
     };
     let node = streamledger_node::up::start(config).await?;
@@ -630,6 +641,22 @@ mod tests {
         let err = up_args(&["--state", "http://db:5984", "--couchdb-max-batch-update-size", "0"]).state().unwrap_err().to_string();
         assert!(err.contains("maxBatchUpdateSize"), "{err}");
         assert!(Cli::try_parse_from(["streamledger", "up", "--state", "ftp://x"]).is_err());
+    }
+
+    #[test]
+    fn a_shedding_target_reaches_up_and_the_gateway_and_a_bad_one_is_named() {
+        use streamledger_node::up::ShedTarget;
+        assert_eq!(up_args(&["--shed-after", "500ms"]).shed_after, Some(ShedTarget(Some(Duration::from_millis(500)))));
+        assert_eq!(up_args(&["--shed-after", "off"]).shed_after, Some(ShedTarget(None)));
+        assert_eq!(up_args(&[]).shed_after, None, "not given: the log's default");
+        match Cli::try_parse_from(["streamledger", "gateway", "--shed-after", "2s"]).expect("parses").command {
+            Command::Gateway { shed_after, .. } => assert_eq!(shed_after, Some(ShedTarget(Some(Duration::from_secs(2))))),
+            _ => panic!("not gateway"),
+        }
+        for command in ["up", "gateway"] {
+            let err = Cli::try_parse_from(["streamledger", command, "--shed-after", "soon"]).err().expect("refused").to_string();
+            assert!(err.contains("--shed-after") && err.contains("soon"), "{command}: {err}");
+        }
     }
 
     #[test]

@@ -50,6 +50,7 @@ use streamledger_core::validation::TxValidationCode;
 use streamledger_kafka::{KafkaConfig, KafkaLog};
 use streamledger_ports::log::{Log, OutRecord, Subscription};
 use streamledger_ports::topics::{names, Topics};
+use streamledger_stages::gateway::ShedTarget;
 use streamledger_stages::metrics;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -263,6 +264,8 @@ pub struct BenchConfig {
     pub no_signature_checks: bool,
     /// Run the embedded network's endorsers at the tip (`UpConfig::endorse_at_tip`).
     pub endorse_at_tip: bool,
+    /// The embedded network's load-shedding target (`UpConfig::shed_after`); `None`: its default.
+    pub shed_after: Option<ShedTarget>,
     /// How long each of the three signature rates is timed.
     pub calibration: Duration,
     /// Embedded: after the round, read the log back and print where the time went, leg by leg
@@ -288,6 +291,7 @@ impl Default for BenchConfig {
             progress: false,
             no_signature_checks: false,
             endorse_at_tip: false,
+            shed_after: None,
             calibration: Duration::from_millis(600),
             breakdown: false,
         }
@@ -309,6 +313,9 @@ impl BenchConfig {
         }
         if self.endorse_at_tip && self.target != Target::Embedded {
             return Err(BenchError::Config("--endorse-at-tip applies to the embedded target only: a running node or stage has its own setting".into()));
+        }
+        if self.shed_after.is_some() && self.target != Target::Embedded {
+            return Err(BenchError::Config("--shed-after applies to the embedded target only: a running node or gateway has its own setting".into()));
         }
         if self.breakdown && self.target != Target::Embedded {
             return Err(BenchError::Config("--breakdown applies to the embedded target only: it reads the log the bench's own network wrote".into()));
@@ -970,6 +977,8 @@ pub struct NetworkSummary {
     pub batch_timeout_ms: u64,
     /// `--endorse-at-tip` (embedded target); a remote node's setting is not known here.
     pub endorse_at_tip: bool,
+    /// `--shed-after` as given (embedded target), `off` or a duration; `None`: the default.
+    pub shed_after: Option<String>,
 }
 
 /// Why committed / ceiling came out as it did, from the run's own figures (embedded only: the CPU
@@ -1106,6 +1115,9 @@ impl BenchReport {
         )?;
         if n.endorse_at_tip {
             writeln!(t, "endorsers: at the tip (--endorse-at-tip)")?;
+        }
+        if let Some(target) = &n.shed_after {
+            writeln!(t, "gateway: load-shedding target {target} (--shed-after)")?;
         }
         if let Some(s) = &self.setup {
             writeln!(t, "setup: {} transactions in {:.2} s (not measured)", s.txs, s.seconds)?;
@@ -1819,7 +1831,7 @@ async fn run_embedded(config: &BenchConfig, calibration: Calibration) -> Result<
     let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let signature_checks = if config.no_signature_checks { SignatureChecks::Off } else { SignatureChecks::On };
     let node =
-        up::start(UpConfig { client: config.client.clone(), signature_checks, endorse_at_tip: config.endorse_at_tip, ..UpConfig::new(dir.path.clone(), any_port) }).await?;
+        up::start(UpConfig { client: config.client.clone(), signature_checks, endorse_at_tip: config.endorse_at_tip, shed_after: config.shed_after, ..UpConfig::new(dir.path.clone(), any_port) }).await?;
     let (_, keys) = up::load_or_create_network(&dir.path.join("network"))?;
     let signer = client_signer(&keys, config)?;
     let network = (*node.network).clone();
@@ -2045,6 +2057,7 @@ async fn rounds(config: &BenchConfig, prepared: Prepared, calibration: Calibrati
             max_message_count: u64::from(batch.max_message_count),
             batch_timeout_ms: batch.batch_timeout_ms,
             endorse_at_tip: config.endorse_at_tip,
+            shed_after: config.shed_after.map(|t| t.to_string()),
         },
         setup,
         submitted: r.submitted,
@@ -2511,6 +2524,27 @@ mod tests {
         let report = run(BenchConfig { endorse_at_tip: true, ..short(WorkloadKind::Transfer, 200) }).await.unwrap();
         check_consistent(&report, 200);
         assert!(report.network.endorse_at_tip && report.table().contains("--endorse-at-tip"), "the report says how it ran");
+    }
+
+    /// `--shed-after` reaches the embedded network's gateway: with a 1 ms target, 1,500 proposals
+    /// in flight keep more than the gateway's backlog threshold waiting while none is endorsed
+    /// that fast, so it sheds load and says why; every transaction still gets its verdict.
+    /// (Without the flag the 250 ms default never sheds on a round this small: every other
+    /// round here runs with it and counts no gateway rejection.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_round_with_a_shedding_target_given() {
+        let target: ShedTarget = "1ms".parse().unwrap();
+        let config = BenchConfig { mode: Mode::Backlog(1_500), shed_after: Some(target), ..short(WorkloadKind::Kv, 3_000) };
+        let report = run(config).await.unwrap();
+        check_consistent(&report, 3_000);
+        let shed = report.rejections.get("gateway").copied().unwrap_or(0);
+        assert!(shed > 0, "a 1 ms target shed nothing: {}", report.table());
+        let reason = report.sample_rejection.as_deref().unwrap_or_default();
+        assert!(reason.contains("overloaded") && reason.contains("1ms"), "the reason names the target: {reason}");
+        assert_eq!(report.network.shed_after.as_deref(), Some("1ms"));
+        assert!(report.table().contains("load-shedding target 1ms (--shed-after)"), "the report says how it ran");
+        let remote = BenchConfig { shed_after: Some(target), target: Target::Http("http://127.0.0.1:7050".into()), ..BenchConfig::default() };
+        assert!(remote.validate().unwrap_err().to_string().contains("--shed-after applies to the embedded target only"));
     }
 
     /// A running node through its HTTP API, with a setup round (transfer accounts).

@@ -30,7 +30,8 @@ pub enum StageKind {
     /// `at_tip`: each batch waits for the endorser's own state replica to reach the blocks
     /// topic's end (see `endorser::EndorserConfig::peer`).
     Endorser { org: String, at_tip: bool },
-    Gateway,
+    /// `shed_after`: the load-shedding target; `None`: `gateway::SHED_AFTER_ON_KAFKA`.
+    Gateway { shed_after: Option<gateway::ShedTarget> },
     Orderer { id: String },
     /// `peer` is `Org.member`, e.g. `Org1.peer0`. `publish_changes`: this validator also writes
     /// `state-changes` and `tx-results` (one validator per deployment should).
@@ -86,10 +87,10 @@ pub async fn run(config: StageConfig, stop: impl std::future::Future<Output = ()
             let registry = Arc::new(Registry::builtin());
             tasks.spawn(async move { ("endorser".into(), endorser::run(cfg, l, s, registry, sd).await) });
         }
-        StageKind::Gateway => {
+        StageKind::Gateway { shed_after } => {
             let mut cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
             cfg.metrics = metrics.clone();
-            cfg.shed_after = Some(gateway::SHED_AFTER_ON_KAFKA);
+            cfg.shed_after = gateway::ShedTarget::or_default(*shed_after, gateway::SHED_AFTER_ON_KAFKA);
             let (l, sd) = (log.clone(), shutdown.clone());
             tasks.spawn(async move { ("gateway".into(), gateway::run(cfg, l, sd).await) });
         }

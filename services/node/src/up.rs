@@ -28,6 +28,9 @@ use streamledger_ports::topics::Topics;
 use streamledger_stages::validator::PeerProgress;
 use streamledger_stages::{endorser, gateway, orderer, validator, Metrics, StageError};
 use tokio::sync::watch;
+
+/// The CLI's `--shed-after` value (the CLI reaches the stages through this crate).
+pub use streamledger_stages::gateway::ShedTarget;
 use tokio::task::JoinSet;
 
 use crate::api::{self, ApiContext, Limits};
@@ -81,6 +84,9 @@ pub struct UpConfig {
     /// Each endorser batch waits for its org's peer to commit every block on the blocks topic
     /// (see `endorser::EndorserConfig::peer`). Off by default, as in Fabric.
     pub endorse_at_tip: bool,
+    /// The gateway's load-shedding target (`--shed-after`); `None`: the default for the log,
+    /// `gateway::SHED_AFTER` embedded and `gateway::SHED_AFTER_ON_KAFKA` on Kafka.
+    pub shed_after: Option<ShedTarget>,
 }
 
 impl UpConfig {
@@ -99,6 +105,7 @@ impl UpConfig {
             allow_node_signing: false,
             tls: None,
             endorse_at_tip: false,
+            shed_after: None,
         }
     }
 }
@@ -279,9 +286,8 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
 
     let mut cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
     cfg.metrics = metrics.clone();
-    if config.kafka.is_some() {
-        cfg.shed_after = Some(gateway::SHED_AFTER_ON_KAFKA);
-    }
+    let default_target = if config.kafka.is_some() { gateway::SHED_AFTER_ON_KAFKA } else { gateway::SHED_AFTER };
+    cfg.shed_after = ShedTarget::or_default(config.shed_after, default_target);
     let (l, sd) = (dyn_log.clone(), shutdown.clone());
     tasks.spawn(async move { ("gateway".to_string(), gateway::run(cfg, l, sd).await) });
 

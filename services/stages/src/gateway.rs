@@ -57,7 +57,7 @@ impl GatewayConfig {
             group: "gateway".into(),
             max_pending: 50_000,
             shed_after: Some(SHED_AFTER),
-            endorsement_timeout: Duration::from_secs(10),
+            endorsement_timeout: ENDORSEMENT_TIMEOUT,
             remember_resolved: 100_000,
             batch: 512,
         }
@@ -76,6 +76,56 @@ pub const SHED_AFTER: Duration = Duration::from_millis(250);
 /// endorsements of a closed loop of 2,000 in flight (the bench's setup round) waited more than
 /// 250 ms without the cluster being past its throughput, and 250 ms shed some of them.
 pub const SHED_AFTER_ON_KAFKA: Duration = Duration::from_secs(1);
+/// The default of [`GatewayConfig::endorsement_timeout`], as Fabric's gateway waits for
+/// endorsements (`gateway.endorsementTimeout` is 30 s there; ours is shorter because a stalled
+/// transaction holds its partition's committed offset back).
+pub const ENDORSEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A load-shedding target as an operator gives it (`--shed-after`): a duration in humantime's
+/// units (`250ms`, `1s`, `1s 500ms`), or `off` to never shed. Which default applies when it is
+/// not given depends on the log (see [`SHED_AFTER`], [`SHED_AFTER_ON_KAFKA`]), so it is an
+/// override, resolved by [`ShedTarget::or_default`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShedTarget(pub Option<Duration>);
+
+impl ShedTarget {
+    /// The target the gateway runs with: this one if given, else `default`.
+    pub fn or_default(given: Option<ShedTarget>, default: Duration) -> Option<Duration> {
+        given.map_or(Some(default), |t| t.0)
+    }
+}
+
+impl std::str::FromStr for ShedTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is neither a duration like 250ms or 1s nor `off`: {e}"))?;
+        if d.is_zero() {
+            return Err(format!("{s:?}: a zero target would shed everything; to never shed, give `off`"));
+        }
+        // A transaction that waits this long has already been rejected as timed out, so the
+        // gateway would never see one ordered that slowly: the target would never act.
+        if d >= ENDORSEMENT_TIMEOUT {
+            return Err(format!(
+                "{s:?}: the target must be shorter than the {ENDORSEMENT_TIMEOUT:?} endorsement timeout, or it never acts; to never shed, give `off`"
+            ));
+        }
+        Ok(Self(Some(d)))
+    }
+}
+
+impl std::fmt::Display for ShedTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("off"),
+            Some(d) => write!(f, "{}", humantime::format_duration(d)),
+        }
+    }
+}
 /// How often the gateway decides whether to shed load: short, so that admitting and shedding
 /// alternate in small steps. With one second, a second of admitting everything at twice the peak
 /// queued two seconds of work, which the next second of shedding then had to wait out.
@@ -736,6 +786,25 @@ mod tests {
         never.ordered(Duration::from_secs(9), backlog, at(1));
         assert!(!never.shedding(backlog, at(50)), "without a target it never sheds");
         assert!(!never.shedding(backlog, at(70)), "not even with a backlog that orders nothing");
+    }
+
+    #[test]
+    fn a_shedding_target_reads_as_a_duration_or_off_and_a_bad_one_is_named() {
+        let parse = |s: &str| s.parse::<ShedTarget>();
+        assert_eq!(parse("250ms"), Ok(ShedTarget(Some(Duration::from_millis(250)))));
+        assert_eq!(parse(" 1s 500ms "), Ok(ShedTarget(Some(Duration::from_millis(1_500)))));
+        assert_eq!(parse("OFF"), Ok(ShedTarget(None)));
+        for (bad, names) in [("250", "250"), ("fast", "fast"), ("0ms", "shed everything"), ("10s", "endorsement timeout"), ("1m", "endorsement timeout")] {
+            let e = parse(bad).expect_err(bad);
+            assert!(e.contains(names) && e.contains("off"), "{bad}: {e}");
+        }
+        // What the reports print reads back as the same target.
+        for t in [ShedTarget(None), ShedTarget(Some(Duration::from_millis(750)))] {
+            assert_eq!(parse(&t.to_string()), Ok(t));
+        }
+        assert_eq!(ShedTarget::or_default(None, SHED_AFTER), Some(SHED_AFTER));
+        assert_eq!(ShedTarget::or_default(Some(ShedTarget(None)), SHED_AFTER), None);
+        assert_eq!(ShedTarget::or_default(Some(ShedTarget(Some(Duration::from_secs(2)))), SHED_AFTER), Some(Duration::from_secs(2)));
     }
 
     #[test]
