@@ -286,8 +286,7 @@ pub async fn start(config: UpConfig) -> Result<Node, NodeError> {
 
     let mut cfg = gateway::GatewayConfig::new(network.clone(), topics.clone());
     cfg.metrics = metrics.clone();
-    let default_target = if config.kafka.is_some() { gateway::SHED_AFTER_ON_KAFKA } else { gateway::SHED_AFTER };
-    cfg.shed_after = ShedTarget::or_default(config.shed_after, default_target);
+    cfg.shed_after = shedding_target(&config);
     let (l, sd) = (dyn_log.clone(), shutdown.clone());
     tasks.spawn(async move { ("gateway".to_string(), gateway::run(cfg, l, sd).await) });
 
@@ -427,11 +426,30 @@ async fn show_progress(peers: Vec<Peer>, mut shutdown: watch::Receiver<bool>) {
     bar.finish_and_clear();
 }
 
+/// The gateway's load-shedding target: `--shed-after` if given, else the log's default (Kafka's
+/// brokers add a fetch wait to every hop, see `gateway::SHED_AFTER_ON_KAFKA`).
+fn shedding_target(config: &UpConfig) -> Option<Duration> {
+    let default = if config.kafka.is_some() { gateway::SHED_AFTER_ON_KAFKA } else { gateway::SHED_AFTER };
+    ShedTarget::or_default(config.shed_after, default)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::{SignedProposalRequest, SubmitRequest, TxState};
     use crate::client::Client;
+
+    #[test]
+    fn the_gateway_sheds_on_the_given_target_or_the_logs_default() {
+        let embedded = UpConfig::new("data".into(), "127.0.0.1:0".parse().unwrap());
+        let kafka = UpConfig { kafka: Some(streamledger_kafka::KafkaConfig::default().with("bootstrap.servers", "b:9092")), ..embedded.clone() };
+        assert_eq!(shedding_target(&embedded), Some(gateway::SHED_AFTER));
+        assert_eq!(shedding_target(&kafka), Some(gateway::SHED_AFTER_ON_KAFKA));
+        let given = |config: &UpConfig, target: &str| shedding_target(&UpConfig { shed_after: Some(target.parse().unwrap()), ..config.clone() });
+        assert_eq!(given(&embedded, "700ms"), Some(Duration::from_millis(700)));
+        assert_eq!(given(&kafka, "300ms"), Some(Duration::from_millis(300)), "given beats the Kafka default");
+        assert_eq!(given(&kafka, "off"), None);
+    }
 
     #[test]
     fn only_a_loopback_api_signs_for_its_callers_unless_allowed() {
