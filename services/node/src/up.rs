@@ -28,13 +28,13 @@ use streamledger_ports::topics::Topics;
 use streamledger_stages::validator::PeerProgress;
 use streamledger_stages::{endorser, gateway, orderer, validator, Metrics, StageError};
 use tokio::sync::watch;
-
-/// The CLI's `--shed-after` value (the CLI reaches the stages through this crate).
-pub use streamledger_stages::gateway::ShedTarget;
 use tokio::task::JoinSet;
 
 use crate::api::{self, ApiContext, Limits};
 use crate::status::{StartFrom, TxStatusTracker};
+
+/// The CLI's `--shed-after` value (the CLI reaches the stages through this crate).
+pub use streamledger_stages::gateway::ShedTarget;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {

@@ -168,6 +168,18 @@ enum TooSlow {
     NoneOrdered { oldest: Duration },
 }
 
+impl TooSlow {
+    /// The overload rejection's reason, with `waiting` transactions pending and `target` the
+    /// target that was passed.
+    fn reason(self, waiting: usize, target: Duration) -> String {
+        let why = match self {
+            TooSlow::Quickest(quickest) => format!("and the quickest ordered in the last {SHED_WINDOW:?} waited {}ms", quickest.as_millis()),
+            TooSlow::NoneOrdered { oldest } => format!("none was ordered in the last {SHED_WINDOW:?}, and the oldest has waited {}ms", oldest.as_millis()),
+        };
+        format!("gateway overloaded: {waiting} transactions wait for endorsement, {why}, more than the {target:?} target")
+    }
+}
+
 impl Shedding {
     fn new(target: Option<Duration>, now: Instant) -> Self {
         Self { target, window_start: now, quickest: None, on: None }
@@ -185,6 +197,13 @@ impl Shedding {
     fn shedding(&mut self, pending: usize, oldest: impl FnOnce() -> Duration, now: Instant) -> Option<TooSlow> {
         self.roll(pending, oldest, now);
         self.on.filter(|_| pending >= SHED_MIN_PENDING)
+    }
+
+    /// The reason to give a transaction rejected now (see [`Shedding::shedding`]), if any.
+    fn rejecting(&mut self, pending: usize, oldest: impl FnOnce() -> Duration, now: Instant) -> Option<String> {
+        let why = self.shedding(pending, oldest, now)?;
+        // A decision to shed is only ever taken with a target.
+        Some(why.reason(pending, self.target.unwrap_or_default()))
     }
 
     fn roll(&mut self, pending: usize, oldest: impl FnOnce() -> Duration, now: Instant) {
@@ -382,23 +401,9 @@ impl Gateway {
         if !self.pending.contains_key(&tx_id) {
             let reason = if self.pending.len() >= self.config.max_pending {
                 Some(format!("gateway overloaded: {} transactions already waiting for endorsement", self.pending.len()))
-            } else if let Some(why) = {
-                let (pending, now) = (&self.pending, Instant::now());
-                self.shedding.shedding(pending.len(), || oldest_wait(pending, now), now)
-            } {
-                let (target, waiting) = (self.config.shed_after.unwrap_or_default(), self.pending.len());
-                Some(match why {
-                    TooSlow::Quickest(quickest) => format!(
-                        "gateway overloaded: {waiting} transactions wait for endorsement, and the quickest ordered in the last {SHED_WINDOW:?} waited {}ms, more than the {target:?} target",
-                        quickest.as_millis()
-                    ),
-                    TooSlow::NoneOrdered { oldest } => format!(
-                        "gateway overloaded: {waiting} transactions wait for endorsement, none was ordered in the last {SHED_WINDOW:?}, and the oldest has waited {}ms, more than the {target:?} target",
-                        oldest.as_millis()
-                    ),
-                })
             } else {
-                None
+                let (pending, now) = (&self.pending, Instant::now());
+                self.shedding.rejecting(pending.len(), || oldest_wait(pending, now), now)
             };
             if let Some(reason) = reason {
                 let at = if matches!(input, Input::Proposal(_)) { (record.partition, record.offset) } else { UNKNOWN_RECORD };

@@ -178,8 +178,8 @@ impl Drop for StageNet {
         // For a failure found after the scenario (the campaign reports violations at its end):
         // the stages' logs and data stay where this says.
         if std::env::var_os("STREAMLEDGER_KEEP_STAGE_LOGS").is_some() {
-            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
-            eprintln!("stage logs and data kept in {}", kept.display());
+            self.dir.disable_cleanup(true);
+            eprintln!("stage logs and data kept in {}", self.dir.path().display());
         }
     }
 }
