@@ -45,6 +45,11 @@ const LAG_REFRESH: Duration = Duration::from_secs(1);
 const LAG_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a cached partition count is trusted before metadata is asked again.
 const PARTITIONS_TTL: Duration = Duration::from_secs(30);
+/// How often a group member that reads only part of its topics looks at the partitions it does
+/// not read (see [`Stranding`]).
+const GROUP_CHECK: Duration = Duration::from_secs(5);
+/// librdkafka's `session.timeout.ms` when the config does not set it.
+const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// The group.id of assigned consumers, which never join or commit to it.
 const ASSIGNED_GROUP: &str = "streamledger.assigned.no-commits";
@@ -145,6 +150,12 @@ impl KafkaLog {
         } else {
             Err(no_such_partition(topic, partition, n))
         }
+    }
+
+    /// The group session timeout consumers are configured with (librdkafka validates the value
+    /// when the consumer is created).
+    fn session_timeout(&self) -> Duration {
+        self.config.get("session.timeout.ms").and_then(|v| v.trim().parse().ok()).map_or(DEFAULT_SESSION_TIMEOUT, Duration::from_millis)
     }
 
     fn consumer_config(&self, group: Option<&str>) -> rdkafka::ClientConfig {
@@ -318,6 +329,8 @@ impl Log for KafkaLog {
                 tracing::debug!(group, ?topics, "consumer subscribed");
                 let mut c = KafkaConsumer::new(consumer, Some(group), Vec::new(), self.wire.clone());
                 c.subscribed = subscribed;
+                c.topics = topics;
+                c.stranded_after = self.session_timeout() + GROUP_CHECK;
                 c.joined = joined;
                 // Until the group assigns this member its partitions, lag is the group's: seed it
                 // now, so that nobody reads "no lag" before the first rebalance.
@@ -364,6 +377,30 @@ impl Log for KafkaLog {
     }
 }
 
+/// The partitions among `others` (subscribed, not read by this member) that hold records past the
+/// group's committed offset, with that offset (`None`: never committed). `None` when the broker
+/// did not answer.
+fn unread_partitions(consumer: &StreamConsumer<Ctx>, others: &[Tp]) -> Option<BTreeMap<Tp, Option<i64>>> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in others {
+        tpl.add_partition(t, *p);
+    }
+    let committed = consumer.committed_offsets(tpl, LAG_TIMEOUT).map_err(|e| tracing::debug!(error = %e, "committed offsets not read")).ok()?;
+    let mut unread = BTreeMap::new();
+    for e in committed.elements() {
+        let tp = (e.topic().to_string(), e.partition());
+        let (low, high) = consumer.fetch_watermarks(&tp.0, tp.1, LAG_TIMEOUT).map_err(|e| tracing::debug!(error = %e, "watermarks not read")).ok()?;
+        let at = match e.offset() {
+            Offset::Offset(o) if o >= 0 => Some(o),
+            _ => None,
+        };
+        if high > at.unwrap_or(low) {
+            unread.insert(tp, at);
+        }
+    }
+    Some(unread)
+}
+
 /// Logs rebalances, which otherwise happen silently inside librdkafka, and notes the first one.
 struct Ctx {
     label: String,
@@ -391,6 +428,71 @@ impl ConsumerContext for Ctx {
 
 type Tp = (String, i32);
 
+/// Whether a group member was left stranded by the broker: it reads part of its topics'
+/// partitions (or none), and some partition it does not read holds records that no member has
+/// committed past for longer than a session timeout. No healthy group stays so: a dead member's
+/// partitions move once its session expires. tansu 0.6.0 leaves them, though (see the README's
+/// Kafka section). When a member's session expires, a survivor that rejoins with unchanged
+/// metadata keeps its generation and its old share. A member that joined beside one killed
+/// moments later can keep a share of nothing.
+///
+/// The remedy is what restarting the stage would do, without the restart: leave the group and
+/// join it again as a new member, so that the broker forms the group afresh. tansu's DescribeGroups
+/// fails on its sqlite engine, so the members cannot be counted. Records that no one commits are
+/// the evidence instead. On Apache Kafka, a member that is alive and heartbeating but never commits
+/// (its dependency is down, say) triggers such a rejoin once per window. That costs a rebalance and
+/// is logged. Checking costs an OffsetFetch and the watermarks every [`GROUP_CHECK`], and only
+/// while the member reads part of its topics.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Stranding {
+    /// Partitions this member does not read that hold uncommitted records: the group's committed
+    /// offset, and when it was first seen there with records past it.
+    unread: BTreeMap<Tp, (Option<i64>, Instant)>,
+    /// When the other partitions were last looked at, with an answer.
+    checked: Option<Instant>,
+    /// When they were last asked for, answered or not: looks are paced by this.
+    asked: Option<Instant>,
+}
+
+impl Stranding {
+    /// Looking at the partitions this member does not read is due: the assignment is partial and
+    /// the last look is [`GROUP_CHECK`] old.
+    fn check_due(&self, now: Instant, partial: bool) -> bool {
+        partial && self.asked.is_none_or(|at| now.duration_since(at) >= GROUP_CHECK)
+    }
+
+    /// Records a look at `now`: whether the assignment is partial, and the other partitions with
+    /// uncommitted records (`None`: not looked at, or no answer).
+    fn observe(&mut self, now: Instant, partial: bool, unread: Option<BTreeMap<Tp, Option<i64>>>) {
+        if !partial {
+            self.unread.clear();
+            return;
+        }
+        let Some(unread) = unread else { return };
+        self.checked = Some(now);
+        let before = std::mem::take(&mut self.unread);
+        for (tp, committed) in unread {
+            // A partition whose committed offset moved is being read: its clock starts again.
+            let since = match before.get(&tp) {
+                Some((was, since)) if *was == committed => *since,
+                _ => now,
+            };
+            self.unread.insert(tp, (committed, since));
+        }
+    }
+
+    /// Some partition has held uncommitted records, its committed offset unmoved, for `window`
+    /// between its first sighting and the last look.
+    fn rejoin_due(&self, window: Duration) -> bool {
+        let Some(last) = self.checked else { return false };
+        self.unread.values().any(|(_, since)| last.duration_since(*since) >= window)
+    }
+
+    fn describe(&self) -> String {
+        self.unread.iter().map(|((t, p), (at, _))| format!("{t}/{p} (committed {})", at.map_or("nothing".into(), |o| o.to_string()))).collect::<Vec<_>>().join(", ")
+    }
+}
+
 /// What lag is computed from, refreshed at most every [`LAG_REFRESH`] off the polling path.
 #[derive(Default)]
 struct LagMarks {
@@ -410,6 +512,13 @@ struct KafkaConsumer {
     /// Group consumers: every partition of the subscribed topics, whose lag is reported until the
     /// group first assigns this member its share.
     subscribed: Vec<Tp>,
+    /// Group consumers: the subscribed topics, for joining again.
+    topics: Vec<String>,
+    /// Group consumers: whether the broker left this member stranded.
+    stranding: Arc<Mutex<Stranding>>,
+    /// How long a partition may stay unread before this member rejoins: a session timeout and a
+    /// check, the longest a healthy broker takes to move a dead member's partitions.
+    stranded_after: Duration,
     /// Whether the group has assigned this member its partitions yet (always true when assigned).
     joined: Arc<AtomicBool>,
     /// The next offset to read per partition (after the last record returned).
@@ -435,6 +544,9 @@ impl KafkaConsumer {
             group,
             assignment,
             subscribed: Vec::new(),
+            topics: Vec::new(),
+            stranding: Arc::new(Mutex::new(Stranding::default())),
+            stranded_after: DEFAULT_SESSION_TIMEOUT + GROUP_CHECK,
             joined: Arc::new(AtomicBool::new(true)),
             positions: HashMap::new(),
             names: HashMap::new(),
@@ -532,6 +644,10 @@ impl KafkaConsumer {
                 changed = true;
             }
         }
+        if self.group.is_some() && lock(&self.stranding).rejoin_due(self.stranded_after) {
+            self.rejoin().await;
+            changed = true;
+        }
         let due = lock(&self.lag).refreshed.is_none_or(|at| at.elapsed() >= LAG_REFRESH);
         if changed {
             // Refresh now, so that lag covers new partitions at once (readiness must not see
@@ -539,6 +655,39 @@ impl KafkaConsumer {
             self.refresh(true).await;
         } else if due {
             self.refresh(false).await;
+        }
+    }
+
+    /// Leaves the group and joins it again as a new member (see [`Stranding`]). The partitions
+    /// this member gives up are re-read from the group's last commit, as after any rebalance.
+    async fn rejoin(&mut self) {
+        let stranded = std::mem::take(&mut *lock(&self.stranding));
+        let group = self.group.clone().unwrap_or_default();
+        tracing::warn!(
+            group = %group,
+            assigned = %self.assignment_text(),
+            unread = %stranded.describe(),
+            after_ms = self.stranded_after.as_millis() as u64,
+            "partitions this member does not read have held uncommitted records for longer than a session timeout: \
+             the broker did not move a dead member's partitions (tansu 0.6.0 does not); \
+             leaving the group and joining again as a new member"
+        );
+        let (consumer, topics) = (Arc::clone(&self.consumer), self.topics.clone());
+        let ctx = format!("rejoin consumer group {group} on topics {}", topics.join(", "));
+        let what = ctx.clone();
+        // librdkafka forgets its member id when it leaves, so the next join is a new member's.
+        let joined = tokio::task::spawn_blocking(move || {
+            consumer.unsubscribe();
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&names).map_err(|e| log_error(ctx, &e))
+        })
+        .await
+        .map_err(|e| task_failed(what, e))
+        .and_then(|r| r);
+        // Lag covers the whole group's partitions again until the new assignment.
+        self.joined.store(false, Ordering::Release);
+        if let Err(e) = joined {
+            self.pending_error = Some(e);
         }
     }
 
@@ -560,6 +709,10 @@ impl KafkaConsumer {
             Vec::new()
         };
         let (lag, refreshing, closed) = (self.lag.clone(), self.refreshing.clone(), self.closed.clone());
+        // Before the first assignment a member reads nothing yet, which is not stranded.
+        let partial = self.joined.load(Ordering::Acquire) && self.assignment.len() < self.subscribed.len();
+        let others: Vec<Tp> = if partial { self.subscribed.iter().filter(|tp| !self.assignment.contains(tp)).cloned().collect() } else { Vec::new() };
+        let (group, stranding) = (self.group.clone(), self.stranding.clone());
         let task = tokio::task::spawn_blocking(move || {
             let mut marks = HashMap::new();
             let mut failed = false;
@@ -605,6 +758,16 @@ impl KafkaConsumer {
             l.committed.retain(|tp, _| partitions.contains(tp));
             l.committed.extend(committed);
             l.refreshed = Some(Instant::now());
+            drop(l);
+            if group.is_some() && !closed.load(Ordering::Acquire) {
+                let now = Instant::now();
+                let due = lock(&stranding).check_due(now, partial);
+                if due {
+                    lock(&stranding).asked = Some(now);
+                }
+                let unread = due.then(|| unread_partitions(&consumer, &others)).flatten();
+                lock(&stranding).observe(now, partial, unread);
+            }
             refreshing.store(false, Ordering::Release);
         });
         if wait {
@@ -798,5 +961,76 @@ impl Drop for Closing {
                 Err(_) => drop(consumer),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(11);
+
+    fn at(start: Instant, secs: u64) -> Instant {
+        start + Duration::from_secs(secs)
+    }
+
+    fn unread(entries: &[(i32, Option<i64>)]) -> Option<BTreeMap<Tp, Option<i64>>> {
+        Some(entries.iter().map(|(p, o)| (("proposals".to_string(), *p), *o)).collect())
+    }
+
+    #[test]
+    fn a_partition_left_uncommitted_past_the_window_makes_the_member_rejoin() {
+        let t0 = Instant::now();
+        let mut s = Stranding::default();
+        assert!(s.check_due(t0, true), "the first look is due at once");
+        s.asked = Some(t0);
+        s.observe(t0, true, unread(&[(2, Some(40)), (3, None)]));
+        assert!(!s.rejoin_due(WINDOW), "one sighting is not enough");
+        assert!(!s.check_due(at(t0, 4), true), "looks are {GROUP_CHECK:?} apart");
+        assert!(s.check_due(at(t0, 5), true));
+        s.observe(at(t0, 5), true, unread(&[(2, Some(40)), (3, None)]));
+        assert!(!s.rejoin_due(WINDOW), "5 s is inside the window");
+        s.observe(at(t0, 10), true, unread(&[(2, Some(41)), (3, None)]));
+        assert!(!s.rejoin_due(WINDOW), "partition 3 has waited 10 s so far");
+        s.observe(at(t0, 15), true, unread(&[(2, Some(45)), (3, None)]));
+        assert!(s.rejoin_due(WINDOW), "partition 3 has not moved for 15 s");
+        assert!(s.describe().contains("proposals/3 (committed nothing)"), "{}", s.describe());
+    }
+
+    #[test]
+    fn partitions_that_another_member_commits_never_make_it_rejoin() {
+        let t0 = Instant::now();
+        let mut s = Stranding::default();
+        for (i, offset) in [10, 20, 30, 40, 50].into_iter().enumerate() {
+            s.observe(at(t0, 5 * i as u64), true, unread(&[(2, Some(offset))]));
+        }
+        assert!(!s.rejoin_due(WINDOW), "partition 2's committed offset moves at every look");
+    }
+
+    #[test]
+    fn a_full_assignment_or_no_backlog_clears_the_sightings() {
+        let t0 = Instant::now();
+        let mut s = Stranding::default();
+        s.observe(t0, true, unread(&[(2, Some(40))]));
+        s.observe(at(t0, 5), false, None);
+        s.observe(at(t0, 12), true, unread(&[(2, Some(40))]));
+        assert!(!s.rejoin_due(WINDOW), "the member read every partition in between");
+        let mut s = Stranding::default();
+        s.observe(t0, true, unread(&[(2, Some(40))]));
+        s.observe(at(t0, 5), true, unread(&[]));
+        s.observe(at(t0, 12), true, unread(&[(2, Some(40))]));
+        assert!(!s.rejoin_due(WINDOW), "partition 2 was caught up in between");
+        assert!(!Stranding::default().check_due(t0, false), "a member with every partition never looks");
+    }
+
+    #[test]
+    fn a_look_without_an_answer_neither_confirms_nor_clears() {
+        let t0 = Instant::now();
+        let mut s = Stranding::default();
+        s.observe(t0, true, unread(&[(2, Some(40))]));
+        s.observe(at(t0, 12), true, None);
+        assert!(!s.rejoin_due(WINDOW), "an unanswered look does not count as a sighting");
+        s.observe(at(t0, 13), true, unread(&[(2, Some(40))]));
+        assert!(s.rejoin_due(WINDOW), "nor does it reset the first sighting");
     }
 }

@@ -85,7 +85,7 @@ impl StageNet {
             .arg("--data-dir")
             .arg(self.dir.path().join(name))
             .args(&self.kafka_args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("STREAMLEDGER_STAGE_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
