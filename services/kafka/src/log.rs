@@ -519,6 +519,8 @@ struct KafkaConsumer {
     /// How long a partition may stay unread before this member rejoins: a session timeout and a
     /// check, the longest a healthy broker takes to move a dead member's partitions.
     stranded_after: Duration,
+    /// Times this member rejoined for that.
+    rejoins: u64,
     /// Whether the group has assigned this member its partitions yet (always true when assigned).
     joined: Arc<AtomicBool>,
     /// The next offset to read per partition (after the last record returned).
@@ -547,6 +549,7 @@ impl KafkaConsumer {
             topics: Vec::new(),
             stranding: Arc::new(Mutex::new(Stranding::default())),
             stranded_after: DEFAULT_SESSION_TIMEOUT + GROUP_CHECK,
+            rejoins: 0,
             joined: Arc::new(AtomicBool::new(true)),
             positions: HashMap::new(),
             names: HashMap::new(),
@@ -662,6 +665,7 @@ impl KafkaConsumer {
     /// this member gives up are re-read from the group's last commit, as after any rebalance.
     async fn rejoin(&mut self) {
         let stranded = std::mem::take(&mut *lock(&self.stranding));
+        self.rejoins += 1;
         let group = self.group.clone().unwrap_or_default();
         tracing::warn!(
             group = %group,
@@ -911,6 +915,10 @@ impl Consumer for KafkaConsumer {
 
     fn assignment(&self) -> Vec<(String, i32)> {
         self.assignment.clone()
+    }
+
+    fn rejoins(&self) -> u64 {
+        self.rejoins
     }
 
     fn lag(&self) -> Vec<(String, i32, i64)> {

@@ -122,6 +122,13 @@ pub trait Consumer: Send {
     /// The partitions this consumer reads.
     fn assignment(&self) -> Vec<(String, i32)>;
 
+    /// Group consumers: how many times this member has left its group and joined again because
+    /// partitions it does not read held records that nobody committed (the Kafka adapter's
+    /// remedy for a broker that leaves a dead member's partitions unread). 0 for the others.
+    fn rejoins(&self) -> u64 {
+        0
+    }
+
     /// Records not yet read, per assigned partition: (topic, partition, end offset - position).
     /// What the consumer-lag metric and readiness are made of.
     fn lag(&self) -> Vec<(String, i32, i64)>;

@@ -154,7 +154,7 @@ pub(crate) fn forward(
         while !*shutdown.borrow() {
             let polled = consumer.poll(max, Duration::from_millis(100)).await;
             if let Some((metrics, counters)) = &lag {
-                metrics.observe_lag(counters, &consumer.lag());
+                metrics.observe_consumer(counters, consumer.as_ref());
             }
             match polled {
                 Ok(records) if records.is_empty() => continue,
@@ -304,6 +304,56 @@ mod tests {
         async fn consumer(&self, subscription: Subscription) -> LogResult<Box<dyn Consumer>> {
             self.inner.consumer(subscription).await
         }
+    }
+
+    /// A consumer that reads nothing and reports the rejoins its test sets.
+    struct Rejoining(Arc<AtomicUsize>);
+
+    #[async_trait]
+    impl Consumer for Rejoining {
+        async fn poll(&mut self, _max: usize, wait: Duration) -> LogResult<Vec<Record>> {
+            tokio::time::sleep(wait.min(Duration::from_millis(5))).await;
+            Ok(Vec::new())
+        }
+        async fn commit(&mut self, _processed: &[(Arc<str>, i32, i64)]) -> LogResult<()> {
+            Ok(())
+        }
+        fn assignment(&self) -> Vec<(String, i32)> {
+            Vec::new()
+        }
+        fn lag(&self) -> Vec<(String, i32, i64)> {
+            Vec::new()
+        }
+        fn rejoins(&self) -> u64 {
+            self.0.load(Ordering::SeqCst) as u64
+        }
+    }
+
+    #[tokio::test]
+    async fn a_consumers_rejoins_are_counted_once_each() {
+        let metrics = Metrics::detached("c");
+        let counters = metrics.stage("endorser", "Org1", 1);
+        let rejoins = Arc::new(AtomicUsize::new(0));
+        let (stop, shutdown) = watch::channel(false);
+        let (_polls, task) = forward(Box::new(Rejoining(rejoins.clone())), 10, Some((metrics.clone(), counters.clone())), shutdown);
+        let counted = |n: u64| {
+            let counters = counters.clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while counters.rejoins.get() != n && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                counters.rejoins.get()
+            }
+        };
+        rejoins.store(1, Ordering::SeqCst);
+        assert_eq!(counted(1).await, 1);
+        rejoins.store(3, Ordering::SeqCst);
+        assert_eq!(counted(3).await, 3, "two more rejoins, counted by the difference");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(counters.rejoins.get(), 3, "polls without a new rejoin add nothing");
+        stop.send(true).unwrap();
+        task.await.unwrap();
     }
 
     /// An embedded log in a temporary directory with one topic, `dead`.

@@ -241,7 +241,7 @@ pub async fn run(
             r = consumer.poll(config.batch, Duration::from_millis(200)) => r?,
             _ = shutdown.changed() => continue,
         };
-        metrics.observe_lag(&counters, &consumer.lag());
+        metrics.observe_consumer(&counters, consumer.as_ref());
         if let Some((_, by_reason)) = skipped_log.summary(Instant::now()) {
             tracing::warn!(org = %org, %by_reason, "skipped more proposals in the last {} s or so (too_old: older than {age:?}; rejected: already rejected by the gateway)", SKIPPED_SUMMARY_EVERY.as_secs());
         }

@@ -584,7 +584,7 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
             r = consumer.poll(gateway.config.batch, Duration::from_millis(100)) => r?,
             _ = shutdown.changed() => continue,
         };
-        metrics.observe_lag(&counters, &consumer.lag());
+        metrics.observe_consumer(&counters, consumer.as_ref());
         counters.records_in.inc_by(records.len() as u64);
         let mut outcomes = Vec::new();
         for record in &records {

@@ -7,9 +7,11 @@
 //! `streamledger_*` with their unit, and counters end in `_total`.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus::{exponential_buckets, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use streamledger_ports::log::Consumer;
 
 /// Latency buckets from 0.5 ms to about 12.6 s, each 1.5 times the last: fine enough for the
 /// dashboards' percentiles where this pipeline's latencies live (milliseconds to a second).
@@ -120,6 +122,7 @@ pub struct Metrics {
     pub records_in: IntCounterVec,
     pub records_out: IntCounterVec,
     pub dead_lettered: IntCounterVec,
+    pub consumer_rejoins: IntCounterVec,
     pub pending_endorsements: IntGaugeVec,
     /// Transactions the gateway rejected, by [`crate::gateway::RejectionKind`].
     pub gateway_rejections: IntCounterVec,
@@ -155,6 +158,7 @@ impl Metrics {
             Box::new(m.records_in.clone()),
             Box::new(m.records_out.clone()),
             Box::new(m.dead_lettered.clone()),
+            Box::new(m.consumer_rejoins.clone()),
             Box::new(m.pending_endorsements.clone()),
             Box::new(m.gateway_rejections.clone()),
             Box::new(m.endorser_skipped.clone()),
@@ -219,6 +223,11 @@ impl Metrics {
             records_in: counter("streamledger_records_in_total", "Records a stage consumed.", &["channel", "stage", "stage_instance"])?,
             records_out: counter("streamledger_records_out_total", "Records a stage produced.", &["channel", "stage", "stage_instance"])?,
             dead_lettered: counter("streamledger_dead_lettered_total", "Records a stage sent to dead-letters.", &["channel", "stage", "stage_instance"])?,
+            consumer_rejoins: counter(
+                "streamledger_consumer_rejoins_total",
+                "Times a stage's group consumer left its group and joined again because partitions it does not read held records nobody committed for longer than a session timeout (Kafka).",
+                &["channel", "stage", "stage_instance"],
+            )?,
             pending_endorsements: gauge(
                 "streamledger_gateway_pending_endorsements",
                 "Transactions the gateway holds while their endorsements come in.",
@@ -270,9 +279,19 @@ impl Metrics {
             records_in: self.records_in.with_label_values(&labels),
             records_out: self.records_out.with_label_values(&labels),
             dead_letters: self.dead_lettered.with_label_values(&labels),
+            rejoins: self.consumer_rejoins.with_label_values(&labels),
+            rejoins_seen: Arc::new(AtomicU64::new(0)),
             stage: stage.to_string(),
             instance: instance.to_string(),
         }
+    }
+
+    /// Publishes what a stage's consumer reports: its lag and, for a group consumer, its rejoins.
+    pub fn observe_consumer(&self, counters: &StageCounters, consumer: &dyn Consumer) {
+        self.observe_lag(counters, &consumer.lag());
+        let total = consumer.rejoins();
+        let before = counters.rejoins_seen.fetch_max(total, Ordering::Relaxed);
+        counters.rejoins.inc_by(total.saturating_sub(before));
     }
 
     /// Publishes a consumer's lag. A stage is caught up once every partition it reads (through
@@ -331,6 +350,10 @@ pub struct StageCounters {
     pub records_in: IntCounter,
     pub records_out: IntCounter,
     pub dead_letters: IntCounter,
+    pub rejoins: IntCounter,
+    /// The group consumer's own count of rejoins as last published (a stage instance has one
+    /// group consumer), so that each rejoin is counted once.
+    rejoins_seen: Arc<AtomicU64>,
     stage: String,
     instance: String,
 }
