@@ -303,11 +303,7 @@ impl Log for KafkaLog {
             .await
             .map_err(|e| task_failed(what, e))?
             .map_err(|e| log_error(ctx.clone(), &e))?;
-        let offset = offsets.find_partition(topic, partition).map(|e| e.offset());
-        Ok(match offset {
-            Some(Offset::Offset(o)) if o >= 0 => Some(o),
-            _ => None,
-        })
+        Ok(offsets.find_partition(topic, partition).and_then(|e| committed_at(e.offset())))
     }
 
     async fn consumer(&self, subscription: Subscription) -> LogResult<Box<dyn Consumer>> {
@@ -377,6 +373,15 @@ impl Log for KafkaLog {
     }
 }
 
+/// A committed offset as librdkafka reports it, `None` when the group has none for the partition
+/// (librdkafka's `Invalid` and the other logical offsets).
+fn committed_at(offset: Offset) -> Option<i64> {
+    match offset {
+        Offset::Offset(o) if o >= 0 => Some(o),
+        _ => None,
+    }
+}
+
 /// The partitions among `others` (subscribed, not read by this member) that hold records past the
 /// group's committed offset, with that offset (`None`: never committed). `None` when the broker
 /// did not answer.
@@ -390,10 +395,7 @@ fn unread_partitions(consumer: &StreamConsumer<Ctx>, others: &[Tp]) -> Option<BT
     for e in committed.elements() {
         let tp = (e.topic().to_string(), e.partition());
         let (low, high) = consumer.fetch_watermarks(&tp.0, tp.1, LAG_TIMEOUT).map_err(|e| tracing::debug!(error = %e, "watermarks not read")).ok()?;
-        let at = match e.offset() {
-            Offset::Offset(o) if o >= 0 => Some(o),
-            _ => None,
-        };
+        let at = committed_at(e.offset());
         if high > at.unwrap_or(low) {
             unread.insert(tp, at);
         }
@@ -746,11 +748,7 @@ impl KafkaConsumer {
                 match consumer.committed_offsets(tpl, LAG_TIMEOUT) {
                     Ok(tpl) => {
                         for e in tpl.elements() {
-                            let o = match e.offset() {
-                                Offset::Offset(o) if o >= 0 => Some(o),
-                                _ => None,
-                            };
-                            committed.insert((e.topic().to_string(), e.partition()), o);
+                            committed.insert((e.topic().to_string(), e.partition()), committed_at(e.offset()));
                         }
                     }
                     Err(e) => tracing::debug!(error = %e, "committed offsets not refreshed"),
