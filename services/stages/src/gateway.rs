@@ -441,15 +441,17 @@ impl Gateway {
         let entry = self.pending.get(tx_id)?;
         let proposal = entry.proposal.as_ref()?;
         let at = entry.proposal_at;
+        // Deployment first: an endorser refuses an undeployed contract too, and whether its refusal
+        // arrives before the proposal must not change the kind this rejection is counted as.
+        let Some(policy) = network.policy(&proposal.contract) else {
+            let reason = format!("contract {:?} is not deployed on channel {}", proposal.contract, network.channel());
+            return Some(self.reject(tx_id, RejectionKind::NotDeployed, reason, at));
+        };
         if let Some(refusal) = entry.results.iter().find(|r| !r.response.is_ok()) {
             let who = network.member_name(&refusal.endorser).unwrap_or_else(|| refusal.endorser.org.clone());
             let reason = format!("endorser {who} refused: {}", refusal.response.message);
             return Some(self.reject(tx_id, RejectionKind::EndorserRefused, reason, at));
         }
-        let Some(policy) = network.policy(&proposal.contract) else {
-            let reason = format!("contract {:?} is not deployed on channel {}", proposal.contract, network.channel());
-            return Some(self.reject(tx_id, RejectionKind::NotDeployed, reason, at));
-        };
         let hash = crypto::proposal_hash(proposal);
         let relevant: Vec<&EndorsementResult> = entry
             .results
@@ -914,6 +916,22 @@ mod tests {
         let (kind, r) = rejection(g.on_input(&record(RESULTS, 0, 2), result(&f, 1, &q, rw("2"))));
         assert!(r.reason.contains("disagree"), "{}", r.reason);
         assert_eq!((kind, (r.source_partition, r.source_offset)), (RejectionKind::EndorsementsDisagree, (0, 8)));
+    }
+
+    #[test]
+    fn an_undeployed_contract_is_counted_as_not_deployed_whether_or_not_a_refusal_came_first() {
+        let f = Fixture::new();
+        let p = f.proposal("nosuchcontract", "create", &["k", "1"]);
+        let refused = || Input::Result(endorse(&f.peers[0], &p, Response::error("contract is not deployed"), RwSet::default()));
+        // The refusal first, then the proposal; and the other way round.
+        let mut g = gateway(&f);
+        assert!(g.on_input(&record(RESULTS, 0, 0), refused()).is_none());
+        let (kind, r) = rejection(g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone())));
+        assert_eq!(kind, RejectionKind::NotDeployed, "{}", r.reason);
+        let mut g = gateway(&f);
+        let (kind, r) = rejection(g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone())));
+        assert_eq!(kind, RejectionKind::NotDeployed, "{}", r.reason);
+        assert!(r.reason.contains("nosuchcontract"), "{}", r.reason);
     }
 
     #[test]
