@@ -49,9 +49,11 @@ fn all() -> Vec<(String, Vec<Vec<u8>>)> {
     let t2 = f.tx(RwSet::default());
     let b1 = f.block(1, &[0; 32], &[t1.clone(), t2.clone()]);
     let b2 = f.block_of_raw(2, &[7; 32], vec![b"garbage".to_vec()]);
+    // One result naming the proposal record it answers (v2), one naming none (as a v1 endorser's).
     let er = |p: &Proposal, ok: bool| {
         let response = if ok { Response::ok(b"done".to_vec()) } else { Response::error("no such key") };
-        streamledger_core::endorsement::endorse(&f.peers[0], p, response, rw.clone())
+        let result = streamledger_core::endorsement::endorse(&f.peers[0], p, response, rw.clone());
+        if ok { result.answering((1, 42)) } else { result }
     };
     let vb = ValidatedBlock {
         block_number: 1,
@@ -119,7 +121,7 @@ fn all() -> Vec<(String, Vec<Vec<u8>>)> {
         (target_of::<DeadLetter>(), framings(&[dl(Some("Org1"), Some(b"k")), dl(None, None)])),
         (
             target_of::<Rejection>(),
-            framings(&[Rejection { tx_id: p2.tx_id.clone(), stage: "gateway".into(), reason: "timeout".into(), source_offset: 3 }]),
+            framings(&[Rejection { tx_id: p2.tx_id.clone(), stage: "gateway".into(), reason: "timeout".into(), source_offset: 3, source_partition: 1 }]),
         ),
         (target_of::<StateChange>(), framings(&[sc(Some(br#"{"balance":70}"#)), sc(None)])),
         (target_of::<TxResultRow>(), framings(&[row])),

@@ -98,12 +98,32 @@ fn check_from_signature(network: &Network, p: &Proposal, signature_verifies: boo
     Ok(())
 }
 
-/// Signs the outcome of simulating `proposal`.
+/// Signs the outcome of simulating `proposal`. The result names no proposal record; an endorser
+/// that read the proposal from the log names it with [`EndorsementResult::answering`].
 pub fn endorse(signer: &Signer, proposal: &Proposal, response: Response, rwset: RwSet) -> EndorsementResult {
     let proposal_hash = crypto::proposal_hash(proposal).to_vec();
+    // The proposal record is left out of what is signed: it routes the result to an attempt of
+    // its tx id, it vouches for nothing. The signature goes into the ordered transaction without
+    // the record, so the validators, which never see one, could not check it over one. A record
+    // altered on the topic can only send a result to another attempt of the same tx id, where it
+    // still counts only for a proposal with its hash, and the validators check its signature.
     let signature = signer.sign(&crypto::endorsement_signing_bytes(&proposal.tx_id, &proposal_hash, &response, &rwset));
-    EndorsementResult { tx_id: proposal.tx_id.clone(), endorser: signer.identity().clone(), proposal_hash, response, rwset, signature }
+    let (proposal_partition, proposal_offset) = NO_RECORD;
+    EndorsementResult {
+        tx_id: proposal.tx_id.clone(),
+        endorser: signer.identity().clone(),
+        proposal_hash,
+        response,
+        rwset,
+        signature,
+        proposal_partition,
+        proposal_offset,
+    }
 }
+
+/// `(proposal_partition, proposal_offset)` of a result that names no proposal record (written
+/// with schema v1, or not endorsed from the log).
+pub const NO_RECORD: (i32, i64) = (-1, -1);
 
 /// Does this endorsement result sign what it claims, for this proposal?
 pub fn verify_endorsement(proposal: &Proposal, result: &EndorsementResult) -> bool {
@@ -119,6 +139,17 @@ pub fn verify_endorsement(proposal: &Proposal, result: &EndorsementResult) -> bo
 impl EndorsementResult {
     pub fn endorsement(&self) -> Endorsement {
         Endorsement { endorser: self.endorser.clone(), signature: self.signature.clone() }
+    }
+
+    /// This result, naming the proposal record it answers: `(partition, offset)` in `proposals`.
+    pub fn answering(mut self, (partition, offset): (i32, i64)) -> Self {
+        (self.proposal_partition, self.proposal_offset) = (partition, offset);
+        self
+    }
+
+    /// The proposal record this result answers, `(partition, offset)`, if it names one.
+    pub fn proposal_record(&self) -> Option<(i32, i64)> {
+        (self.proposal_partition >= 0 && self.proposal_offset >= 0).then_some((self.proposal_partition, self.proposal_offset))
     }
 }
 

@@ -131,6 +131,16 @@ pub struct EndorsementResult {
     pub rwset: RwSet,
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
+    /// The proposal record this result answers, (partition, offset) in `proposals`, -1 each when
+    /// it names none: a result written with schema v1, or built by [`crate::endorsement::endorse`]
+    /// alone. A rejected proposal sent again is a new attempt with the same tx id, and only the
+    /// record tells the gateway whether a result answers the new attempt or the rejected one.
+    /// Outside the signature (see `crypto::endorsement_signing_bytes`): it routes the result, it
+    /// vouches for nothing, and the ordered transaction keeps only the signature. Added in v2.
+    #[serde(default = "unknown_partition")]
+    pub proposal_partition: i32,
+    #[serde(default = "unknown_offset")]
+    pub proposal_offset: i64,
 }
 
 /// An endorser's signature over (tx id, proposal hash, response, rwset) of an `OrderedTx`.
@@ -265,6 +275,10 @@ pub struct Rejection {
 }
 
 fn unknown_partition() -> i32 {
+    -1
+}
+
+fn unknown_offset() -> i64 {
     -1
 }
 

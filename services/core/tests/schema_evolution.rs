@@ -11,7 +11,9 @@ use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use streamledger_core::codec::{self, all_schemas, CodecError, Record};
-use streamledger_core::model::{DeadLetter, Rejection};
+use streamledger_core::endorsement::{endorse, verify_endorsement};
+use streamledger_core::fixtures::Fixture;
+use streamledger_core::model::{DeadLetter, EndorsementResult, Rejection, Response, RwSet};
 use streamledger_core::schema_history::{self, by_fingerprint, fingerprint, HISTORY};
 
 fn schemas_dir() -> PathBuf {
@@ -201,6 +203,33 @@ fn a_v1_rejection_reads_with_an_unknown_partition() {
     assert_ne!(&bytes[2..10], &Rejection::schema().fingerprint(), "v1 and the current schema must differ for this test");
     let r: Rejection = codec::decode(&bytes).expect("a v1 rejection decodes");
     assert_eq!((r.tx_id.as_str(), r.source_offset, r.source_partition), ("t1", 42, -1));
+}
+
+/// An endorsement result from a v1 endorser names no proposal record: it reads as -1 for both,
+/// which the gateway takes as "names none" (and keeps the v1 behaviour for it). Its signature,
+/// which never covered the record, still verifies.
+#[test]
+fn a_v1_endorsement_result_reads_naming_no_proposal_record() {
+    let f = Fixture::new();
+    let p = f.proposal("kv", "put", &["k", "v"]);
+    let current = endorse(&f.peers[0], &p, Response::ok(b"done".to_vec()), RwSet::default()).answering((3, 42));
+    // The same result as a v1 endorser wrote it: every field but the two v2 added.
+    let Value::Record(mut fields) = apache_avro::to_value(&current).unwrap() else { panic!("a result is a record") };
+    fields.retain(|(name, _)| name != "proposal_partition" && name != "proposal_offset");
+    assert_eq!(fields.len(), 6, "v1 has six fields");
+    let v1 = schema_history::versions("endorsement-results").find(|v| v.version == 1).expect("endorsement-results v1");
+    let schema = Schema::parse_str(v1.text).unwrap();
+    let mut bytes = codec::SINGLE_OBJECT_MAGIC.to_vec();
+    bytes.extend_from_slice(&fingerprint(v1.text).unwrap());
+    bytes.extend(GenericDatumWriter::builder(&schema).build().unwrap().write_value_to_vec(Value::Record(fields)).unwrap());
+    assert_ne!(&bytes[2..10], &EndorsementResult::schema().fingerprint(), "v1 and the current schema must differ for this test");
+    let r: EndorsementResult = codec::decode(&bytes).expect("a v1 endorsement result decodes");
+    assert_eq!((r.proposal_partition, r.proposal_offset, r.proposal_record()), (-1, -1, None));
+    assert_eq!(r, EndorsementResult { proposal_partition: -1, proposal_offset: -1, ..current.clone() });
+    assert!(verify_endorsement(&p, &r), "the signature does not cover the record");
+    // Written with the current version, the record is kept.
+    let again: EndorsementResult = codec::decode(&codec::encode(&current).unwrap()).unwrap();
+    assert_eq!(again.proposal_record(), Some((3, 42)));
 }
 
 #[test]

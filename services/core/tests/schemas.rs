@@ -71,6 +71,8 @@ fn samples() -> Vec<(&'static str, Value, Vec<u8>)> {
             response: Response::error("no"),
             rwset: rwset(),
             signature: vec![2; 64],
+            proposal_partition: 1,
+            proposal_offset: 7,
         }),
         entry(ordered_tx()),
         entry(CutMarker { block_number: 4, first_offset: 10, last_offset: 19, cutter_id: "orderer0".into(), reason: CutReason::Bytes }),

@@ -138,7 +138,8 @@ impl Default for AlreadyRejected {
 
 impl AlreadyRejected {
     fn note(&self, rejection: &Rejection) {
-        // -1: a timeout, which names no record (and comes after the proposal is too old anyway).
+        // -1: a rejection that names no record (decided on results from a v1 endorser, which name
+        // none, or of a transaction too large to order, which no endorser needs to pass over).
         if rejection.source_offset >= 0 {
             let key = self.hasher.hash_one(rejection.tx_id.as_bytes());
             self.ids.lock().unwrap_or_else(PoisonError::into_inner).insert(&key, (rejection.source_partition, rejection.source_offset));
@@ -249,7 +250,9 @@ pub async fn run(
             continue;
         }
         counters.records_in.inc_by(records.len() as u64);
-        let mut decoded = Vec::with_capacity(records.len());
+        // The proposals, and beside each its record, (partition, offset): the result names it, so
+        // that the gateway can tell a new attempt of a rejected tx id from the rejected one.
+        let (mut decoded, mut at) = (Vec::with_capacity(records.len()), Vec::with_capacity(records.len()));
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let mut fresh = Vec::with_capacity(records.len());
         for record in &records {
@@ -272,18 +275,21 @@ pub async fn run(
         }
         for record in fresh {
             match codec::decode::<Proposal>(&record.value) {
-                Ok(p) => decoded.push(p),
+                Ok(p) => {
+                    decoded.push(p);
+                    at.push((record.partition, record.offset));
+                }
                 Err(e) => dead.send(record, e.to_string()).await?,
             }
         }
         if let Some(peer) = &config.peer {
             at_the_tip(peer, config.tip_wait, log.as_ref(), &blocks_topic, &org).await;
         }
-        let (cfg, st, reg, decoded) = (config.clone(), state.clone(), registry.clone(), Arc::new(decoded));
+        let (cfg, st, reg, decoded) = (config.clone(), state.clone(), registry.clone(), Arc::new((decoded, at)));
         let outputs = retry("simulation", &shutdown, || {
             let (cfg, st, reg, batch) = (cfg.clone(), st.clone(), reg.clone(), decoded.clone());
             async move {
-                tokio::task::spawn_blocking(move || endorse_all(&cfg, st.as_ref(), &reg, &batch))
+                tokio::task::spawn_blocking(move || endorse_all(&cfg, st.as_ref(), &reg, &batch.0, &batch.1))
                     .await
                     .map_err(|e| StageError::Fatal(format!("endorser task panicked: {e}")))?
                     .map_err(StageError::from)
@@ -329,13 +335,15 @@ async fn at_the_tip(peer: &PeerProgress, wait: Duration, log: &dyn Log, blocks_t
 /// it took in seconds (for the metrics).
 type Endorsed = (OutRecord, String, bool, f64);
 
-/// Simulates and signs a batch in parallel. Only a store failure is an error (the whole batch
-/// is then retried, which is harmless: endorsement is a pure function of proposal and state).
+/// Simulates and signs a batch in parallel; each result names its proposal's record, `at` (the
+/// same length as `proposals`). Only a store failure is an error (the whole batch is then
+/// retried, which is harmless: endorsement is a pure function of proposal and state).
 fn endorse_all(
     config: &EndorserConfig,
     state: &(dyn CommittedState + Send + Sync),
     registry: &Registry,
     proposals: &[Proposal],
+    at: &[(i32, i64)],
 ) -> Result<Vec<Endorsed>, StateError> {
     // The signatures of the whole batch in one batched pass, the rest of the checks with them.
     let started = std::time::Instant::now();
@@ -347,9 +355,10 @@ fn endorse_all(
     proposals
         .par_iter()
         .zip(checked)
-        .map(|(p, check)| {
+        .zip(at)
+        .map(|((p, check), &at)| {
             let started = std::time::Instant::now();
-            let result = endorse_one(config, state, registry, p, check)?;
+            let result = endorse_one(config, state, registry, p, check)?.answering(at);
             let bytes = codec::encode(&result).map_err(|e| StateError { message: e.to_string(), retryable: false })?;
             let ok = result.response.is_ok();
             // The batch's check time is shared equally by its proposals.
@@ -507,7 +516,7 @@ mod tests {
             !rejected.contains(&proposal_record(Some("t1"), (0, 5))),
             "sent again by a producer that partitions otherwise, it may land at the same offset of another partition: a new attempt"
         );
-        assert!(!rejected.contains(&proposal_record(Some("t2"), (0, 0))), "a timeout names no record");
+        assert!(!rejected.contains(&proposal_record(Some("t2"), (0, 0))), "a rejection naming no record matches none");
         assert!(!rejected.contains(&proposal_record(None, (2, 5))), "a record without a key is not matched");
         assert!(!rejected.contains(&proposal_record(Some("t3"), (2, 5))));
         assert!(rejected.contains(&proposal_record(Some("t4"), (3, 7))), "a v1 rejection names the offset in any partition");
@@ -515,7 +524,8 @@ mod tests {
     }
 
     /// The gateway rejected a proposal (overloaded) before the endorser got to it: the endorser
-    /// passes it over and counts it, and endorses the same proposal sent again and another one.
+    /// passes it over and counts it, and endorses the same proposal sent again and another one,
+    /// each result naming the proposal record it answers.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_proposal_the_gateway_rejected_is_skipped_but_a_new_attempt_is_endorsed() {
         let (_dir, log, f, topics) = crate::common::embedded_channel().await;
@@ -547,14 +557,15 @@ mod tests {
         for partition in 0..log.partition_count(&results_topic).await.unwrap() {
             let mut c = log.consumer(Subscription::assign(&results_topic, partition, 0)).await.unwrap();
             while let Some(r) = c.poll(10, Duration::from_millis(100)).await.unwrap().first().cloned() {
-                endorsed.push(codec::decode::<EndorsementResult>(&r.value).unwrap().tx_id);
+                let result = codec::decode::<EndorsementResult>(&r.value).unwrap();
+                endorsed.push((result.tx_id.clone(), result.proposal_record()));
                 c = log.consumer(Subscription::assign(&results_topic, partition, r.offset + 1)).await.unwrap();
             }
         }
         endorsed.sort();
-        let mut expected = vec![p.tx_id.clone(), q.tx_id.clone()];
+        let mut expected = vec![(p.tx_id.clone(), Some(again)), (q.tx_id.clone(), Some(other))];
         expected.sort();
-        assert_eq!(endorsed, expected, "the new attempt and the other proposal, once each");
+        assert_eq!(endorsed, expected, "the new attempt and the other proposal, once each, each result naming the record it answers");
         let skipped = |why: Skipped| metrics.endorser_skipped.with_label_values(&[metrics.channel.as_str(), "Org1", why.label()]).get();
         assert_eq!((skipped(Skipped::Rejected), skipped(Skipped::TooOld)), (1, 0));
     }

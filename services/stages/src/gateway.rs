@@ -11,7 +11,8 @@
 //!
 //! An ordered tx id is final. A rejected one is not: the same signed proposal sent again (after
 //! topping up an account, say) is a new attempt, as in Fabric, where only the chain's tx ids are
-//! spent.
+//! spent. An attempt is told from another by its proposal record, which the endorsement results
+//! name (schema v2): see [`Resolution::Rejected`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub struct GatewayConfig {
     /// Resolved tx ids remembered to ignore late or re-delivered inputs. Endorsers skip
     /// proposals older than twice the endorsement timeout, so late inputs come within about 20 s;
     /// the default covers 28 s at 3,500 tx/s (the embedded peak measured here) in about 15 MB.
+    /// A rejected id also keeps its attempts' proposal records: some 40 bytes more (estimated).
     pub remember_resolved: usize,
     pub batch: usize,
     pub metrics: Arc<Metrics>,
@@ -230,7 +232,12 @@ fn oldest_wait(pending: &HashMap<String, Pending>, now: Instant) -> Duration {
 }
 
 /// A rejection's `(source_partition, source_offset)` when it names no proposal record.
-const UNKNOWN_RECORD: (i32, i64) = (-1, -1);
+const UNKNOWN_RECORD: (i32, i64) = streamledger_core::endorsement::NO_RECORD;
+
+/// What a rejection tells the gateway: the tx id is rejected, at the record it names, if any.
+fn rejected_at(r: &Rejection) -> Resolution {
+    Resolution::Rejected(if r.source_offset >= 0 { vec![(r.source_partition, r.source_offset)] } else { Vec::new() })
+}
 
 /// A rejection by the gateway of `tx_id`, naming the refused proposal record `at`.
 fn gateway_rejection(tx_id: String, reason: String, (source_partition, source_offset): (i32, i64)) -> Rejection {
@@ -241,10 +248,12 @@ struct Pending {
     proposal: Option<Proposal>,
     results: Vec<EndorsementResult>,
     since: Instant,
-    /// The proposal's record, (partition, offset) in `proposals`, [`UNKNOWN_RECORD`] until it
-    /// arrives: what a rejection names, and the endorsers match against the records they read.
-    /// Never the input that happened to resolve it, which may be an endorsement result in
-    /// another topic.
+    /// The proposal's record, (partition, offset) in `proposals`: what a rejection names, and the
+    /// endorsers match against the records they read. Until the proposal arrives, the record its
+    /// first result names, if any ([`UNKNOWN_RECORD`] if none does), so that a transaction
+    /// rejected before its proposal arrived still names its record: the endorsers pass that over,
+    /// and the gateway takes it for the rejected attempt's own when it arrives. Never the input
+    /// that happened to resolve it, which may be an endorsement result in another topic.
     proposal_at: (i32, i64),
     /// The input records of this transaction: their offsets cannot be committed until it resolves.
     inputs: Vec<(Arc<str>, i32, i64)>,
@@ -303,10 +312,30 @@ impl std::fmt::Display for RejectionKind {
 }
 
 /// What became of a resolved transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Resolution {
     Ordered,
-    Rejected,
+    /// Rejected, with the proposal records, (partition, offset), its rejections named: its
+    /// rejected attempts, the latest [`REJECTED_ATTEMPTS`]. An input naming one of them is of a
+    /// rejected attempt (a straggling result, or a proposal that arrived after a result decided
+    /// its rejection) and is ignored; one naming another record is a new attempt, even when it
+    /// is a result that arrived before its proposal (the gateway reads both topics through one
+    /// consumer, in no fixed order across them). A result from a v1 endorser names no record:
+    /// it is kept only once a new attempt's proposal has arrived.
+    Rejected(Vec<(i32, i64)>),
+}
+
+/// The rejected attempts' records remembered per tx id. Stragglers come within about 20 s (the
+/// endorsers pass over older proposals), so only a client sending the same proposal again and
+/// again faster than that could see an older one forgotten, and its stragglers taken for a new
+/// attempt (which then times out, `no_proposal`).
+const REJECTED_ATTEMPTS: usize = 4;
+
+/// Whether `named`, a proposal record an input names, is `rejected`, one a rejection named. A
+/// v1 rejection names an offset only (partition -1), which matches in any partition, as the
+/// endorsers read it.
+fn same_record(rejected: (i32, i64), named: (i32, i64)) -> bool {
+    rejected.1 == named.1 && (rejected.0 == named.0 || rejected.0 < 0)
 }
 
 /// The gateway's in-memory state: pending transactions, resolved ids, and which input offsets
@@ -332,7 +361,18 @@ impl Gateway {
         }
     }
 
+    /// Notes how `tx_id` was resolved; a rejection adds its attempt's record to those of the tx
+    /// id's earlier rejected attempts.
     fn remember(&mut self, tx_id: &str, how: Resolution) {
+        let how = match (how, self.resolved.get(tx_id)) {
+            (Resolution::Rejected(new), Some(Resolution::Rejected(old))) => {
+                let mut records = old.clone();
+                records.extend(new);
+                records.drain(..records.len().saturating_sub(REJECTED_ATTEMPTS));
+                Resolution::Rejected(records)
+            }
+            (how, _) => how,
+        };
         self.resolved.insert(tx_id, how);
     }
 
@@ -362,9 +402,9 @@ impl Gateway {
                 self.shedding.ordered(now.duration_since(p.since), pending.len(), || oldest_wait(pending, now), now);
             }
         }
-        let how = match outcome {
+        let how = match &outcome {
             Outcome::Ordered(_) => Resolution::Ordered,
-            Outcome::Rejected(..) => Resolution::Rejected,
+            Outcome::Rejected(_, r) => rejected_at(r),
         };
         self.remember(tx_id, how);
         outcome
@@ -385,18 +425,25 @@ impl Gateway {
     fn on_input(&mut self, record: &Record, input: Input) -> Option<Outcome> {
         self.passed(record);
         let tx_id = input.tx_id().to_string();
-        match (self.resolved.get(tx_id.as_str()), &input) {
+        // The proposal record the input is of: a proposal's own, the one a result answers.
+        let named = match &input {
+            Input::Proposal(_) => Some((record.partition, record.offset)),
+            Input::Result(r) => r.proposal_record(),
+        };
+        match (self.resolved.get(tx_id.as_str()), named) {
             (None, _) => {}
             // Late, duplicate or re-delivered: the transaction is in the order already.
             (Some(Resolution::Ordered), _) => return None,
-            // The proposal sent again after a rejection: a new attempt.
-            (Some(Resolution::Rejected), Input::Proposal(_)) => {
-                self.resolved.remove(tx_id.as_str());
-            }
-            // A straggler of the rejected attempt, or of a new attempt whose proposal has not
-            // arrived yet: only kept once the new attempt is open.
-            (Some(Resolution::Rejected), Input::Result(_)) if !self.pending.contains_key(&tx_id) => return None,
-            (Some(Resolution::Rejected), Input::Result(_)) => {}
+            // Of a rejected attempt: a straggling result, or the proposal of an attempt rejected
+            // on a result before it arrived (or re-delivered). Ignored; its offset passes.
+            (Some(Resolution::Rejected(records)), Some(at)) if records.iter().any(|&r| same_record(r, at)) => return None,
+            // Another record: a new attempt, whether its proposal or one of its results came
+            // first. The rejected records stay known, so their stragglers are still ignored.
+            (Some(Resolution::Rejected(_)), Some(_)) => {}
+            // A result naming no record (a v1 endorser): a straggler of the rejected attempt, or
+            // of a new attempt whose proposal has not arrived yet; only kept once one is open.
+            (Some(Resolution::Rejected(_)), None) if !self.pending.contains_key(&tx_id) => return None,
+            (Some(Resolution::Rejected(_)), None) => {}
         }
         if !self.pending.contains_key(&tx_id) {
             let reason = if self.pending.len() >= self.config.max_pending {
@@ -406,8 +453,9 @@ impl Gateway {
                 self.shedding.rejecting(pending.len(), || oldest_wait(pending, now), now)
             };
             if let Some(reason) = reason {
-                let at = if matches!(input, Input::Proposal(_)) { (record.partition, record.offset) } else { UNKNOWN_RECORD };
-                return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, at));
+                // Decided on a result, it names the record the result answers: when that proposal
+                // arrives, it is this rejected attempt's, not a new one.
+                return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, named.unwrap_or(UNKNOWN_RECORD)));
             }
         }
         self.hold(&record.topic, record.partition, record.offset);
@@ -425,6 +473,9 @@ impl Gateway {
                 entry.proposal_at = (record.partition, record.offset);
             }
             Input::Result(r) => {
+                if entry.proposal_at == UNKNOWN_RECORD {
+                    entry.proposal_at = named.unwrap_or(UNKNOWN_RECORD);
+                }
                 // (tx id, endorser) de-duplication: a re-delivered result counts once.
                 if !entry.results.iter().any(|e| e.endorser == r.endorser) {
                     entry.results.push(r);
@@ -493,22 +544,24 @@ impl Gateway {
 
     fn expire(&mut self, now: Instant) -> Vec<Outcome> {
         let timeout = self.config.endorsement_timeout;
-        let expired: Vec<(String, usize, bool)> = self
+        let expired: Vec<(String, usize, bool, (i32, i64))> = self
             .pending
             .iter()
             .filter(|(_, p)| now.duration_since(p.since) >= timeout)
-            .map(|(id, p)| (id.clone(), p.results.len(), p.proposal.is_some()))
+            .map(|(id, p)| (id.clone(), p.results.len(), p.proposal.is_some(), p.proposal_at))
             .collect();
         expired
             .into_iter()
-            .map(|(id, results, has_proposal)| {
+            .map(|(id, results, has_proposal, at)| {
                 let (kind, reason) = if has_proposal {
                     let reason = format!("endorsement policy not satisfied within {} ms ({results} endorsements received)", timeout.as_millis());
                     (RejectionKind::PolicyTimeout, reason)
                 } else {
                     (RejectionKind::NoProposal, format!("endorsements received but no proposal within {} ms", timeout.as_millis()))
                 };
-                self.reject(&id, kind, reason, UNKNOWN_RECORD)
+                // The attempt's record, so that its stragglers (an endorser behind by more than
+                // the timeout) and, for `no_proposal`, its proposal are known as this attempt's.
+                self.reject(&id, kind, reason, at)
             })
             .collect()
     }
@@ -666,12 +719,12 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
 }
 
 /// The tx ids of the last `max` records of `rejections` and of `ordered-tx`: what a restarted
-/// gateway already resolved. Rejections come first so that a tx id rejected and later ordered
-/// (a second attempt) ends up ordered.
+/// gateway already resolved, with the proposal records the rejections name. Rejections come
+/// first so that a tx id rejected and later ordered (a second attempt) ends up ordered.
 async fn remember_tail(log: &Arc<dyn Log>, ordered: &str, rejections: &str, max: usize) -> StageResult<Vec<(String, Resolution)>> {
     let mut ids = Vec::new();
     for record in read_tail(log, rejections, max).await? {
-        ids.extend(codec::decode::<Rejection>(&record.value).ok().map(|r| (r.tx_id, Resolution::Rejected)));
+        ids.extend(codec::decode::<Rejection>(&record.value).ok().map(|r| (r.tx_id.clone(), rejected_at(&r))));
     }
     for record in read_tail(log, ordered, max).await? {
         ids.extend(codec::decode::<OrderedTx>(&record.value).ok().map(|t| (t.proposal.tx_id, Resolution::Ordered)));
@@ -721,6 +774,33 @@ mod tests_support {
 
     pub fn result(f: &Fixture, peer: usize, p: &Proposal, rwset: RwSet) -> Input {
         Input::Result(endorse(&f.peers[peer], p, Response::ok(Vec::new()), rwset))
+    }
+
+    /// A gateway that has rejected `p`: its proposal at proposals (0, 0), then Org1's `refusal`
+    /// of it at endorsement-results (0, 0).
+    pub fn gateway_that_rejected(f: &Fixture, p: &Proposal, refusal: Input) -> Gateway {
+        let mut g = gateway(f);
+        assert!(g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone())).is_none());
+        assert!(matches!(g.on_input(&record(RESULTS, 0, 0), refusal), Some(Outcome::Rejected(RejectionKind::EndorserRefused, _))));
+        g
+    }
+
+    /// What the gateway may commit, sorted: per (topic, partition), the offset.
+    pub fn committable_sorted(g: &Gateway) -> Vec<(Arc<str>, i32, i64)> {
+        let mut c = g.committable();
+        c.sort();
+        c
+    }
+
+    /// A result as an endorser writes it since endorsement-results v2: naming the proposal record
+    /// `at` it answers. (`result` names none, as a v1 endorser's.)
+    pub fn result_at(f: &Fixture, peer: usize, p: &Proposal, at: (i32, i64)) -> Input {
+        Input::Result(endorse(&f.peers[peer], p, Response::ok(Vec::new()), rw("1")).answering(at))
+    }
+
+    /// A refusal naming the proposal record `at`.
+    pub fn refusal_at(f: &Fixture, peer: usize, p: &Proposal, at: (i32, i64)) -> Input {
+        Input::Result(endorse(&f.peers[peer], p, Response::error("insufficient funds"), RwSet::default()).answering(at))
     }
 }
 
@@ -934,8 +1014,12 @@ mod tests {
         assert!(r.reason.contains("nosuchcontract"), "{}", r.reason);
     }
 
+    /// Rejected as overloaded on its first input, a result, a transaction names the proposal
+    /// record the result answers (the endorsers pass it over); when that proposal arrives it is
+    /// the rejected attempt's, not a new one, and its offset can be committed. A result naming no
+    /// record (a v1 endorser) gives a rejection naming none, as before.
     #[test]
-    fn a_transaction_rejected_on_an_endorsement_result_names_no_proposal_record() {
+    fn a_transaction_rejected_on_an_endorsement_result_names_the_record_the_result_answers() {
         let f = Fixture::new();
         let mut config = GatewayConfig::new(Arc::new(f.network.clone()), Topics::default_for("mychannel"));
         config.max_pending = 1;
@@ -943,9 +1027,105 @@ mod tests {
         let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
         let q = f.proposal("transfer", "transfer", &["a", "b", "2"]);
         assert!(g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p)).is_none());
-        // q's first input is a result at offset 5 of tx-results: offset 5 of proposals is not q's.
-        let (kind, r) = rejection(g.on_input(&record(RESULTS, 0, 5), result(&f, 0, &q, rw("1"))));
-        assert_eq!((kind, r.tx_id.as_str(), (r.source_partition, r.source_offset)), (RejectionKind::Overloaded, q.tx_id.as_str(), UNKNOWN_RECORD));
+        // q's first input is a result at offset 5 of endorsement-results, answering q's record at
+        // offset 9 of proposals partition 2.
+        let (kind, r) = rejection(g.on_input(&record(RESULTS, 2, 5), result_at(&f, 0, &q, (2, 9))));
+        assert_eq!((kind, r.tx_id.as_str(), (r.source_partition, r.source_offset)), (RejectionKind::Overloaded, q.tx_id.as_str(), (2, 9)));
+        // Its proposal, then the other org's result for it: of the rejected attempt, ignored.
+        assert!(g.on_input(&record(PROPOSALS, 2, 9), Input::Proposal(q.clone())).is_none());
+        assert!(g.on_input(&record(RESULTS, 2, 6), result_at(&f, 1, &q, (2, 9))).is_none());
+        assert_eq!(g.pending.len(), 1, "only the first transaction waits");
+        // (The first transaction holds proposals partition 0 at its offset, 0: nothing there yet.)
+        assert_eq!(committable_sorted(&g), vec![(Arc::from(RESULTS), 2, 6), (Arc::from(PROPOSALS), 2, 9)]);
+        // Sent again, another record: a new attempt (overloaded again, naming its own record).
+        let (kind, r) = rejection(g.on_input(&record(PROPOSALS, 2, 10), Input::Proposal(q.clone())));
+        assert_eq!((kind, (r.source_partition, r.source_offset)), (RejectionKind::Overloaded, (2, 10)));
+        // A v1 endorser's result names no record, nor does the rejection decided on it.
+        let v = f.proposal("transfer", "transfer", &["a", "b", "3"]);
+        let (kind, r) = rejection(g.on_input(&record(RESULTS, 2, 7), result(&f, 0, &v, rw("1"))));
+        assert_eq!((kind, (r.source_partition, r.source_offset)), (RejectionKind::Overloaded, UNKNOWN_RECORD));
+    }
+
+    /// Timed out with endorsements but no proposal, a transaction names the record its results
+    /// answer; the proposal arriving after that is the rejected attempt's, not a new one.
+    #[test]
+    fn a_transaction_timed_out_without_its_proposal_names_the_record_its_results_answer() {
+        let f = Fixture::new();
+        let mut config = GatewayConfig::new(Arc::new(f.network.clone()), Topics::default_for("mychannel"));
+        config.endorsement_timeout = Duration::from_millis(0);
+        let mut g = Gateway::new(config);
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        assert!(g.on_input(&record(RESULTS, 1, 0), result_at(&f, 0, &p, (1, 4))).is_none());
+        let (kind, r) = rejection(g.expire(Instant::now()).into_iter().next());
+        assert_eq!((kind, (r.source_partition, r.source_offset)), (RejectionKind::NoProposal, (1, 4)));
+        assert!(g.on_input(&record(PROPOSALS, 1, 4), Input::Proposal(p.clone())).is_none());
+        assert!(g.pending.is_empty(), "the late proposal opened a new attempt");
+        assert_eq!(committable_sorted(&g), vec![(Arc::from(RESULTS), 1, 0), (Arc::from(PROPOSALS), 1, 4)]);
+    }
+
+    /// The bug CI found: after a rejection, an endorser's result for the new attempt (another
+    /// proposal record) can reach the gateway before the new attempt's proposal. It opens the
+    /// attempt and counts towards its policy, instead of being dropped as a straggler of the
+    /// rejected attempt (which left the attempt one endorsement short, to time out).
+    #[test]
+    fn a_new_attempts_result_arriving_before_its_proposal_counts_and_the_attempt_is_ordered() {
+        let f = Fixture::new();
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        let mut g = gateway_that_rejected(&f, &p, refusal_at(&f, 0, &p, (0, 0)));
+        // The new attempt is the record at offset 1; Org1's result for it comes first.
+        assert!(g.on_input(&record(RESULTS, 0, 1), result_at(&f, 0, &p, (0, 1))).is_none());
+        assert_eq!(g.pending.get(&p.tx_id).map(|e| e.results.len()), Some(1), "the early result was dropped");
+        assert_eq!(committable_sorted(&g), vec![(Arc::from(RESULTS), 0, 0), (Arc::from(PROPOSALS), 0, 0)], "the early result's offset is held");
+        assert!(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(p.clone())).is_none(), "one org of two is not enough");
+        match g.on_input(&record(RESULTS, 0, 2), result_at(&f, 1, &p, (0, 1))) {
+            Some(Outcome::Ordered(tx)) => assert_eq!(tx.endorsements.len(), 2),
+            _ => panic!("expected the new attempt to be ordered"),
+        }
+        assert!(g.pending.is_empty());
+        assert_eq!(committable_sorted(&g), vec![(Arc::from(RESULTS), 0, 2), (Arc::from(PROPOSALS), 0, 1)]);
+    }
+
+    /// A result naming a rejected attempt's record is a straggler of it: dropped whether or not a
+    /// new attempt is open, so that a late refusal cannot reject the new attempt; every rejected
+    /// attempt's record is remembered.
+    #[test]
+    fn a_straggler_of_a_rejected_attempt_is_dropped_even_while_a_new_attempt_waits() {
+        let f = Fixture::new();
+        let mut g = gateway(&f);
+        let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
+        for (offset, results) in [(0, 0), (1, 2)] {
+            g.on_input(&record(PROPOSALS, 0, offset), Input::Proposal(p.clone()));
+            let refused = g.on_input(&record(RESULTS, 0, results), refusal_at(&f, 0, &p, (0, offset)));
+            assert!(matches!(refused, Some(Outcome::Rejected(RejectionKind::EndorserRefused, _))), "attempt at {offset}");
+            // The other org's refusal of the same attempt, late.
+            assert!(g.on_input(&record(RESULTS, 0, results + 1), refusal_at(&f, 1, &p, (0, offset))).is_none());
+            assert!(g.pending.is_empty(), "a straggler of the attempt at {offset} opened an attempt");
+        }
+        // A third attempt waits; late refusals of both rejected attempts do not touch it.
+        assert!(g.on_input(&record(PROPOSALS, 0, 2), Input::Proposal(p.clone())).is_none());
+        assert!(g.on_input(&record(RESULTS, 0, 4), refusal_at(&f, 1, &p, (0, 0))).is_none());
+        assert!(g.on_input(&record(RESULTS, 0, 5), refusal_at(&f, 0, &p, (0, 1))).is_none());
+        assert_eq!(g.pending[&p.tx_id].results.len(), 0);
+        g.on_input(&record(RESULTS, 0, 6), result_at(&f, 0, &p, (0, 2)));
+        assert!(matches!(g.on_input(&record(RESULTS, 0, 7), result_at(&f, 1, &p, (0, 2))), Some(Outcome::Ordered(_))));
+    }
+
+    /// A restarted gateway learns the rejected records from the rejections it reads back: the
+    /// rejected record is passed, another is a new attempt; a v1 rejection names an offset only,
+    /// which matches in any partition (as the endorsers read it).
+    #[test]
+    fn the_records_a_rejection_names_are_remembered_across_a_restart() {
+        let f = Fixture::new();
+        let mut g = gateway(&f);
+        let (p, q) = (f.proposal("transfer", "transfer", &["a", "b", "1"]), f.proposal("transfer", "transfer", &["a", "b", "2"]));
+        g.remember(&p.tx_id, rejected_at(&gateway_rejection(p.tx_id.clone(), "r".into(), (1, 4))));
+        g.remember(&q.tx_id, rejected_at(&gateway_rejection(q.tx_id.clone(), "r".into(), (-1, 6))));
+        assert!(g.on_input(&record(PROPOSALS, 1, 4), Input::Proposal(p.clone())).is_none());
+        assert!(g.on_input(&record(PROPOSALS, 3, 6), Input::Proposal(q.clone())).is_none());
+        assert!(g.pending.is_empty(), "a rejected record opened an attempt");
+        g.on_input(&record(PROPOSALS, 1, 5), Input::Proposal(p.clone()));
+        g.on_input(&record(PROPOSALS, 3, 7), Input::Proposal(q.clone()));
+        assert_eq!(g.pending.len(), 2, "the same proposals at other records are new attempts");
     }
 
     #[test]
@@ -979,20 +1159,19 @@ mod tests {
         g.on_input(&record(PROPOSALS, 0, 6), Input::Proposal(q.clone()));
         g.on_input(&record(RESULTS, 0, 0), result(&f, 0, &q, rw("1")));
         assert!(matches!(g.on_input(&record(RESULTS, 0, 1), result(&f, 1, &q, rw("1"))), Some(Outcome::Ordered(_))));
-        let mut c = g.committable();
-        c.sort();
         // p (offset 5) is still pending: proposals can be committed up to 4; results are all resolved.
-        assert_eq!(c, vec![(Arc::from(RESULTS), 0, 1), (Arc::from(PROPOSALS), 0, 4)]);
+        assert_eq!(committable_sorted(&g), vec![(Arc::from(RESULTS), 0, 1), (Arc::from(PROPOSALS), 0, 4)]);
     }
 
+    /// With results naming no proposal record, as a v1 endorser writes them, the gateway keeps
+    /// its behaviour from before endorsement-results v2: after a rejection such a result is
+    /// dropped (a straggler of the rejected attempt, or a new attempt's that came before its
+    /// proposal: it cannot tell), and counted once a new attempt's proposal has arrived.
     #[test]
     fn a_rejected_proposal_sent_again_is_a_new_attempt_but_an_ordered_one_is_final() {
         let f = Fixture::new();
-        let mut g = gateway(&f);
         let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
-        g.on_input(&record(PROPOSALS, 0, 0), Input::Proposal(p.clone()));
-        let refused = Input::Result(endorse(&f.peers[0], &p, Response::error("insufficient funds"), RwSet::default()));
-        assert!(matches!(g.on_input(&record(RESULTS, 0, 0), refused), Some(Outcome::Rejected(RejectionKind::EndorserRefused, _))));
+        let mut g = gateway_that_rejected(&f, &p, refusal_at(&f, 0, &p, UNKNOWN_RECORD));
         // A straggler of the rejected attempt is ignored.
         assert!(g.on_input(&record(RESULTS, 0, 1), result(&f, 1, &p, rw("1"))).is_none());
         assert!(g.pending.is_empty());
