@@ -47,6 +47,20 @@ set -e
 echo "$PWD" >"$stamp"
 echo "fuzz: built in $(( $(date +%s) - start )) s"
 
+# The seed corpus must still decode with today's schemas: a schema change that forgets the seeds
+# (`FUZZ_WRITE_SEEDS=1 cargo test --lib` in fuzz/ rewrites them) fails here, not months later.
+# A plain test build in a target dir of its own: the sanitized one above is for cargo fuzz only.
+echo "== fuzz: check the seed corpus"
+seeds_log=$(mktemp)
+if (cd fuzz && RUST_BACKTRACE=0 cargo +stable test -q --lib --target-dir "${target_dir}-seeds" >"$seeds_log" 2>&1); then
+    grep 'test result:' "$seeds_log"
+    rm -f "$seeds_log"
+else
+    grep -vE '^ *(Compiling|Downloaded|Downloading) ' "$seeds_log"
+    echo "fuzz: the seed corpus check failed (or did not build)"
+    exit 1
+fi
+
 echo "== fuzz: ${secs} s per target"
 total_execs=0
 total_crashes=0
