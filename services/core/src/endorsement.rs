@@ -121,8 +121,8 @@ pub fn endorse(signer: &Signer, proposal: &Proposal, response: Response, rwset: 
     }
 }
 
-/// `(proposal_partition, proposal_offset)` of a result that names no proposal record (written
-/// with schema v1, or not endorsed from the log).
+/// A `(partition, offset)` that names no proposal record: a result's written with schema v1 or
+/// not endorsed from the log, a rejection's that names none.
 pub const NO_RECORD: (i32, i64) = (-1, -1);
 
 /// Does this endorsement result sign what it claims, for this proposal?

@@ -274,6 +274,22 @@ pub struct Rejection {
     pub source_partition: i32,
 }
 
+impl Rejection {
+    /// The proposal record this rejection names, `(partition, offset)`; `None` when it names none
+    /// (offset -1). The partition is -1 in a v1 rejection: see [`is_rejected_record`].
+    pub fn proposal_record(&self) -> Option<(i32, i64)> {
+        (self.source_offset >= 0).then_some((self.source_partition, self.source_offset))
+    }
+}
+
+/// Whether `record`, a proposal record `(partition, offset)`, is `rejected`, one a rejection
+/// named. A v1 rejection names an offset only (partition -1), which matches in any partition.
+/// The endorsers (passing rejected records over) and the gateway (telling a rejected attempt's
+/// inputs from a new attempt's) must agree on this.
+pub fn is_rejected_record(rejected: (i32, i64), record: (i32, i64)) -> bool {
+    rejected.1 == record.1 && (rejected.0 == record.0 || rejected.0 < 0)
+}
+
 fn unknown_partition() -> i32 {
     -1
 }

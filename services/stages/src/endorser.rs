@@ -15,7 +15,7 @@ use streamledger_core::contract::Registry;
 use streamledger_core::crypto::Signer;
 use streamledger_core::crypto::SignatureChecks;
 use streamledger_core::endorsement::{check_proposals_with, endorse, ProposalRejection};
-use streamledger_core::model::{EndorsementResult, Proposal, Rejection, Response, RwSet};
+use streamledger_core::model::{is_rejected_record, EndorsementResult, Proposal, Rejection, Response, RwSet};
 use streamledger_core::network::Network;
 use streamledger_core::recent::RecentMap;
 use streamledger_core::simulation::simulate;
@@ -140,9 +140,9 @@ impl AlreadyRejected {
     fn note(&self, rejection: &Rejection) {
         // -1: a rejection that names no record (decided on results from a v1 endorser, which name
         // none, or of a transaction too large to order, which no endorser needs to pass over).
-        if rejection.source_offset >= 0 {
+        if let Some(record) = rejection.proposal_record() {
             let key = self.hasher.hash_one(rejection.tx_id.as_bytes());
-            self.ids.lock().unwrap_or_else(PoisonError::into_inner).insert(&key, (rejection.source_partition, rejection.source_offset));
+            self.ids.lock().unwrap_or_else(PoisonError::into_inner).insert(&key, record);
         }
     }
 
@@ -153,7 +153,7 @@ impl AlreadyRejected {
         let Some(tx_id) = record.key.as_deref() else { return false };
         let key = self.hasher.hash_one(tx_id);
         match self.ids.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
-            Some(&(partition, offset)) => offset == record.offset && (partition == record.partition || partition < 0),
+            Some(&rejected) => is_rejected_record(rejected, (record.partition, record.offset)),
             None => false,
         }
     }

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use streamledger_core::codec;
 use streamledger_core::crypto;
-use streamledger_core::model::{EndorsementResult, OrderedTx, Proposal, Rejection};
+use streamledger_core::endorsement::NO_RECORD;
+use streamledger_core::model::{is_rejected_record, EndorsementResult, OrderedTx, Proposal, Rejection};
 use streamledger_core::network::Network;
 use streamledger_core::policy::SignerRef;
 use streamledger_core::recent::RecentMap;
@@ -231,12 +232,9 @@ fn oldest_wait(pending: &HashMap<String, Pending>, now: Instant) -> Duration {
     pending.values().map(|p| now.duration_since(p.since)).max().unwrap_or_default()
 }
 
-/// A rejection's `(source_partition, source_offset)` when it names no proposal record.
-const UNKNOWN_RECORD: (i32, i64) = streamledger_core::endorsement::NO_RECORD;
-
 /// What a rejection tells the gateway: the tx id is rejected, at the record it names, if any.
 fn rejected_at(r: &Rejection) -> Resolution {
-    Resolution::Rejected(if r.source_offset >= 0 { vec![(r.source_partition, r.source_offset)] } else { Vec::new() })
+    Resolution::Rejected(r.proposal_record().into_iter().collect())
 }
 
 /// A rejection by the gateway of `tx_id`, naming the refused proposal record `at`.
@@ -250,7 +248,7 @@ struct Pending {
     since: Instant,
     /// The proposal's record, (partition, offset) in `proposals`: what a rejection names, and the
     /// endorsers match against the records they read. Until the proposal arrives, the record its
-    /// first result names, if any ([`UNKNOWN_RECORD`] if none does), so that a transaction
+    /// first result names, if any ([`NO_RECORD`] if none does), so that a transaction
     /// rejected before its proposal arrived still names its record: the endorsers pass that over,
     /// and the gateway takes it for the rejected attempt's own when it arrives. Never the input
     /// that happened to resolve it, which may be an endorsement result in another topic.
@@ -330,13 +328,6 @@ enum Resolution {
 /// again faster than that could see an older one forgotten, and its stragglers taken for a new
 /// attempt (which then times out, `no_proposal`).
 const REJECTED_ATTEMPTS: usize = 4;
-
-/// Whether `named`, a proposal record an input names, is `rejected`, one a rejection named. A
-/// v1 rejection names an offset only (partition -1), which matches in any partition, as the
-/// endorsers read it.
-fn same_record(rejected: (i32, i64), named: (i32, i64)) -> bool {
-    rejected.1 == named.1 && (rejected.0 == named.0 || rejected.0 < 0)
-}
 
 /// The gateway's in-memory state: pending transactions, resolved ids, and which input offsets
 /// are still held by a pending transaction.
@@ -436,7 +427,7 @@ impl Gateway {
             (Some(Resolution::Ordered), _) => return None,
             // Of a rejected attempt: a straggling result, or the proposal of an attempt rejected
             // on a result before it arrived (or re-delivered). Ignored; its offset passes.
-            (Some(Resolution::Rejected(records)), Some(at)) if records.iter().any(|&r| same_record(r, at)) => return None,
+            (Some(Resolution::Rejected(records)), Some(at)) if records.iter().any(|&r| is_rejected_record(r, at)) => return None,
             // Another record: a new attempt, whether its proposal or one of its results came
             // first. The rejected records stay known, so their stragglers are still ignored.
             (Some(Resolution::Rejected(_)), Some(_)) => {}
@@ -455,7 +446,7 @@ impl Gateway {
             if let Some(reason) = reason {
                 // Decided on a result, it names the record the result answers: when that proposal
                 // arrives, it is this rejected attempt's, not a new one.
-                return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, named.unwrap_or(UNKNOWN_RECORD)));
+                return Some(self.reject(&tx_id, RejectionKind::Overloaded, reason, named.unwrap_or(NO_RECORD)));
             }
         }
         self.hold(&record.topic, record.partition, record.offset);
@@ -463,7 +454,7 @@ impl Gateway {
             proposal: None,
             results: Vec::new(),
             since: Instant::now(),
-            proposal_at: UNKNOWN_RECORD,
+            proposal_at: NO_RECORD,
             inputs: Vec::new(),
         });
         entry.inputs.push((record.topic.clone(), record.partition, record.offset));
@@ -473,8 +464,8 @@ impl Gateway {
                 entry.proposal_at = (record.partition, record.offset);
             }
             Input::Result(r) => {
-                if entry.proposal_at == UNKNOWN_RECORD {
-                    entry.proposal_at = named.unwrap_or(UNKNOWN_RECORD);
+                if entry.proposal_at == NO_RECORD {
+                    entry.proposal_at = named.unwrap_or(NO_RECORD);
                 }
                 // (tx id, endorser) de-duplication: a re-delivered result counts once.
                 if !entry.results.iter().any(|e| e.endorser == r.endorser) {
@@ -677,7 +668,7 @@ pub async fn run(config: GatewayConfig, log: Arc<dyn Log>, mut shutdown: Shutdow
                     match admit.admit(bytes.len()) {
                         Ok(()) => ordered.push(OutRecord::keyed(tx.proposal.tx_id.as_bytes(), bytes)),
                         Err(why) => {
-                            let r = gateway_rejection(tx.proposal.tx_id.clone(), why, UNKNOWN_RECORD);
+                            let r = gateway_rejection(tx.proposal.tx_id.clone(), why, NO_RECORD);
                             rejected.push((RejectionKind::TooLarge, r));
                         }
                     }
@@ -957,7 +948,7 @@ mod tests {
         assert!(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone())).is_none(), "one waiting is no backlog: admitted");
         for i in 0..SHED_MIN_PENDING {
             let id = format!("waiting-{i}");
-            g.pending.insert(id, Pending { proposal: None, results: Vec::new(), since: Instant::now(), proposal_at: UNKNOWN_RECORD, inputs: Vec::new() });
+            g.pending.insert(id, Pending { proposal: None, results: Vec::new(), since: Instant::now(), proposal_at: NO_RECORD, inputs: Vec::new() });
         }
         let q = f.proposal("transfer", "transfer", &["a", "b", "3"]);
         let (kind, r) = rejection(g.on_input(&record(PROPOSALS, 0, 1), Input::Proposal(q.clone())));
@@ -1043,7 +1034,7 @@ mod tests {
         // A v1 endorser's result names no record, nor does the rejection decided on it.
         let v = f.proposal("transfer", "transfer", &["a", "b", "3"]);
         let (kind, r) = rejection(g.on_input(&record(RESULTS, 2, 7), result(&f, 0, &v, rw("1"))));
-        assert_eq!((kind, (r.source_partition, r.source_offset)), (RejectionKind::Overloaded, UNKNOWN_RECORD));
+        assert_eq!((kind, (r.source_partition, r.source_offset)), (RejectionKind::Overloaded, NO_RECORD));
     }
 
     /// Timed out with endorsements but no proposal, a transaction names the record its results
@@ -1171,7 +1162,7 @@ mod tests {
     fn a_rejected_proposal_sent_again_is_a_new_attempt_but_an_ordered_one_is_final() {
         let f = Fixture::new();
         let p = f.proposal("transfer", "transfer", &["a", "b", "1"]);
-        let mut g = gateway_that_rejected(&f, &p, refusal_at(&f, 0, &p, UNKNOWN_RECORD));
+        let mut g = gateway_that_rejected(&f, &p, refusal_at(&f, 0, &p, NO_RECORD));
         // A straggler of the rejected attempt is ignored.
         assert!(g.on_input(&record(RESULTS, 0, 1), result(&f, 1, &p, rw("1"))).is_none());
         assert!(g.pending.is_empty());
