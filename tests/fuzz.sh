@@ -33,11 +33,16 @@ start=$(date +%s)
 # Cargo tells a path crate's changes by file times, and the shared target dir names its artifacts
 # the same whichever checkout built them: after a build from another checkout, older files here
 # would pass for built. So the project's two crates are rebuilt whenever the checkout changes.
+# The seed check's target dir below has the same problem, so it follows the same stamp.
 stamp="$target_dir/built-from"
+seeds_target_dir="${target_dir}-seeds"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$PWD" ] && [ -d "$target_dir" ]; then
     host=$(rustc -vV | sed -n 's/^host: //p')
     (cd fuzz && cargo +stable clean -q --release --target "$host" --target-dir "$target_dir" \
         -p streamledger-fuzz -p streamledger-core)
+    if [ -d "$seeds_target_dir" ]; then
+        (cd fuzz && cargo +stable clean -q --target-dir "$seeds_target_dir" -p streamledger-fuzz -p streamledger-core)
+    fi
 fi
 set +e
 cargo +stable fuzz build -s "$sanitizer" --target-dir "$target_dir" 2>&1 | grep -vE '^ *(Compiling|Downloaded|Downloading) '
@@ -51,12 +56,12 @@ echo "fuzz: built in $(( $(date +%s) - start )) s"
 # (`FUZZ_WRITE_SEEDS=1 cargo test --lib` in fuzz/ rewrites them) fails here, not months later.
 # A plain test build in a target dir of its own: the sanitized one above is for cargo fuzz only.
 echo "== fuzz: check the seed corpus"
-seeds_log=$(mktemp)
-if (cd fuzz && RUST_BACKTRACE=0 cargo +stable test -q --lib --target-dir "${target_dir}-seeds" >"$seeds_log" 2>&1); then
-    grep 'test result:' "$seeds_log"
-    rm -f "$seeds_log"
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+if (cd fuzz && RUST_BACKTRACE=0 cargo +stable test -q --lib --target-dir "$seeds_target_dir" >"$logs/seeds.log" 2>&1); then
+    grep 'test result:' "$logs/seeds.log"
 else
-    grep -vE '^ *(Compiling|Downloaded|Downloading) ' "$seeds_log"
+    grep -vE '^ *(Compiling|Downloaded|Downloading) ' "$logs/seeds.log"
     echo "fuzz: the seed corpus check failed (or did not build)"
     exit 1
 fi
@@ -64,8 +69,6 @@ fi
 echo "== fuzz: ${secs} s per target"
 total_execs=0
 total_crashes=0
-logs=$(mktemp -d)
-trap 'rm -rf "$logs"' EXIT
 for target in ${FUZZ_TARGETS:-$(cargo +stable fuzz list)}; do
     mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
     rc=0
