@@ -41,16 +41,17 @@ impl Default for BatchConfig {
     /// Fabric's sample `configtx.yaml` values, but a much shorter timeout: 2 s is too long to wait
     /// for a block when a commit is on a client's critical path. Below saturation the timeout sets
     /// the latency; even a closed-loop peak run cuts many blocks on it (bursty arrivals). Measured
-    /// (docs/performance-history.md), 330 s at half the peak rate: 50 ms gave a commit p99 of 232 and
-    /// 342 ms against 371 and 388 ms with 100 ms, for a peak 2.7% lower (within the run-to-run
-    /// spread); an earlier session measured 100 ms against 250 ms (p99 237 against 391 ms).
-    /// Smaller blocks by count (250) cost about 10% of the peak.
+    /// (docs/performance-history.md): at half the peak, 20 ms against 50 ms cut the commit p50 by
+    /// about a quarter and the p99 in most runs, for the same CPU per transaction; the peak did not
+    /// move (its spread is wider than any difference between 10, 20 and 50 ms). Earlier sessions
+    /// chose 50 ms over 100 ms and 100 ms over 250 ms the same way. Smaller blocks by count (250)
+    /// cost about 10% of the peak.
     fn default() -> Self {
         Self {
             max_message_count: 500,
             preferred_max_bytes: 2 * 1024 * 1024,
             absolute_max_bytes: 10 * 1024 * 1024,
-            batch_timeout_ms: 50,
+            batch_timeout_ms: 20,
         }
     }
 }
@@ -496,7 +497,7 @@ mod tests {
     #[test]
     fn config_defaults_validation_and_names() {
         let d = BatchConfig::default();
-        assert_eq!((d.max_message_count, d.preferred_max_bytes, d.absolute_max_bytes, d.batch_timeout_ms), (500, 2 << 20, 10 << 20, 50));
+        assert_eq!((d.max_message_count, d.preferred_max_bytes, d.absolute_max_bytes, d.batch_timeout_ms), (500, 2 << 20, 10 << 20, 20));
         assert_eq!(d.validate(), Ok(()));
         let bad = |f: fn(&mut BatchConfig)| {
             let mut c = small();
